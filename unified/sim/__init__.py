@@ -1,0 +1,1 @@
+"""Driving in highway-env: scenario suites, drivers (expert, random, constant), causation records, rollouts."""

@@ -1,0 +1,92 @@
+"""Build a highway-env scenario of a suite: continuous actions, off-screen frames, no reward shaping."""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+
+import numpy as np
+
+from unified.errors import UnifiedError
+from unified.sim.suite import Scenario, Suite, env_class
+
+# Action limits in the simulator's units; the env maps [-1, 1] onto them.
+ACCELERATION_LIMIT = 5.0  # m/s^2
+STEERING_LIMIT = float(np.pi / 4)  # rad
+ACTION_NAMES = ("acceleration", "steering")
+ACTION_UNITS = ("m/s^2", "rad")
+STATE_NAMES = ("speed", "heading", "lane_offset")
+STATE_UNITS = ("m/s", "rad", "m")
+
+
+def use_offscreen_rendering() -> None:
+    """pygame with SDL_VIDEODRIVER=dummy renders all-black frames without an error; off-screen needs it unset."""
+    if os.environ.get("SDL_VIDEODRIVER") == "dummy":
+        del os.environ["SDL_VIDEODRIVER"]
+
+
+@cache
+def _scenario_class(env_id: str) -> type:
+    base = env_class(env_id)
+
+    # Several scenarios' rewards read discrete meta-action attributes (speed_index, `action in [0, 2]`)
+    # and fail with continuous actions; the data engine and the evaluation never use rewards.
+    def _rewards(self, action):
+        return {}
+
+    def _reward(self, action):
+        return 0.0
+
+    return type(base.__name__, (base,), {"_rewards": _rewards, "_reward": _reward, "__module__": __name__})
+
+
+def make_env(suite: Suite, scenario: Scenario, render: bool = True):
+    """The highway-env environment of `scenario`, rendering (H, W, 3) uint8 frames centred on the ego."""
+    if render:
+        use_offscreen_rendering()
+    h, w = suite.image_size
+    config = dict(scenario.config)
+    config.update(
+        action={
+            "type": "ContinuousAction",
+            "acceleration_range": [-ACCELERATION_LIMIT, ACCELERATION_LIMIT],
+            "steering_range": [-STEERING_LIMIT, STEERING_LIMIT],
+        },
+        observation={"type": "Kinematics"},
+        policy_frequency=suite.policy_frequency,
+        offscreen_rendering=True,
+        screen_width=w,
+        screen_height=h,
+        scaling=w / suite.view_m,
+        centering_position=list(suite.centering),
+    )
+    try:
+        return _scenario_class(scenario.env)(config=config, render_mode="rgb_array" if render else None)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise UnifiedError(f"scenario {scenario.name!r} ({scenario.env}) could not be built with its config: {e}") from e
+
+
+def max_steps(env, scenario: Scenario, policy_frequency: int) -> int:
+    """Episode cap in policy steps: the scenario's, else the env's duration, else 100."""
+    if scenario.max_steps is not None:
+        return scenario.max_steps
+    duration = env.unwrapped.config.get("duration")
+    return int(round(duration * policy_frequency)) if duration else 100
+
+
+def to_env_action(action: np.ndarray) -> np.ndarray:
+    """(2,) action in m/s^2 and rad -> the env's [-1, 1] box."""
+    return np.clip(np.asarray(action, np.float64) / (ACCELERATION_LIMIT, STEERING_LIMIT), -1.0, 1.0)
+
+
+def render_frame(env, where: str) -> np.ndarray:
+    """Render the current frame, refusing blank ones (all one colour), which a broken display setup yields silently."""
+    frame = env.render()
+    if frame is None or frame.ndim != 3 or frame.shape[2] != 3:
+        raise UnifiedError(f"{where}: the simulator returned no RGB frame (got {None if frame is None else frame.shape})")
+    if int(frame.max()) - int(frame.min()) < 8:
+        raise UnifiedError(
+            f"{where}: the simulator rendered a blank frame (all pixels ~{int(frame.mean())}); "
+            "off-screen rendering needs SDL_VIDEODRIVER unset (not 'dummy')"
+        )
+    return np.ascontiguousarray(frame, dtype=np.uint8)

@@ -1,0 +1,111 @@
+"""One episode in the simulator: frames, actions, ego states and causation records, plus how it ended."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from highway_env import utils
+
+from unified.sim.causation import Causation, VehicleIds, explain
+from unified.sim.env import make_env, max_steps, render_frame, to_env_action
+from unified.sim.language import pick_instruction
+from unified.sim.suite import Scenario, Suite
+
+
+@dataclass
+class EpisodeSummary:
+    steps: int
+    success: bool  # no collision, still on the road, ran to its end, and reached the goal where the env has one
+    collision: bool
+    offroad: bool
+    end: str  # "time limit", "goal", "collision" or "off road"
+    progress_m: float  # distance driven, metres
+    mean_speed: float  # m/s
+    decision_ms: float  # mean wall time of the driver's decision, milliseconds
+
+
+@dataclass
+class Episode:
+    index: int
+    scenario: str
+    seed: int
+    driver: str
+    instruction: str
+    actions: np.ndarray  # (T, 2) float32: acceleration m/s^2, steering rad
+    states: np.ndarray  # (T, 3) float32: speed m/s, heading relative to the lane rad, lane offset m
+    causation: list[Causation]  # T records
+    summary: EpisodeSummary
+    frames: np.ndarray | None = None  # (T, H, W, 3) uint8, frame t is what the driver saw before action t
+    extra: dict = field(default_factory=dict)
+
+
+def ego_state(ego) -> np.ndarray:
+    """(3,) speed, heading relative to the lane direction, and lateral offset from the lane centre."""
+    longitudinal, lateral = ego.lane.local_coordinates(ego.position)
+    heading = utils.wrap_to_pi(ego.heading - ego.lane.heading_at(longitudinal))
+    return np.array([ego.speed, heading, lateral], np.float32)
+
+
+def goal_reached(env) -> bool | None:
+    """The env's own goal test where it has one (intersection: arrived, exit: took the exit), else None."""
+    u = env.unwrapped
+    if hasattr(u, "has_arrived"):
+        return bool(u.has_arrived(u.vehicle))
+    if hasattr(u, "_is_success"):
+        return bool(u._is_success())
+    return None
+
+
+def run_episode(
+    suite: Suite, scenario: Scenario, driver, seed: int, index: int = 0, render: bool = True, env=None
+) -> Episode:
+    """Drive one episode of `scenario` with `driver`; `env` may be reused across episodes of the same scenario."""
+    env = env if env is not None else make_env(suite, scenario, render=render)
+    env.reset(seed=seed)
+    driver.reset(env, scenario, seed)
+    instruction = pick_instruction(scenario, np.random.default_rng(seed))
+    ego = env.unwrapped.vehicle
+    ids = VehicleIds()
+    ids(ego)  # the ego is vehicle 1
+    frames, actions, states, records = [], [], [], []
+    progress, decision_s, end = 0.0, 0.0, "time limit"
+    limit = max_steps(env, scenario, suite.policy_frequency)
+    for t in range(limit):
+        if render:
+            frames.append(render_frame(env, f"scenario {scenario.name!r}, seed {seed}, step {t}"))
+        start = time.perf_counter()
+        intent = driver.act(env)
+        decision_s += time.perf_counter() - start
+        records.append(explain(env, intent, ids))
+        states.append(ego_state(ego))
+        actions.append(intent.action)
+        before = ego.position.copy()
+        _, _, terminated, truncated, _ = env.step(to_env_action(intent.action))
+        progress += float(np.linalg.norm(ego.position - before))
+        if ego.crashed:
+            end = "collision"
+        elif not ego.on_road:
+            end = "off road"
+        elif terminated:
+            end = "goal"
+        if terminated or truncated or ego.crashed or not ego.on_road:
+            break
+    steps = len(actions)
+    goal = goal_reached(env)
+    summary = EpisodeSummary(
+        steps=steps,
+        success=end in ("time limit", "goal") and goal is not False,
+        collision=end == "collision",
+        offroad=end == "off road",
+        end=end,
+        progress_m=progress,
+        mean_speed=float(np.mean([s[0] for s in states])) if states else 0.0,
+        decision_ms=1000.0 * decision_s / max(steps, 1),
+    )
+    return Episode(
+        index=index, scenario=scenario.name, seed=seed, driver=driver.name, instruction=instruction,
+        actions=np.asarray(actions, np.float32).reshape(-1, 2), states=np.asarray(states, np.float32).reshape(-1, 3),
+        causation=records, summary=summary, frames=np.stack(frames) if frames else None,
+    )

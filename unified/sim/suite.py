@@ -1,0 +1,146 @@
+"""Scenario suites: a YAML file naming highway-env scenarios, their config overrides and the image size."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from unified.config import from_dict, load_yaml, to_dict
+from unified.errors import UnifiedError
+
+# Keys the suite sets for every scenario, so that frames, actions and timing are the same across a suite.
+SUITE_OWNED_KEYS = {
+    "action": "actions are always continuous (acceleration, steering)",
+    "observation": "the data engine renders its own frames",
+    "policy_frequency": "set policy_frequency at the top of the suite",
+    "offscreen_rendering": "frames are always rendered off screen",
+    "screen_width": "set image_size at the top of the suite",
+    "screen_height": "set image_size at the top of the suite",
+    "scaling": "set view_m (metres across the frame) at the top of the suite",
+}
+
+
+@dataclass
+class Scenario:
+    env: str  # highway-env id, e.g. "highway-v0"; `unified data scenarios` lists them
+    config: dict[str, Any] = field(default_factory=dict)  # overrides of the env's default_config()
+    max_steps: int | None = None  # episode cap in policy steps; None: the env's duration, else 100
+    destination: str | None = None  # route goal for the expert where the road branches, e.g. "o1"
+    instructions: list[str] = field(default_factory=list)  # paraphrases; empty: defaults for the env family
+    weight: float = 1.0  # share of the suite's episodes
+    name: str = ""  # filled from the key in `scenarios:`
+
+    def __post_init__(self):
+        if self.weight <= 0:
+            raise ValueError(f"weight must be positive, got {self.weight}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
+
+
+@dataclass
+class Suite:
+    scenarios: dict[str, Scenario]  # name -> scenario
+    name: str = "suite"
+    image_size: tuple[int, int] = (64, 64)  # (height, width) of stored frames, pixels
+    policy_frequency: int = 5  # decisions per second (Hz); the simulator steps at its own frequency
+    view_m: float = 50.0  # metres of road across the frame's width
+    centering: tuple[float, float] = (0.3, 0.5)  # where the ego sits in the frame (fraction of width, height)
+
+    def __post_init__(self):
+        if not self.scenarios:
+            raise ValueError("a suite needs at least one scenario under `scenarios:`")
+        h, w = self.image_size
+        if h < 16 or w < 16:
+            raise ValueError(f"image_size must be at least 16x16, got {h}x{w}")
+        if self.policy_frequency < 1:
+            raise ValueError(f"policy_frequency must be at least 1 Hz, got {self.policy_frequency}")
+
+    @property
+    def hash(self) -> str:
+        """A short fingerprint of everything that shapes the data, to refuse mixing suites in one store."""
+        blob = json.dumps(to_dict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def scenario_for_episode(self, index: int) -> Scenario:
+        """Deterministic, weight-balanced scenario of episode `index` (smooth weighted round robin).
+
+        Independent of the total number of episodes, so that a store can be extended and resumed.
+        """
+        names = list(self.scenarios)
+        weights = [self.scenarios[n].weight for n in names]
+        total = sum(weights)
+        current = [0.0] * len(names)
+        pick = 0
+        for _ in range(index % _cycle_length(weights) + 1):
+            current = [c + w for c, w in zip(current, weights)]
+            pick = max(range(len(names)), key=lambda i: (current[i], -i))
+            current[pick] -= total
+        return self.scenarios[names[pick]]
+
+
+def _cycle_length(weights: list[float]) -> int:
+    """Period of the weighted round robin for integer weights; a long horizon for the rest."""
+    if all(float(w).is_integer() for w in weights):
+        return int(sum(weights))
+    return 10_000
+
+
+def load_suite(path: str | Path) -> Suite:
+    """Read and check a suite YAML: keys, env ids and each scenario's config keys."""
+    path = Path(path)
+    data = load_yaml(path)
+    suite = from_dict(Suite, data, str(path))
+    for name, scenario in suite.scenarios.items():
+        scenario.name = name
+        check_scenario(scenario, f"{path}: scenarios.{name}")
+    return suite
+
+
+def suite_from_dict(data: dict[str, Any], where: str = "suite") -> Suite:
+    """A suite from already-parsed data (e.g. the copy stored in a data set's meta/info.json)."""
+    suite = from_dict(Suite, data, where)
+    for name, scenario in suite.scenarios.items():
+        scenario.name = name
+        check_scenario(scenario, f"{where}: scenarios.{name}")
+    return suite
+
+
+def env_ids() -> list[str]:
+    """The single-agent highway-env scenario ids that take continuous actions."""
+    import gymnasium as gym
+    import highway_env
+
+    gym.register_envs(highway_env)
+    return sorted(
+        k for k, spec in gym.registry.items()
+        if isinstance(spec.entry_point, str) and spec.entry_point.startswith("highway_env.")
+        and "multi-agent" not in k and "parking" not in k
+    )
+
+
+def env_class(env_id: str) -> type:
+    """The highway-env class behind an env id (so its default_config can be read without building it)."""
+    import gymnasium as gym
+    from gymnasium.envs.registration import load_env_creator
+
+    ids = env_ids()
+    if env_id not in ids:
+        raise UnifiedError(f"unknown scenario env {env_id!r}; valid ones: {', '.join(ids)}")
+    return load_env_creator(gym.spec(env_id).entry_point)
+
+
+def check_scenario(scenario: Scenario, where: str) -> None:
+    try:
+        cls = env_class(scenario.env)
+    except UnifiedError as e:
+        raise UnifiedError(f"{where}.env: {e}") from None
+    valid = cls.default_config()
+    for key in scenario.config:
+        if key in SUITE_OWNED_KEYS:
+            raise UnifiedError(f"{where}.config.{key}: set by the suite ({SUITE_OWNED_KEYS[key]})")
+        if key not in valid:
+            options = ", ".join(k for k in sorted(valid) if k not in SUITE_OWNED_KEYS)
+            raise UnifiedError(f"{where}.config: unknown key {key!r} for {scenario.env}; valid keys: {options}")
