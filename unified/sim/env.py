@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from functools import cache
 
 import numpy as np
@@ -23,6 +24,10 @@ def use_offscreen_rendering() -> None:
     """pygame with SDL_VIDEODRIVER=dummy renders all-black frames without an error; off-screen needs it unset."""
     if os.environ.get("SDL_VIDEODRIVER") == "dummy":
         del os.environ["SDL_VIDEODRIVER"]
+    # SDL complains on stderr for every env without a runtime dir; a private one keeps the console clean.
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if not runtime or not os.path.isdir(runtime):
+        os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="unified-xdg-")
 
 
 @cache

@@ -38,7 +38,7 @@ class Episode:
     causation: list[Causation]  # T records
     summary: EpisodeSummary
     frames: np.ndarray | None = None  # (T, H, W, 3) uint8, frame t is what the driver saw before action t
-    extra: dict = field(default_factory=dict)
+    latencies_ms: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (T,) wall time of each decision
 
 
 def ego_state(ego) -> np.ndarray:
@@ -70,14 +70,14 @@ def run_episode(
     ids = VehicleIds()
     ids(ego)  # the ego is vehicle 1
     frames, actions, states, records = [], [], [], []
-    progress, decision_s, end = 0.0, 0.0, "time limit"
+    latencies, progress, end = [], 0.0, "time limit"
     limit = max_steps(env, scenario, suite.policy_frequency)
     for t in range(limit):
         if render:
             frames.append(render_frame(env, f"scenario {scenario.name!r}, seed {seed}, step {t}"))
         start = time.perf_counter()
         intent = driver.act(env)
-        decision_s += time.perf_counter() - start
+        latencies.append(1000.0 * (time.perf_counter() - start))
         records.append(explain(env, intent, ids))
         states.append(ego_state(ego))
         actions.append(intent.action)
@@ -102,10 +102,11 @@ def run_episode(
         end=end,
         progress_m=progress,
         mean_speed=float(np.mean([s[0] for s in states])) if states else 0.0,
-        decision_ms=1000.0 * decision_s / max(steps, 1),
+        decision_ms=float(np.mean(latencies)) if latencies else 0.0,
     )
     return Episode(
         index=index, scenario=scenario.name, seed=seed, driver=driver.name, instruction=instruction,
         actions=np.asarray(actions, np.float32).reshape(-1, 2), states=np.asarray(states, np.float32).reshape(-1, 3),
         causation=records, summary=summary, frames=np.stack(frames) if frames else None,
+        latencies_ms=np.asarray(latencies),
     )

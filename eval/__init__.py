@@ -1,0 +1,1 @@
+"""Evaluation: closed-loop driving in highway-env (installed as `unified.eval`)."""

@@ -1,0 +1,135 @@
+"""The `unified` command: a table of verbs, each a plain typed function whose signature builds its parser.
+
+Positional parameters become positional arguments, keyword-only ones `--flags` (required when they have no
+default); `bool` defaults become switches and `Literal` types become choices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from unified.errors import UnifiedError
+
+# verb -> (module, function, one-line help). Imports are lazy so that `unified --help` is instant.
+VERBS: dict[str, tuple[str, str, str]] = {
+    "data generate": ("unified.data.generate", "generate", "drive a scenario suite with the expert and store episodes"),
+    "data info": ("unified.cli", "data_info", "counts, expert figures and statistics of an episode store"),
+    "data operators": ("unified.data.operators", "operators", "write the multi-hop comparison (operator) data set"),
+    "data scenarios": ("unified.cli", "data_scenarios", "list the highway-env scenario ids a suite may use"),
+    "eval closed-loop": ("unified.eval.closed_loop", "closed_loop", "drive a suite with a driver and report success"),
+}
+HIDDEN = {"progress"}  # parameters for Python callers only
+
+
+def data_info(data: Path, *, json: bool = False) -> dict:
+    """Print what an episode store holds (counts, expert success and collisions per scenario, statistics)."""
+    from unified.data.store import EpisodeStore
+
+    store = EpisodeStore(data)
+    info = store.info
+    if info["episodes"] != len(store):  # a run killed before it could update meta/info.json
+        info = store.refresh_info()
+    if json:
+        print(_json_dumps(info))
+        return info
+    print(f"{data}: {info['episodes']} episodes, {info['steps']} steps at {info['fps']} Hz, "
+          f"frames {'x'.join(map(str, info['image_shape']))} ({info['image_encoding']}), suite {info['suite']['name']!r}")
+    print(f"{'scenario':<16}{'episodes':>9}{'steps':>8}{'expert success':>16}{'expert collision':>18}")
+    for name, s in info["scenarios"].items():
+        print(f"{name:<16}{s['episodes']:>9}{s['steps']:>8}{s['expert_success_rate']:>16.2f}"
+              f"{s['expert_collision_rate']:>18.2f}")
+    for key in ("action_stats", "state_stats"):
+        stats = info.get(key)
+        if stats:
+            for i, name in enumerate(stats["names"]):
+                print(f"{key.split('_')[0]} {name:<12} mean {stats['mean'][i]:+8.3f}  std {stats['std'][i]:7.3f}  "
+                      f"q01 {stats['q01'][i]:+8.3f}  q99 {stats['q99'][i]:+8.3f}")
+    return info
+
+
+def data_scenarios() -> list[str]:
+    """Print the highway-env ids usable in a suite, with the config keys each accepts."""
+    from unified.sim.suite import SUITE_OWNED_KEYS, env_class, env_ids
+
+    ids = env_ids()
+    for env_id in ids:
+        keys = sorted(k for k in env_class(env_id).default_config() if k not in SUITE_OWNED_KEYS)
+        print(f"{env_id}: {', '.join(keys)}")
+    return ids
+
+
+def _json_dumps(data: Any) -> str:
+    return json.dumps(data, indent=2)
+
+
+def _add_parameter(parser: argparse.ArgumentParser, p: inspect.Parameter, hint: Any) -> None:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    kwargs: dict[str, Any] = {}
+    if origin is typing.Literal:
+        kwargs["choices"] = list(args)
+    elif hint in (int, float, Path, str):
+        kwargs["type"] = hint
+    if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+        parser.add_argument(p.name, **kwargs)
+        return
+    flag = "--" + p.name.replace("_", "-")
+    if hint is bool:
+        parser.add_argument(flag, action="store_true", default=p.default)
+    elif p.default is inspect.Parameter.empty:
+        parser.add_argument(flag, required=True, dest=p.name, **kwargs)
+    else:
+        default = p.default
+        shown = "" if default is None else f" (default: {default})"
+        parser.add_argument(flag, default=default, dest=p.name, help=shown.strip() or None, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unified", description="unified: one transformer for driving policy and world model")
+    groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
+    group_parsers: dict[str, argparse._SubParsersAction] = {}
+    for verb, (module, function, help_text) in VERBS.items():
+        group, _, action = verb.partition(" ")
+        if group not in group_parsers:
+            group_parser = groups.add_parser(group, help=f"{group} commands")
+            group_parsers[group] = group_parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+        sub = group_parsers[group].add_parser(action, help=help_text, description=help_text)
+        sub.set_defaults(verb=verb)
+        fn = getattr(importlib.import_module(module), function)
+        hints = typing.get_type_hints(fn)
+        for p in inspect.signature(fn).parameters.values():
+            if p.name not in HIDDEN:
+                _add_parameter(sub, p, hints.get(p.name, str))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    verb = args.pop("verb")
+    args.pop("group"), args.pop("action")
+    module, function, _ = VERBS[verb]
+    fn = getattr(importlib.import_module(module), function)
+    try:
+        fn(**args)
+    except UnifiedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: `unified {verb}` stopped; what it finished is kept (rerun to resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: the episode store, its generator, and the operator (multi-hop reasoning) data set."""

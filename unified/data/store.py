@@ -1,0 +1,327 @@
+"""The episode store: one Parquet file per episode plus `meta/info.json`, readable by any Parquet tool.
+
+Layout (see the README, "Episode store format"):
+
+    DIR/meta/info.json                  counts, shapes, fps, the suite, action/state statistics
+    DIR/episodes/episode_000000.parquet one row per step; the episode's summary in the schema metadata
+
+An episode file appears only when complete (written under a temporary name, then renamed), so a crash or
+Ctrl-C never leaves half an episode behind. Readers stream file by file and column by column.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from unified.errors import UnifiedError
+from unified.sim.causation import Causation
+from unified.sim.env import ACTION_NAMES, ACTION_UNITS, STATE_NAMES, STATE_UNITS
+from unified.sim.rollout import Episode, EpisodeSummary
+from unified.sim.suite import Suite, suite_from_dict
+
+FORMAT = "unified-episodes"
+FORMAT_VERSION = 1
+EPISODE_FILE = re.compile(r"^episode_(\d{6,})\.parquet$")
+
+SCHEMA = pa.schema([
+    ("episode_index", pa.int32()),
+    ("frame_index", pa.int32()),
+    ("timestamp", pa.float32()),  # seconds since the episode began
+    ("image", pa.binary()),  # PNG-encoded (H, W, 3) RGB frame seen before the action
+    ("action", pa.list_(pa.float32(), 2)),  # acceleration m/s^2, steering rad
+    ("state", pa.list_(pa.float32(), 3)),  # speed m/s, heading relative to the lane rad, lane offset m
+    ("instruction", pa.string()),
+    ("critical_id", pa.int32()),  # -1: no critical agent
+    ("critical_position", pa.list_(pa.float32(), 2)),  # metres in the ego frame (x ahead, y right)
+    ("critical_velocity", pa.list_(pa.float32(), 2)),  # m/s relative to the ego, ego frame
+    ("cause", pa.string()),
+    ("decision", pa.string()),
+    ("reason", pa.string()),  # critical agent, cause and decision as one sentence
+])
+
+
+def encode_png(frame: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(frame).save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+class EpisodeStore:
+    """A directory of episodes. Open an existing one with `EpisodeStore(dir)`, start one with `create`."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.info_path = self.root / "meta" / "info.json"
+        if not self.root.is_dir():
+            raise UnifiedError(f"{self.root}: no such directory")
+        if not self.info_path.is_file():
+            raise UnifiedError(
+                f"{self.root}: not an episode store (no meta/info.json); make one with `unified data generate`"
+            )
+        self.info = self._read_info()
+        self.episodes_dir = self.root / "episodes"
+
+    # -- creating and writing -------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, root: str | Path, suite: Suite, seed: int) -> EpisodeStore:
+        """Open `root` for writing episodes of `suite` with `seed`, creating it if needed.
+
+        An existing store must hold the same suite and seed: mixing them would make a data set no one can
+        reproduce.
+        """
+        root = Path(root)
+        info_path = root / "meta" / "info.json"
+        if info_path.is_file():
+            store = cls(root)
+            if store.info["suite_hash"] != suite.hash or store.info["seed"] != seed:
+                raise UnifiedError(
+                    f"{root} holds episodes of suite {store.info['suite']['name']!r} "
+                    f"(hash {store.info['suite_hash']}, seed {store.info['seed']}), not of suite {suite.name!r} "
+                    f"(hash {suite.hash}, seed {seed}); use another --out or the same suite and seed"
+                )
+            return store
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise UnifiedError(f"{root}: exists and is not an episode store; choose an empty or new directory")
+        (root / "meta").mkdir(parents=True, exist_ok=True)
+        (root / "episodes").mkdir(exist_ok=True)
+        from unified.config import to_dict
+
+        h, w = suite.image_size
+        info = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "episodes": 0,
+            "steps": 0,
+            "fps": suite.policy_frequency,
+            "image_shape": [h, w, 3],
+            "image_encoding": "png",
+            "action_names": list(ACTION_NAMES),
+            "action_units": list(ACTION_UNITS),
+            "state_names": list(STATE_NAMES),
+            "state_units": list(STATE_UNITS),
+            "driver": "expert",
+            "seed": seed,
+            "suite": to_dict(suite),
+            "suite_hash": suite.hash,
+            "scenarios": {},
+            "action_stats": None,
+            "state_stats": None,
+        }
+        _write_json_atomic(info_path, info)
+        return cls(root)
+
+    def lock(self):
+        """An exclusive lock on the store for one writer; raises if another process writes to it."""
+        handle = open(self.root / "meta" / ".lock", "w")  # noqa: SIM115 - held for the writer's lifetime
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise UnifiedError(f"{self.root}: another process is writing to this store") from None
+        return handle
+
+    def remove_partial_files(self) -> int:
+        """Delete temporary files left by a writer that was killed; returns how many."""
+        stale = list(self.episodes_dir.glob(".*.tmp*"))
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return len(stale)
+
+    def episode_path(self, index: int) -> Path:
+        return self.episodes_dir / f"episode_{index:06d}.parquet"
+
+    def write_episode(self, episode: Episode) -> Path:
+        """Write one complete episode; it becomes visible only once fully on disk."""
+        if episode.frames is None:
+            raise UnifiedError(f"episode {episode.index}: no frames to store (it was run without rendering)")
+        expected = tuple(self.info["image_shape"])
+        if episode.frames.shape[1:] != expected:
+            raise UnifiedError(f"episode {episode.index}: frames of shape {episode.frames.shape[1:]}, store holds {expected}")
+        n = len(episode.actions)
+        c = episode.causation
+        columns = {
+            "episode_index": np.full(n, episode.index, np.int32),
+            "frame_index": np.arange(n, dtype=np.int32),
+            "timestamp": np.arange(n, dtype=np.float32) / self.info["fps"],
+            "image": [encode_png(f) for f in episode.frames],
+            "action": list(episode.actions.astype(np.float32)),
+            "state": list(episode.states.astype(np.float32)),
+            "instruction": [episode.instruction] * n,
+            "critical_id": np.array([r.critical_id for r in c], np.int32),
+            "critical_position": [np.asarray(r.critical_position, np.float32) for r in c],
+            "critical_velocity": [np.asarray(r.critical_velocity, np.float32) for r in c],
+            "cause": [r.cause for r in c],
+            "decision": [r.decision for r in c],
+            "reason": [r.text for r in c],
+        }
+        meta = {
+            "index": episode.index, "scenario": episode.scenario, "seed": episode.seed, "driver": episode.driver,
+            "instruction": episode.instruction, "summary": asdict(episode.summary),
+        }
+        schema = SCHEMA.with_metadata({"unified": json.dumps(meta)})
+        table = pa.table(columns, schema=schema)
+        final = self.episode_path(episode.index)
+        temporary = final.with_name(f".{final.name}.tmp{os.getpid()}")
+        pq.write_table(table, temporary, compression="zstd")
+        with open(temporary, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(temporary, final)
+        return final
+
+    # -- reading --------------------------------------------------------------------------------------
+
+    def indices(self) -> list[int]:
+        """Indices of the complete episodes on disk, sorted."""
+        if not self.episodes_dir.is_dir():
+            raise UnifiedError(f"{self.root}: not an episode store (no episodes/ directory)")
+        found = (EPISODE_FILE.match(p.name) for p in self.episodes_dir.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def __len__(self) -> int:
+        return len(self.indices())
+
+    @property
+    def suite(self) -> Suite:
+        return suite_from_dict(self.info["suite"], f"{self.info_path}: suite")
+
+    def _parquet(self, index: int) -> pq.ParquetFile:
+        path = self.episode_path(index)
+        try:
+            return pq.ParquetFile(path)
+        except (OSError, pa.ArrowException) as e:
+            raise UnifiedError(
+                f"{path}: corrupted or truncated episode file ({e}); delete it and rerun the same "
+                "`unified data generate` command to write it again"
+            ) from None
+
+    def episode_meta(self, index: int) -> dict[str, Any]:
+        """The episode's scenario, seed, instruction and summary, read from the file footer only."""
+        path = self.episode_path(index)
+        metadata = self._parquet(index).schema_arrow.metadata or {}
+        if b"unified" not in metadata:
+            raise UnifiedError(f"{path}: not a unified episode file (no 'unified' schema metadata)")
+        return json.loads(metadata[b"unified"])
+
+    def read_columns(self, index: int, columns: list[str] | None = None) -> pa.Table:
+        path = self.episode_path(index)
+        try:
+            return self._parquet(index).read(columns=columns)
+        except (OSError, pa.ArrowException) as e:
+            raise UnifiedError(f"{path}: corrupted or truncated episode file ({e})") from None
+
+    def read_episode(self, index: int, frames: bool = True) -> Episode:
+        """One stored episode as an `Episode` (frames (T, H, W, 3) uint8 when `frames`)."""
+        meta = self.episode_meta(index)
+        columns = [n for n in SCHEMA.names if frames or n != "image"]
+        table = self.read_columns(index, columns).to_pydict()
+        causation = [
+            Causation(cid, np.asarray(p, np.float32), np.asarray(v, np.float32), cause, decision, text)
+            for cid, p, v, cause, decision, text in zip(
+                table["critical_id"], table["critical_position"], table["critical_velocity"],
+                table["cause"], table["decision"], table["reason"],
+            )
+        ]
+        return Episode(
+            index=meta["index"], scenario=meta["scenario"], seed=meta["seed"], driver=meta["driver"],
+            instruction=meta["instruction"],
+            actions=np.asarray(table["action"], np.float32).reshape(-1, 2),
+            states=np.asarray(table["state"], np.float32).reshape(-1, 3),
+            causation=causation, summary=EpisodeSummary(**meta["summary"]),
+            frames=np.stack([decode_png(b) for b in table["image"]]) if frames else None,
+        )
+
+    def iter_episodes(self, frames: bool = True) -> Iterator[Episode]:
+        """Every stored episode in index order, one in memory at a time."""
+        for index in self.indices():
+            yield self.read_episode(index, frames=frames)
+
+    # -- metadata -------------------------------------------------------------------------------------
+
+    def refresh_info(self) -> dict[str, Any]:
+        """Recompute counts, per-scenario expert figures and statistics from the files on disk."""
+        scenarios: dict[str, dict[str, Any]] = {}
+        actions, states = [], []
+        for index in self.indices():
+            meta = self.episode_meta(index)
+            table = self.read_columns(index, ["action", "state"])
+            # Statistics need every value for exact quantiles; actions and states are 20 bytes a step, so a
+            # store of 10 million steps needs 200 MB here while its frames never leave the disk.
+            actions.append(_fixed_list(table.column("action"), 2))
+            states.append(_fixed_list(table.column("state"), 3))
+            s = scenarios.setdefault(meta["scenario"], {"episodes": 0, "steps": 0, "success": 0, "collision": 0})
+            s["episodes"] += 1
+            s["steps"] += meta["summary"]["steps"]
+            s["success"] += bool(meta["summary"]["success"])
+            s["collision"] += bool(meta["summary"]["collision"])
+        for s in scenarios.values():
+            s["expert_success_rate"] = s.pop("success") / s["episodes"]
+            s["expert_collision_rate"] = s.pop("collision") / s["episodes"]
+        info = dict(self.info)
+        info["episodes"] = sum(s["episodes"] for s in scenarios.values())
+        info["steps"] = sum(s["steps"] for s in scenarios.values())
+        info["scenarios"] = dict(sorted(scenarios.items()))
+        info["action_stats"] = _stats(np.concatenate(actions), ACTION_NAMES) if actions else None
+        info["state_stats"] = _stats(np.concatenate(states), STATE_NAMES) if states else None
+        _write_json_atomic(self.info_path, info)
+        self.info = info
+        return info
+
+    def _read_info(self) -> dict[str, Any]:
+        try:
+            info = json.loads(self.info_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UnifiedError(f"{self.info_path}: corrupted (not valid JSON: {e})") from None
+        if not isinstance(info, dict) or info.get("format") != FORMAT:
+            raise UnifiedError(f"{self.info_path}: not an episode store's info (expected \"format\": \"{FORMAT}\")")
+        if info.get("format_version") != FORMAT_VERSION:
+            raise UnifiedError(
+                f"{self.info_path}: format_version {info.get('format_version')!r}; this version of unified reads "
+                f"{FORMAT_VERSION}"
+            )
+        for key in ("episodes", "steps", "fps", "image_shape", "suite", "suite_hash", "seed", "scenarios"):
+            if key not in info:
+                raise UnifiedError(f"{self.info_path}: missing field {key!r}")
+        return info
+
+
+def _fixed_list(column: pa.ChunkedArray, width: int) -> np.ndarray:
+    return np.concatenate([c.flatten().to_numpy() for c in column.chunks]).reshape(-1, width).astype(np.float32)
+
+
+def _stats(values: np.ndarray, names: tuple[str, ...]) -> dict[str, Any]:
+    """Per-dimension mean, std, min, max and the q01/q99 quantiles used to normalise actions and states."""
+    v = values.astype(np.float64)
+    return {
+        "names": list(names),
+        "mean": v.mean(0).tolist(),
+        "std": v.std(0).tolist(),
+        "min": v.min(0).tolist(),
+        "max": v.max(0).tolist(),
+        "q01": np.quantile(v, 0.01, axis=0).tolist(),
+        "q99": np.quantile(v, 0.99, axis=0).tolist(),
+        "count": int(len(v)),
+    }
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(temporary, path)
