@@ -10,6 +10,7 @@ import argparse
 import importlib
 import inspect
 import json
+import signal
 import sys
 import types
 import typing
@@ -114,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A shell starts background jobs with SIGINT ignored and children inherit that; Ctrl-C (or a SIGINT from
+    # a supervisor) must always stop a command cleanly, keeping what it finished.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     verb = args.pop("verb")

@@ -79,6 +79,7 @@ def generate(
             steps = _run(store, seed, todo, workers, progress)
         finally:
             # Also on Ctrl-C: the info must describe exactly the complete episodes on disk.
+            store.remove_partial_files()
             info = store.refresh_info()
         elapsed = time.perf_counter() - start
         if todo:

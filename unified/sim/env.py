@@ -24,6 +24,8 @@ def use_offscreen_rendering() -> None:
     """pygame with SDL_VIDEODRIVER=dummy renders all-black frames without an error; off-screen needs it unset."""
     if os.environ.get("SDL_VIDEODRIVER") == "dummy":
         del os.environ["SDL_VIDEODRIVER"]
+    # SDL otherwise turns SIGINT/SIGTERM into quit events that nothing reads, so a worker could not be stopped.
+    os.environ.setdefault("SDL_NO_SIGNAL_HANDLERS", "1")
     # SDL complains on stderr for every env without a runtime dir; a private one keeps the console clean.
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if not runtime or not os.path.isdir(runtime):

@@ -17,7 +17,7 @@ from unified.sim.suite import Scenario, Suite
 @dataclass
 class EpisodeSummary:
     steps: int
-    success: bool  # no collision, still on the road, ran to its end, and reached the goal where the env has one
+    success: bool  # no collision, still on the road, ran to its end, reached the env's goal and the destination
     collision: bool
     offroad: bool
     end: str  # "time limit", "goal", "collision" or "off road"
@@ -71,6 +71,9 @@ def run_episode(
     ids(ego)  # the ego is vehicle 1
     frames, actions, states, records = [], [], [], []
     latencies, progress, end = [], 0.0, "time limit"
+    # Where the scenario names a destination (a roundabout exit, an intersection branch), success needs the
+    # ego to have driven onto it: the envs' own arrival tests accept any exit.
+    reached = scenario.destination is None
     limit = max_steps(env, scenario, suite.policy_frequency)
     for t in range(limit):
         if render:
@@ -84,6 +87,7 @@ def run_episode(
         before = ego.position.copy()
         _, _, terminated, truncated, _ = env.step(to_env_action(intent.action))
         progress += float(np.linalg.norm(ego.position - before))
+        reached = reached or scenario.destination in ego.lane_index[:2]
         if ego.crashed:
             end = "collision"
         elif not ego.on_road:
@@ -96,7 +100,7 @@ def run_episode(
     goal = goal_reached(env)
     summary = EpisodeSummary(
         steps=steps,
-        success=end in ("time limit", "goal") and goal is not False,
+        success=end in ("time limit", "goal") and goal is not False and reached,
         collision=end == "collision",
         offroad=end == "off road",
         end=end,

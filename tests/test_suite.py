@@ -1,0 +1,72 @@
+from pathlib import Path
+
+import pytest
+
+from unified.errors import UnifiedError
+from unified.sim.suite import Scenario, Suite, load_suite
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["train", "ood"])
+def test_shipped_suites_load(name):
+    suite = load_suite(ROOT / "recipes" / "data" / f"{name}.yaml")
+    assert suite.scenarios and suite.image_size == (64, 64)
+
+
+def test_train_and_ood_do_not_share_scenarios():
+    train = load_suite(ROOT / "recipes/data/train.yaml")
+    ood = load_suite(ROOT / "recipes/data/ood.yaml")
+    as_key = lambda s: (s.env, tuple(sorted(s.config.items())))  # noqa: E731
+    assert not {as_key(s) for s in train.scenarios.values()} & {as_key(s) for s in ood.scenarios.values()}
+
+
+def write(tmp_path, text):
+    path = tmp_path / "suite.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_env_lists_valid_ids(tmp_path):
+    path = write(tmp_path, "scenarios:\n  a:\n    env: spaceship-v0\n")
+    with pytest.raises(UnifiedError, match=r"scenarios\.a\.env.*spaceship-v0.*valid ones: .*highway-v0"):
+        load_suite(path)
+
+
+def test_unknown_config_key_lists_valid_keys(tmp_path):
+    path = write(tmp_path, "scenarios:\n  a:\n    env: highway-v0\n    config: {lane_count: 3}\n")
+    with pytest.raises(UnifiedError, match=r"unknown key 'lane_count'.*valid keys: .*lanes_count"):
+        load_suite(path)
+
+
+def test_unknown_suite_key_lists_valid_keys(tmp_path):
+    path = write(tmp_path, "image_sz: [64, 64]\nscenarios:\n  a: {env: highway-v0}\n")
+    with pytest.raises(UnifiedError, match=r"suite.yaml: unknown key\(s\) 'image_sz'; valid keys: scenarios, name, image_size"):
+        load_suite(path)
+
+
+def test_suite_owned_key_is_refused(tmp_path):
+    path = write(tmp_path, "scenarios:\n  a:\n    env: highway-v0\n    config: {policy_frequency: 15}\n")
+    with pytest.raises(UnifiedError, match="set by the suite"):
+        load_suite(path)
+
+
+def test_bad_yaml_names_file_and_line(tmp_path):
+    path = write(tmp_path, "scenarios:\n  a: {env: highway-v0\n")
+    with pytest.raises(UnifiedError, match=r"suite.yaml:\d+: not valid YAML"):
+        load_suite(path)
+
+
+def test_wrong_type_names_field(tmp_path):
+    path = write(tmp_path, "policy_frequency: fast\nscenarios:\n  a: {env: highway-v0}\n")
+    with pytest.raises(UnifiedError, match=r"policy_frequency: expected int"):
+        load_suite(path)
+
+
+def test_weighted_round_robin_follows_weights_and_is_stable():
+    suite = Suite({"a": Scenario("highway-v0", weight=3, name="a"), "b": Scenario("merge-v0", weight=1, name="b")})
+    picks = [suite.scenario_for_episode(i).name for i in range(400)]
+    assert picks.count("a") == 300 and picks.count("b") == 100
+    # Interleaved, not in blocks: no run of "a" longer than 3.
+    assert "aaaa" not in "".join(picks)
+    assert picks == [suite.scenario_for_episode(i).name for i in range(400)]
