@@ -24,14 +24,18 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 demo: $(VENV)/.installed
+	@echo "== demo 1/4: driving data (expert episodes, in distribution and out of distribution)"
 	$(BIN)/unified data generate --suite recipes/data/train.yaml --episodes 200 --out $(DEMO_DIR)/data/train --workers $(WORKERS)
 	$(BIN)/unified data generate --suite recipes/data/ood.yaml --episodes 50 --out $(DEMO_DIR)/data/ood --workers $(WORKERS)
 	$(BIN)/unified data info $(DEMO_DIR)/data/train
 	$(BIN)/unified data info $(DEMO_DIR)/data/ood
+	@echo "== demo 2/4: operator (multi-hop reasoning) data"
 	$(BIN)/unified data operators --out $(DEMO_DIR)/data/operators --hops 2-6 --scratchpad inductive --n 2000
-	$(BIN)/unified eval closed-loop --model random --scenarios recipes/data/train.yaml --episodes 20 --workers $(WORKERS) --json $(DEMO_DIR)/eval/random_train.json
-	$(BIN)/unified eval closed-loop --model constant --scenarios recipes/data/train.yaml --episodes 20 --workers $(WORKERS) --json $(DEMO_DIR)/eval/constant_train.json
-	@echo "demo: data in $(DEMO_DIR)/data (train, ood, operators), baselines in $(DEMO_DIR)/eval"
+	@echo "== demo 3/4: baselines in closed loop (expert, random, constant speed)"
+	for model in expert random constant; do for suite in train ood; do \
+		$(BIN)/unified eval closed-loop --model $$model --scenarios recipes/data/$$suite.yaml --episodes 20 \
+			--workers $(WORKERS) --json $(DEMO_DIR)/eval/$${model}_$$suite.json || exit 1; done; done
+	@echo "== demo 4/4: done. Data in $(DEMO_DIR)/data (train, ood, operators), baseline reports in $(DEMO_DIR)/eval"
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs

@@ -41,7 +41,8 @@ def test_unknown_config_key_lists_valid_keys(tmp_path):
 
 def test_unknown_suite_key_lists_valid_keys(tmp_path):
     path = write(tmp_path, "image_sz: [64, 64]\nscenarios:\n  a: {env: highway-v0}\n")
-    with pytest.raises(UnifiedError, match=r"suite.yaml: unknown key\(s\) 'image_sz'; valid keys: scenarios, name, image_size"):
+    expected = r"suite.yaml: unknown key\(s\) 'image_sz'; valid keys: scenarios, name, image_size"
+    with pytest.raises(UnifiedError, match=expected):
         load_suite(path)
 
 

@@ -41,8 +41,9 @@ def data_info(data: Path, *, json: bool = False) -> dict:
     if json:
         print(_json_dumps(info))
         return info
+    shape = "x".join(map(str, info["image_shape"]))
     print(f"{data}: {info['episodes']} episodes, {info['steps']} steps at {info['fps']} Hz, "
-          f"frames {'x'.join(map(str, info['image_shape']))} ({info['image_encoding']}), suite {info['suite']['name']!r}")
+          f"frames {shape} ({info['image_encoding']}), suite {info['suite']['name']!r}")
     print(f"{'scenario':<16}{'episodes':>9}{'steps':>8}{'expert success':>16}{'expert collision':>18}")
     for name, s in info["scenarios"].items():
         print(f"{name:<16}{s['episodes']:>9}{s['steps']:>8}{s['expert_success_rate']:>16.2f}"
@@ -96,7 +97,9 @@ def _add_parameter(parser: argparse.ArgumentParser, p: inspect.Parameter, hint: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unified", description="unified: one transformer for driving policy and world model")
+    parser = argparse.ArgumentParser(
+        prog="unified", description="unified: one transformer that is a driving policy and a world model"
+    )
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
     group_parsers: dict[str, argparse._SubParsersAction] = {}
     for verb, (module, function, help_text) in VERBS.items():

@@ -54,7 +54,7 @@ def from_dict(cls: type, data: Any, where: str) -> Any:
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
-    """Check `value` against a type hint, converting where YAML is looser than Python (int for float, list for tuple)."""
+    """Check `value` against a type hint, converting where YAML is looser than Python (int -> float, list -> tuple)."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if hint is Any:

@@ -22,11 +22,12 @@ from unified.errors import UnifiedError
 FORMAT = "unified-operators"
 RELATIONS = (("taller", "shorter"), ("older", "younger"), ("faster", "slower"), ("heavier", "lighter"))
 NAMES = (
-    "Ada Alan Alice Amir Ana Anton Aria Ben Bianca Bob Carla Chen Chloe Dario Dev Diana Elena Emil Eva Farah "
-    "Felix Gita Hana Hugo Ines Ivan Jade Jonas Kai Kenji Lara Leon Lina Luca Maya Marco Mina Nadia Noor Olga "
-    "Omar Pablo Patricia Priya Quinn Rafael Rosa Sami Sara Sofia Tariq Tess Umar Vera Victor Wen Yara Yusuf "
-    "Zoe Zane"
-).split()
+    "Ada", "Alan", "Alice", "Amir", "Ana", "Anton", "Aria", "Ben", "Bianca", "Bob", "Carla", "Chen", "Chloe",
+    "Dario", "Dev", "Diana", "Elena", "Emil", "Eva", "Farah", "Felix", "Gita", "Hana", "Hugo", "Ines", "Ivan",
+    "Jade", "Jonas", "Kai", "Kenji", "Lara", "Leon", "Lina", "Luca", "Maya", "Marco", "Mina", "Nadia", "Noor",
+    "Olga", "Omar", "Pablo", "Patricia", "Priya", "Quinn", "Rafael", "Rosa", "Sami", "Sara", "Sofia", "Tariq",
+    "Tess", "Umar", "Vera", "Victor", "Wen", "Yara", "Yusuf", "Zoe", "Zane",
+)
 Scratchpad = Literal["none", "full", "inductive"]
 
 
@@ -82,8 +83,13 @@ def _reasoning(chain: list[str], more: str, x: str, y: str, scratchpad: Scratchp
     top, lines = chain[0], []
     for i in range(1, len(chain)):
         if scratchpad == "full":
-            via = f"{top} is {more} than {chain[i - 1]} and " if i > 1 else ""
-            lines.append(f"{via}{chain[i - 1]} is {more} than {chain[i]}, so {top} is {more} than {chain[i]}.")
+            if i == 1:
+                lines.append(f"{top} is {more} than {chain[1]}.")
+            else:
+                lines.append(
+                    f"{top} is {more} than {chain[i - 1]} and {chain[i - 1]} is {more} than {chain[i]}, "
+                    f"so {top} is {more} than {chain[i]}."
+                )
         else:  # inductive: each step depends on the previous state and one premise only
             lines.append(f"{top} > {chain[i]}.")
     verdict = f"So {x} is {more} than {y}." if x == top else f"So {x} is not {more} than {y}."

@@ -154,7 +154,9 @@ class EpisodeStore:
             raise UnifiedError(f"episode {episode.index}: no frames to store (it was run without rendering)")
         expected = tuple(self.info["image_shape"])
         if episode.frames.shape[1:] != expected:
-            raise UnifiedError(f"episode {episode.index}: frames of shape {episode.frames.shape[1:]}, store holds {expected}")
+            raise UnifiedError(
+                f"episode {episode.index}: frames of shape {episode.frames.shape[1:]}, the store holds {expected}"
+            )
         n = len(episode.actions)
         c = episode.causation
         columns = {

@@ -70,7 +70,9 @@ def make_env(suite: Suite, scenario: Scenario, render: bool = True):
     try:
         return _scenario_class(scenario.env)(config=config, render_mode="rgb_array" if render else None)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise UnifiedError(f"scenario {scenario.name!r} ({scenario.env}) could not be built with its config: {e}") from e
+        raise UnifiedError(
+            f"scenario {scenario.name!r} ({scenario.env}) could not be built with its config: {e}"
+        ) from e
 
 
 def max_steps(env, scenario: Scenario, policy_frequency: int) -> int:
@@ -90,7 +92,8 @@ def render_frame(env, where: str) -> np.ndarray:
     """Render the current frame, refusing blank ones (all one colour), which a broken display setup yields silently."""
     frame = env.render()
     if frame is None or frame.ndim != 3 or frame.shape[2] != 3:
-        raise UnifiedError(f"{where}: the simulator returned no RGB frame (got {None if frame is None else frame.shape})")
+        got = None if frame is None else frame.shape
+        raise UnifiedError(f"{where}: the simulator returned no RGB frame (got {got})")
     if int(frame.max()) - int(frame.min()) < 8:
         raise UnifiedError(
             f"{where}: the simulator rendered a blank frame (all pixels ~{int(frame.mean())}); "

@@ -1,0 +1,40 @@
+import json
+
+import numpy as np
+import pytest
+from unified.eval.closed_loop import closed_loop, mean_interval, wilson_interval
+
+
+def test_wilson_interval_contains_the_rate_and_shrinks_with_n():
+    for k, n in [(0, 10), (3, 10), (10, 10), (30, 100)]:
+        lo, hi = wilson_interval(k, n)
+        assert 0.0 <= lo <= k / n <= hi <= 1.0
+    assert np.diff(wilson_interval(30, 100)) < np.diff(wilson_interval(3, 10))
+    lo, hi = wilson_interval(10, 10)
+    assert hi == 1.0 and lo == pytest.approx(0.7225, abs=1e-3)  # the textbook value for 10/10
+
+
+def test_mean_interval():
+    lo, hi = mean_interval(np.array([1.0, 2.0, 3.0, 4.0]))
+    assert lo < 2.5 < hi and hi - lo == pytest.approx(2 * 1.96 * np.std([1, 2, 3, 4], ddof=1) / 2, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_expert_beats_random_and_constant_speed(tmp_path):
+    suite = tmp_path / "s.yaml"
+    suite.write_text(
+        "scenarios:\n  highway:\n    env: highway-v0\n"
+        "    config: {lanes_count: 3, vehicles_count: 20, vehicles_density: 1.0, duration: 20}\n"
+    )
+    reports = {
+        m: closed_loop(model=m, scenarios=suite, episodes=6, workers=2, json=tmp_path / f"{m}.json", progress=False)
+        for m in ("expert", "random", "constant")
+    }
+    success = {m: r["overall"]["success_rate"]["mean"] for m, r in reports.items()}
+    assert success["expert"] >= 5 / 6
+    assert success["expert"] - max(success["random"], success["constant"]) >= 0.5
+    saved = json.loads((tmp_path / "expert.json").read_text())
+    assert saved["overall"]["episodes"] == 6 and saved["scenarios"]["highway"]["decision_latency_ms"]["decisions"] > 0
+    for key in ("success_rate", "collision_rate", "mean_progress", "mean_speed", "mean_jerk"):
+        lo, hi = saved["overall"][key]["ci95"]
+        assert lo <= saved["overall"][key]["mean"] <= hi
