@@ -35,6 +35,7 @@ demo: $(VENV)/.installed
 	for model in expert random constant; do for suite in train ood; do \
 		$(BIN)/unified eval closed-loop --model $$model --scenarios recipes/data/$$suite.yaml --episodes 20 \
 			--workers $(WORKERS) --json $(DEMO_DIR)/eval/$${model}_$$suite.json || exit 1; done; done
+	$(BIN)/unified eval compare $(foreach s,train ood,$(foreach m,expert random constant,$(DEMO_DIR)/eval/$(m)_$(s).json))
 	@echo "== demo 4/4: done. Data in $(DEMO_DIR)/data (train, ood, operators), baseline reports in $(DEMO_DIR)/eval"
 
 clean:

@@ -164,3 +164,37 @@ def format_table(report: dict[str, Any]) -> str:
             f"{m['mean_progress']['mean']:>12.1f}{m['mean_speed']['mean']:>11.1f}"
         )
     return "\n".join(rows)
+
+
+def compare(reports: list[Path]) -> str:
+    """Print a Markdown table of closed-loop reports (`--json` outputs): success, collision and off-road rates
+    per suite and scenario, one column per model."""
+    loaded = []
+    for path in reports:
+        try:
+            report = jsonlib.loads(Path(path).read_text())
+            report["overall"], report["model"], report["suite"]  # noqa: B018 - the fields the table needs
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UnifiedError(f"{path}: not a closed-loop report written by --json ({e})") from None
+        loaded.append(report)
+    models = list(dict.fromkeys(r["model"] for r in loaded))
+    lines = [
+        "| suite | scenario | " + " | ".join(models) + " |",
+        "|---|---|" + "---|" * len(models),
+    ]
+    for suite in dict.fromkeys(r["suite"] for r in loaded):
+        by_model = {r["model"]: r for r in loaded if r["suite"] == suite}
+        names = list(next(iter(by_model.values()))["scenarios"]) + ["overall"]
+        for name in names:
+            cells = []
+            for model in models:
+                r = by_model.get(model)
+                m = None if r is None else (r["overall"] if name == "overall" else r["scenarios"].get(name))
+                cells.append("-" if m is None else (
+                    f"{m['success_rate']['mean']:.2f} / {m['collision_rate']['mean']:.2f} / {m['offroad_rate']['mean']:.2f}"
+                ))
+            label = f"**{name}**" if name == "overall" else name
+            lines.append(f"| {suite} | {label} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print("success / collision / off-road rate per model\n" + table, flush=True)
+    return table

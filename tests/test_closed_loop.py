@@ -2,7 +2,8 @@ import json
 
 import numpy as np
 import pytest
-from unified.eval.closed_loop import closed_loop, mean_interval, wilson_interval
+from unified.errors import UnifiedError
+from unified.eval.closed_loop import closed_loop, compare, mean_interval, wilson_interval
 
 
 def test_wilson_interval_contains_the_rate_and_shrinks_with_n():
@@ -38,3 +39,13 @@ def test_expert_beats_random_and_constant_speed(tmp_path):
     for key in ("success_rate", "collision_rate", "mean_progress", "mean_speed", "mean_jerk"):
         lo, hi = saved["overall"][key]["ci95"]
         assert lo <= saved["overall"][key]["mean"] <= hi
+    table = compare([tmp_path / f"{m}.json" for m in ("expert", "random", "constant")])
+    assert table.splitlines()[0] == "| suite | scenario | expert | random | constant |"
+    overall = next(line for line in table.splitlines() if "**overall**" in line)
+    assert overall.split(" | ")[2].startswith(f"{success['expert']:.2f} / ")
+
+
+def test_compare_names_a_file_that_is_not_a_report(tmp_path):
+    (tmp_path / "x.json").write_text("[]")
+    with pytest.raises(UnifiedError, match="x.json: not a closed-loop report"):
+        compare([tmp_path / "x.json"])

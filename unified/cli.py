@@ -26,6 +26,7 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "data operators": ("unified.data.operators", "operators", "write the multi-hop comparison (operator) data set"),
     "data scenarios": ("unified.cli", "data_scenarios", "list the highway-env scenario ids a suite may use"),
     "eval closed-loop": ("unified.eval.closed_loop", "closed_loop", "drive a suite with a driver and report success"),
+    "eval compare": ("unified.eval.closed_loop", "compare", "a Markdown table of closed-loop reports (--json files)"),
 }
 HIDDEN = {"progress"}  # parameters for Python callers only
 
@@ -82,6 +83,8 @@ def _add_parameter(parser: argparse.ArgumentParser, p: inspect.Parameter, hint: 
         kwargs["choices"] = list(args)
     elif hint in (int, float, Path, str):
         kwargs["type"] = hint
+    if origin is list:
+        kwargs["type"], kwargs["nargs"] = args[0], "+"
     if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
         parser.add_argument(p.name, **kwargs)
         return
