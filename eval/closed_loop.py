@@ -190,9 +190,9 @@ def compare(reports: list[Path]) -> str:
             for model in models:
                 r = by_model.get(model)
                 m = None if r is None else (r["overall"] if name == "overall" else r["scenarios"].get(name))
-                cells.append("-" if m is None else (
-                    f"{m['success_rate']['mean']:.2f} / {m['collision_rate']['mean']:.2f} / {m['offroad_rate']['mean']:.2f}"
-                ))
+                keys = ("success_rate", "collision_rate", "offroad_rate")
+                rates = None if m is None else [m[k]["mean"] for k in keys]
+                cells.append("-" if rates is None else " / ".join(f"{v:.2f}" for v in rates))
             label = f"**{name}**" if name == "overall" else name
             lines.append(f"| {suite} | {label} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)

@@ -2,8 +2,9 @@ import json
 
 import numpy as np
 import pytest
-from unified.errors import UnifiedError
 from unified.eval.closed_loop import closed_loop, compare, mean_interval, wilson_interval
+
+from unified.errors import UnifiedError
 
 
 def test_wilson_interval_contains_the_rate_and_shrinks_with_n():
