@@ -39,13 +39,13 @@ class ImageTokenizerConfig:
         self.channels, self.decoder_channels = tuple(self.channels), tuple(self.decoder_channels)
         if not self.levels:
             if self.codebook_size not in LEVELS_FOR_SIZE:
-                raise UnifiedError(
-                    f"image codebook_size {self.codebook_size}: choose one of {sorted(LEVELS_FOR_SIZE)} or give levels"
-                )
+                sizes = sorted(LEVELS_FOR_SIZE)
+                raise UnifiedError(f"image codebook_size {self.codebook_size}: choose one of {sizes}, or levels")
             self.levels = LEVELS_FOR_SIZE[self.codebook_size]
         self.levels = tuple(self.levels)
         if math.prod(self.levels) != self.codebook_size:
-            raise UnifiedError(f"FSQ levels {self.levels} give {math.prod(self.levels)} codes, not {self.codebook_size}")
+            n = math.prod(self.levels)
+            raise UnifiedError(f"FSQ levels {self.levels} give {n} codes, not codebook_size {self.codebook_size}")
         stages = int(math.log2(self.downsample))
         if 2**stages != self.downsample or stages < 1:
             raise UnifiedError(f"image downsample must be a power of two >= 2, got {self.downsample}")
