@@ -1,0 +1,232 @@
+"""Action tokenizers over chunks of H continuous actions: uniform bins, and FAST (DCT + rounding + BPE).
+
+Both normalise each dimension with the q01/q99 quantiles the episode store computed (clipping outside), so
+no statistics are ever typed in; both decode to the simulator's units.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.fft import dct, idct
+
+from unified.errors import UnifiedError
+from unified.tokenizers.normalization import QuantileNormalizer
+
+FORMAT_VERSION = 1
+
+
+def _check_chunks(actions, dim: int, where: str) -> np.ndarray:
+    actions = np.asarray(actions)
+    if actions.ndim == 2:
+        actions = actions[None]
+    if actions.ndim != 3 or actions.shape[-1] != dim or actions.shape[1] == 0:
+        raise UnifiedError(f"{where}: expected action chunks of shape (B, H, {dim}), got {actions.shape}")
+    if not np.issubdtype(actions.dtype, np.number):
+        raise UnifiedError(f"{where}: actions must be numbers, got dtype {actions.dtype}")
+    if not np.all(np.isfinite(actions)):
+        raise UnifiedError(f"{where}: actions contain NaN or inf")
+    return actions.astype(np.float64)
+
+
+def _check_ids(ids, vocab_size: int, where: str) -> np.ndarray:
+    ids = np.asarray(ids)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise UnifiedError(f"{where}: ids must be integers, got dtype {ids.dtype}")
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        raise UnifiedError(f"{where}: id {int(ids[bad][0])} outside this tokenizer's range [0, {vocab_size})")
+    return ids
+
+
+@dataclass
+class BinActionTokenizer:
+    """Each action dimension of each step -> one of `bins` uniform bins over [q01, q99]: H * D tokens a chunk."""
+
+    q01: tuple[float, ...]
+    q99: tuple[float, ...]
+    bins: int = 256
+    names: tuple[str, ...] = ()
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        self.q01, self.q99, self.names = tuple(self.q01), tuple(self.q99), tuple(self.names)
+        if self.bins < 2:
+            raise UnifiedError(f"action bins must be at least 2, got {self.bins}")
+        self.normalizer = QuantileNormalizer(self.q01, self.q99, self.names)
+
+    @classmethod
+    def from_stats(cls, stats: dict, bins: int = 256) -> BinActionTokenizer:
+        n = QuantileNormalizer.from_stats(stats, "action_stats")
+        return cls(n.q01, n.q99, bins, n.names)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.bins
+
+    @property
+    def dim(self) -> int:
+        return len(self.q01)
+
+    @property
+    def bin_width(self) -> np.ndarray:
+        """(D,) width of one bin in the action's own units."""
+        return (np.asarray(self.q99) - np.asarray(self.q01)) / self.bins
+
+    def encode(self, actions) -> np.ndarray:
+        """(B, H, D) or (H, D) actions in their units -> (B, H * D) int64 ids, step-major."""
+        actions = _check_chunks(actions, self.dim, "bin action tokenizer")
+        unit = (self.normalizer.normalize(actions) + 1) / 2  # [0, 1]
+        ids = np.minimum((unit * self.bins).astype(np.int64), self.bins - 1)
+        return ids.reshape(len(ids), -1)
+
+    def decode(self, ids) -> np.ndarray:
+        """(B, H * D) or (H * D,) ids -> (B, H, D) actions at the bin centres."""
+        ids = _check_ids(ids, self.bins, "bin action tokenizer")
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.shape[-1] % self.dim:
+            raise UnifiedError(f"bin action tokenizer: {ids.shape[-1]} ids is not a whole number of {self.dim}-d steps")
+        unit = (ids.reshape(len(ids), -1, self.dim) + 0.5) / self.bins
+        return self.normalizer.unnormalize(unit * 2 - 1)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        _save_config(directory, "action_bins", {k: v for k, v in asdict(self).items()})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> BinActionTokenizer:
+        return cls(**_read_config(directory, "action_bins"))
+
+
+@dataclass
+class FastActionTokenizer:
+    """FAST: per-dimension DCT over the normalised chunk, scaled and rounded, then BPE over the integers.
+
+    Smooth chunks concentrate in a few low-frequency coefficients, most others round to 0, and BPE merges the
+    frequent patterns, so a chunk takes far fewer tokens than H * D bins.
+    """
+
+    q01: tuple[float, ...]
+    q99: tuple[float, ...]
+    horizon: int  # H, the chunk length it was fitted for
+    scale: float = 10.0  # DCT coefficients are multiplied by this before rounding: larger = finer, more tokens
+    vocab_size: int = 1024
+    names: tuple[str, ...] = ()
+    bpe: str = ""  # the trained BPE model, Hugging Face `tokenizers` JSON
+    format_version: int = FORMAT_VERSION
+
+    # Integers are written as characters for BPE; MIN_COEFFICIENT maps to OFFSET.
+    OFFSET = 0x4E00
+    MIN_COEFFICIENT = -256
+    MAX_COEFFICIENT = 256
+
+    def __post_init__(self):
+        self.q01, self.q99, self.names = tuple(self.q01), tuple(self.q99), tuple(self.names)
+        self.normalizer = QuantileNormalizer(self.q01, self.q99, self.names)
+        self._bpe = None
+        if self.bpe:
+            from tokenizers import Tokenizer
+
+            self._bpe = Tokenizer.from_str(self.bpe)
+
+    @property
+    def dim(self) -> int:
+        return len(self.q01)
+
+    def _coefficients(self, actions: np.ndarray) -> np.ndarray:  # (B, H, D) -> (B, H, D) int, by frequency
+        normalised = self.normalizer.normalize(actions)
+        coefficients = dct(normalised, axis=1, norm="ortho")
+        rounded = np.rint(coefficients * self.scale).astype(np.int64)
+        return np.clip(rounded, self.MIN_COEFFICIENT, self.MAX_COEFFICIENT)
+
+    def _text(self, coefficients: np.ndarray) -> list[str]:
+        # Frequency-major (all dimensions' lowest frequency first), so that a cut sequence loses detail only.
+        flat = coefficients.reshape(len(coefficients), -1) - self.MIN_COEFFICIENT + self.OFFSET
+        return ["".join(map(chr, row)) for row in flat]
+
+    @classmethod
+    def fit(
+        cls, chunks: np.ndarray, stats: dict, scale: float = 10.0, vocab_size: int = 1024
+    ) -> FastActionTokenizer:
+        """Train the BPE on (N, H, D) action chunks in their units."""
+        from tokenizers import Tokenizer, models, trainers
+
+        chunks = _check_chunks(chunks, len(stats["q01"]), "FAST fit")
+        n = QuantileNormalizer.from_stats(stats, "action_stats")
+        tokenizer = cls(n.q01, n.q99, chunks.shape[1], scale, vocab_size, n.names)
+        alphabet = [chr(cls.OFFSET + i) for i in range(cls.MAX_COEFFICIENT - cls.MIN_COEFFICIENT + 1)]
+        bpe = Tokenizer(models.BPE())
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, initial_alphabet=alphabet, special_tokens=[], show_progress=False,
+            limit_alphabet=len(alphabet), max_token_length=64,
+        )
+        bpe.train_from_iterator(tokenizer._text(tokenizer._coefficients(chunks)), trainer=trainer)
+        tokenizer.bpe = bpe.to_str()
+        tokenizer._bpe = bpe
+        return tokenizer
+
+    def _require_bpe(self):
+        if self._bpe is None:
+            raise UnifiedError("FAST action tokenizer: not fitted (no BPE); use FastActionTokenizer.fit")
+        return self._bpe
+
+    @property
+    def bpe_vocab_size(self) -> int:
+        return self._require_bpe().get_vocab_size()
+
+    def encode(self, actions) -> list[list[int]]:
+        """(B, H, D) or (H, D) actions -> B lists of ids (lengths vary with the chunk's complexity)."""
+        actions = _check_chunks(actions, self.dim, "FAST action tokenizer")
+        if actions.shape[1] != self.horizon:
+            raise UnifiedError(f"FAST action tokenizer: fitted for chunks of {self.horizon} steps, got {actions.shape[1]}")
+        bpe = self._require_bpe()
+        return [e.ids for e in bpe.encode_batch(self._text(self._coefficients(actions)))]
+
+    def decode(self, ids: list[list[int]]) -> np.ndarray:
+        """B lists of ids -> (B, H, D) actions. A sequence of the wrong length (a model's mistake) is padded
+        with zero coefficients or cut, so that decoding always yields a chunk."""
+        bpe = self._require_bpe()
+        size = bpe.get_vocab_size()
+        out = np.zeros((len(ids), self.dim * self.horizon), np.float64)
+        for row, sequence in enumerate(ids):
+            sequence = _check_ids(np.asarray(sequence, np.int64), size, "FAST action tokenizer")
+            text = "".join(bpe.id_to_token(int(i)) for i in sequence)
+            values = np.array([ord(c) - self.OFFSET + self.MIN_COEFFICIENT for c in text], np.float64)
+            values = values[: self.dim * self.horizon]
+            out[row, : len(values)] = values
+        coefficients = out.reshape(len(ids), self.horizon, self.dim) / self.scale
+        return self.normalizer.unnormalize(np.clip(idct(coefficients, axis=1, norm="ortho"), -1, 1))
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        _save_config(directory, "action_fast", {k: v for k, v in asdict(self).items()})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> FastActionTokenizer:
+        return cls(**_read_config(directory, "action_fast"))
+
+
+def _save_config(directory: str | Path, kind: str, config: dict) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps({"type": kind, **config}, indent=2) + "\n")
+
+
+def _read_config(directory: str | Path, kind: str) -> dict:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise UnifiedError(f"{directory}: not a tokenizer directory (no config.json)")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UnifiedError(f"{path}: not valid JSON ({e})") from None
+    if config.pop("type", None) != kind:
+        raise UnifiedError(f"{path}: not a {kind} tokenizer")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise UnifiedError(
+            f"{path}: format_version {config.get('format_version')!r} was written by an incompatible version of "
+            f"unified; this one reads {FORMAT_VERSION}; refit with `unified tokenizer fit`"
+        )
+    return config
