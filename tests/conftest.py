@@ -3,6 +3,11 @@
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# The CI machine is shared and noisy: property tests check behaviour, never time.
+settings.register_profile("unified", deadline=None)
+settings.load_profile("unified")
 
 TINY_SUITE = """\
 name: tiny

@@ -158,6 +158,11 @@ class FastActionTokenizer:
         n = QuantileNormalizer.from_stats(stats, "action_stats")
         tokenizer = cls(n.q01, n.q99, chunks.shape[1], scale, vocab_size, n.names)
         alphabet = [chr(cls.OFFSET + i) for i in range(cls.MAX_COEFFICIENT - cls.MIN_COEFFICIENT + 1)]
+        if vocab_size <= len(alphabet):
+            raise UnifiedError(
+                f"FAST vocab_size {vocab_size} leaves no room for merges: the {len(alphabet)} possible coefficients "
+                "each need a token; choose more"
+            )
         bpe = Tokenizer(models.BPE())
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size, initial_alphabet=alphabet, special_tokens=[], show_progress=False,

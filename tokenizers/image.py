@@ -20,8 +20,8 @@ from torch import nn
 from unified.errors import UnifiedError
 
 FORMAT_VERSION = 1
-# FSQ levels per codebook size, from the FSQ paper's recommendations where they multiply out exactly.
-LEVELS_FOR_SIZE = {256: (8, 6, 5), 512: (8, 8, 8), 1024: (8, 8, 4, 4), 4096: (8, 8, 8, 8), 16384: (8, 8, 8, 6, 5)}
+# FSQ levels per codebook size: near the FSQ paper's recommendations, adjusted to multiply out exactly.
+LEVELS_FOR_SIZE = {256: (8, 8, 4), 512: (8, 8, 8), 1024: (8, 8, 4, 4), 4096: (8, 8, 8, 8), 16384: (8, 8, 8, 8, 4)}
 
 
 @dataclass

@@ -42,14 +42,23 @@ class TextTokenizer:
         corpus = [t for t in texts if t.strip()]
         if not corpus:
             raise UnifiedError("text tokenizer: no text to fit on")
+        try:
+            cls._train(corpus, model, vocab_size)
+        except RuntimeError as e:
+            raise UnifiedError(f"text tokenizer: sentencepiece could not train with vocab_size {vocab_size} ({e})") from None
+        return cls(model.getvalue())
+
+    @staticmethod
+    def _train(corpus: list[str], model: io.BytesIO, vocab_size: int) -> None:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(corpus), model_writer=model, model_type="bpe", vocab_size=vocab_size,
             byte_fallback=True, character_coverage=1.0, hard_vocab_limit=False,
             # The token layout owns <pad>/<bos>/<eos>; sentencepiece keeps only its unknown piece.
             unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
             split_digits=True, num_threads=2, minloglevel=2,
+            # Exact round trips: no Unicode normalisation, no whitespace folding, no implicit leading space.
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
         )
-        return cls(model.getvalue())
 
     @property
     def vocab_size(self) -> int:

@@ -25,6 +25,8 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "data info": ("unified.cli", "data_info", "counts, expert figures and statistics of an episode store"),
     "data operators": ("unified.data.operators", "operators", "write the multi-hop comparison (operator) data set"),
     "data scenarios": ("unified.cli", "data_scenarios", "list the highway-env scenario ids a suite may use"),
+    "tokenizer fit": ("unified.tokenizers.fit", "fit", "fit the image, text and action tokenizers on an episode store"),
+    "tokenizer eval": ("unified.tokenizers.evaluate", "evaluate", "PSNR, codebook usage, encode speed, action errors"),
     "eval closed-loop": ("unified.eval.closed_loop", "closed_loop", "drive a suite with a driver and report success"),
     "eval compare": ("unified.eval.closed_loop", "compare", "a Markdown table of closed-loop reports (--json files)"),
 }

@@ -1,0 +1,154 @@
+"""Round trips (property-based), bad inputs and the fit -> eval chain of the tokenizers."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from unified.errors import UnifiedError
+from unified.tokenizers.action import BinActionTokenizer, FastActionTokenizer
+from unified.tokenizers.image import FSQ, ImageTokenizer, ImageTokenizerConfig
+from unified.tokenizers.text import TextTokenizer
+
+STATS = {"names": ["acceleration", "steering"], "q01": [-5.0, -0.1], "q99": [2.0, 0.1]}
+H = 8
+
+
+def chunks_within(low, high, n=st.integers(1, 4)):
+    return n.flatmap(lambda b: arrays(
+        np.float64, (b, H, 2),
+        elements=st.floats(0, 1, allow_nan=False),
+    ).map(lambda u: np.asarray(low) + u * (np.asarray(high) - np.asarray(low))))
+
+
+@given(chunks_within(STATS["q01"], STATS["q99"]))
+def test_bins_round_trip_within_half_a_bin(actions):
+    tokenizer = BinActionTokenizer.from_stats(STATS, bins=256)
+    ids = tokenizer.encode(actions)
+    assert ids.shape == (len(actions), H * 2) and ids.min() >= 0 and ids.max() < 256
+    error = np.abs(tokenizer.decode(ids) - actions)
+    assert np.all(error <= tokenizer.bin_width / 2 + 1e-9)
+
+
+def test_bins_clip_outside_the_quantiles():
+    tokenizer = BinActionTokenizer.from_stats(STATS, bins=256)
+    ids = tokenizer.encode(np.array([[[-50.0, 3.0]]]))
+    assert ids.tolist() == [[0, 255]]
+
+
+@pytest.fixture(scope="module")
+def fast():
+    rng = np.random.default_rng(0)
+    t = np.linspace(0, 1, H)[None, :, None]
+    smooth = np.concatenate([
+        -5 + 7 * rng.random((400, 1, 1)) + rng.normal(0, 1, (400, 1, 1)) * t,
+        0.1 * np.sin(rng.random((400, 1, 1)) * 6 + 3 * t),
+    ], axis=2).clip(STATS["q01"], STATS["q99"])
+    return FastActionTokenizer.fit(smooth, STATS, scale=10.0, vocab_size=700)
+
+
+@settings(deadline=None, max_examples=60)
+@given(chunks_within(STATS["q01"], STATS["q99"]))
+def test_fast_round_trip_error_is_bounded_by_the_rounding(fast, actions):
+    ids = fast.encode(actions)
+    decoded = fast.decode(ids)
+    # Orthonormal DCT: rounding each coefficient by at most 1/(2 scale) moves the chunk by at most
+    # sqrt(H)/(2 scale) per dimension in normalised units, i.e. times (q99 - q01)/2 in the action's units.
+    span = (np.asarray(STATS["q99"]) - np.asarray(STATS["q01"])) / 2
+    assert np.all(np.abs(decoded - actions) <= np.sqrt(H) / (2 * fast.scale) * span + 1e-9)
+    # The integer coefficients themselves survive BPE exactly.
+    text = ["".join(fast._bpe.id_to_token(i) for i in row) for row in ids]
+    assert text == fast._text(fast._coefficients(actions))
+
+
+def test_fast_compresses_smooth_chunks(fast):
+    ids = fast.encode(np.tile(np.array([[1.0, 0.02]]), (3, H, 1)))
+    assert max(len(i) for i in ids) < H * 2
+
+
+def test_fast_decodes_a_sequence_of_the_wrong_length(fast):
+    assert fast.decode([[]]).shape == (1, H, 2)
+    assert fast.decode([[5] * 100]).shape == (1, H, 2)
+
+
+@pytest.mark.parametrize("tokenizer", [BinActionTokenizer.from_stats(STATS), "fast"])
+def test_bad_actions(tokenizer, fast):
+    tokenizer = fast if tokenizer == "fast" else tokenizer
+    with pytest.raises(UnifiedError, match="NaN or inf"):
+        tokenizer.encode(np.full((1, H, 2), np.nan))
+    with pytest.raises(UnifiedError, match=r"shape \(B, H, 2\)"):
+        tokenizer.encode(np.zeros((1, H, 3)))
+    with pytest.raises(UnifiedError, match="outside this tokenizer's range"):
+        tokenizer.decode(np.array([[10_000]]))
+
+
+TEXTS = ["Drive along the highway safely.", "The car 18 m ahead is 4 m/s slower, so I change to the left lane.",
+         "Is Marco taller than Sara?", "Marco > Sara. So Marco is taller than Sara. yes"] * 20
+
+
+@pytest.fixture(scope="module")
+def text():
+    return TextTokenizer.fit(TEXTS, vocab_size=400)
+
+
+@settings(deadline=None, max_examples=100)
+@given(st.text(min_size=1).filter(lambda s: s.strip()))
+def test_text_round_trip_of_any_string(text, s):
+    ids = text.encode([s])
+    assert text.decode(ids) == [s]  # byte fallback: even characters never seen in training
+
+
+def test_text_errors_and_save_load(text, tmp_path):
+    with pytest.raises(UnifiedError, match="could not train with vocab_size 100"):
+        TextTokenizer.fit(TEXTS, vocab_size=100)  # byte fallback alone needs 256 pieces
+    with pytest.raises(UnifiedError, match="text 1 is empty"):
+        text.encode(["fine", "  "])
+    with pytest.raises(UnifiedError, match="outside"):
+        text.decode([[text.vocab_size]])
+    text.save_pretrained(tmp_path / "t")
+    again = TextTokenizer.from_pretrained(tmp_path / "t")
+    assert again.encode(TEXTS[:2]) == text.encode(TEXTS[:2])
+
+
+@given(arrays(np.float32, (3, 5, 4), elements=st.floats(-20, 20, width=32)))
+def test_fsq_codes_and_latents_agree(z):
+    fsq = FSQ((8, 8, 4, 4))
+    quantised, codes = fsq(torch.from_numpy(z))
+    assert codes.min() >= 0 and codes.max() < 1024
+    torch.testing.assert_close(fsq.codes_to_latents(codes), quantised)
+
+
+def test_fsq_reaches_every_code():
+    fsq = FSQ((8, 5, 3))
+    grid = torch.cartesian_prod(*[torch.linspace(-6, 6, 60)] * 3)
+    assert fsq(grid)[1].unique().numel() == 8 * 5 * 3
+
+
+TINY_IMAGE = ImageTokenizerConfig(image_size=(16, 16), codebook_size=256, downsample=4, channels=(8, 16),
+                                  decoder_channels=(16, 8, 8))
+
+
+def test_image_shapes_dtypes_and_errors(tmp_path):
+    tokenizer = ImageTokenizer(TINY_IMAGE).eval()
+    frames = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    codes = tokenizer.encode(frames)
+    assert codes.shape == (5, 16) and codes.dtype == np.int64 and codes.max() < 256
+    decoded = tokenizer.decode(codes)
+    assert decoded.shape == frames.shape and decoded.dtype == np.uint8
+    np.testing.assert_array_equal(tokenizer.encode(frames[0]), codes[:1])  # one frame or a batch
+    with pytest.raises(UnifiedError, match=r"shape \(B, 16, 16, 3\)"):
+        tokenizer.encode(np.zeros((2, 32, 32, 3), np.uint8))
+    with pytest.raises(UnifiedError, match="uint8"):
+        tokenizer.encode(np.zeros((2, 16, 16, 3), np.float32))
+    with pytest.raises(UnifiedError, match="code 256 outside"):
+        tokenizer.decode(np.full((1, 16), 256))
+    tokenizer.save_pretrained(tmp_path / "image")
+    np.testing.assert_array_equal(ImageTokenizer.from_pretrained(tmp_path / "image").encode(frames), codes)
+    config = json.loads((tmp_path / "image" / "config.json").read_text())
+    (tmp_path / "image" / "config.json").write_text(json.dumps(config | {"format_version": 0}))
+    with pytest.raises(UnifiedError, match="incompatible version"):
+        ImageTokenizer.from_pretrained(tmp_path / "image")

@@ -1,0 +1,193 @@
+"""`unified tokenizer fit`: fit the image, text and action (and state) tokenizers from an episode store, and
+write them with their token layout into one directory that `Tokenizers.from_pretrained` reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from unified.data.store import EpisodeStore
+from unified.errors import UnifiedError
+from unified.layout import TokenLayout
+from unified.tokenizers.action import BinActionTokenizer, FastActionTokenizer
+from unified.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
+from unified.tokenizers.image_training import ImageFitConfig, fit_image
+from unified.tokenizers.text import PretrainedTextTokenizer, TextTokenizer
+
+FORMAT = "unified-tokenizers"
+FORMAT_VERSION = 1
+HELD_OUT_EVERY = 10  # episodes with index % 10 == 9 are never fitted on: they measure generalisation
+
+
+def is_held_out(index: int) -> bool:
+    return index % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
+
+
+@dataclass
+class Tokenizers:
+    """Everything that turns an episode into ids and back, plus the layout that places them in one vocabulary."""
+
+    image: ImageTokenizer
+    text: TextTokenizer | PretrainedTextTokenizer
+    action: BinActionTokenizer
+    action_fast: FastActionTokenizer
+    state: BinActionTokenizer
+    layout: TokenLayout
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.image.save_pretrained(directory / "image")
+        self.text.save_pretrained(directory / "text")
+        self.action.save_pretrained(directory / "action")
+        self.action_fast.save_pretrained(directory / "action_fast")
+        self.state.save_pretrained(directory / "state")
+        self.layout.save(directory / "layout.json")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> Tokenizers:
+        directory = Path(directory)
+        if not (directory / "layout.json").is_file():
+            raise UnifiedError(f"{directory}: not a tokenizer directory (no layout.json); make one with `unified tokenizer fit`")
+        loaded = cls(
+            image=ImageTokenizer.from_pretrained(directory / "image"),
+            text=TextTokenizer.from_pretrained(directory / "text"),
+            action=BinActionTokenizer.from_pretrained(directory / "action"),
+            action_fast=FastActionTokenizer.from_pretrained(directory / "action_fast"),
+            state=BinActionTokenizer.from_pretrained(directory / "state"),
+            layout=TokenLayout.load(directory / "layout.json"),
+        )
+        expected = TokenLayout.build(loaded.text.vocab_size, loaded.image.config.codebook_size,
+                                     loaded.action.vocab_size, loaded.state.vocab_size)
+        if expected != loaded.layout:
+            raise UnifiedError(f"{directory / 'layout.json'}: does not match the tokenizers beside it ({expected})")
+        return loaded
+
+
+def texts_of(store: EpisodeStore, operators: Path | None) -> list[str]:
+    """Instructions and causation sentences of the store, and operator prompts and targets if given."""
+    texts = set()
+    for index in store.indices():
+        table = store.read_columns(index, ["instruction", "reason"])
+        texts.update(table.column("instruction").unique().to_pylist())
+        texts.update(table.column("reason").unique().to_pylist())
+    corpus = sorted(texts)
+    if operators is not None:
+        files = sorted(Path(operators).glob("hops_*.jsonl"))
+        if not files:
+            raise UnifiedError(f"{operators}: no hops_*.jsonl files (make them with `unified data operators`)")
+        for path in files:
+            for line_number, line in enumerate(path.read_text().splitlines(), 1):
+                try:
+                    example = json.loads(line)
+                    corpus += [example["prompt"], example["target"]]
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise UnifiedError(f"{path}:{line_number}: not an operator example ({e})") from None
+    return corpus
+
+
+def action_chunks(store: EpisodeStore, horizon: int, indices: list[int]) -> np.ndarray:
+    """(N, horizon, 2) every window of `horizon` consecutive actions within an episode."""
+    chunks = []
+    for index in indices:
+        actions = store.read_episode(index, frames=False).actions
+        if len(actions) >= horizon:
+            windows = np.lib.stride_tricks.sliding_window_view(actions, horizon, axis=0)  # (N, 2, H)
+            chunks.append(windows.transpose(0, 2, 1))
+    if not chunks:
+        raise UnifiedError(f"{store.root}: no episode has {horizon} steps for an action chunk")
+    return np.concatenate(chunks)
+
+
+def frames_of(store: EpisodeStore, indices: list[int], max_frames: int, seed: int) -> np.ndarray:
+    """(N, H, W, 3) uint8 frames of `indices`, at most `max_frames`, spread evenly over all episodes."""
+    total = sum(store.episode_meta(i)["summary"]["steps"] for i in indices)
+    keep = min(1.0, max_frames / max(total, 1))
+    rng = np.random.default_rng(seed)
+    frames = []
+    for index in indices:
+        episode_frames = store.read_episode(index).frames
+        frames.append(episode_frames[rng.random(len(episode_frames)) < keep])
+    return np.concatenate(frames) if frames else np.zeros((0, *store.info["image_shape"]), np.uint8)
+
+
+def fit(
+    *, data: Path, out: Path, operators: Path | None = None, text_from: Path | None = None,
+    codebook_size: int = 1024, downsample: int = 8, image_steps: int = 3000, image_batch: int = 32,
+    max_frames: int = 20000, text_vocab: int = 1024, action_bins: int = 256, state_bins: int = 256,
+    horizon: int = 10, fast_scale: float = 10.0, fast_vocab: int = 1024, seed: int = 0, progress: bool = True,
+) -> Tokenizers:
+    """Fit all tokenizers on `data` (held-out episodes excluded) and write them to `out`.
+
+    `operators` adds an operator data set to the text corpus; `text_from` uses the tokenizer of a local
+    pretrained LM directory instead of training one. `horizon` is the action chunk length FAST is fitted for.
+    """
+    store = EpisodeStore(data)
+    indices = store.indices()
+    fit_on = [i for i in indices if not is_held_out(i)]
+    held_out = [i for i in indices if is_held_out(i)]
+    if not fit_on or not held_out:
+        raise UnifiedError(
+            f"{data}: {len(indices)} episode(s); fitting needs at least {HELD_OUT_EVERY} so that some are held out"
+        )
+    if store.info["action_stats"] is None:
+        raise UnifiedError(f"{data}: meta/info.json has no action statistics; rerun `unified data generate`")
+    out = Path(out)
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+
+    say = print if progress else (lambda *a, **k: None)
+    say(f"tokenizer fit: {len(fit_on)} episodes to fit on, {len(held_out)} held out", flush=True)
+    h, w = store.info["image_shape"][:2]
+    image_config = ImageTokenizerConfig(image_size=(h, w), codebook_size=codebook_size, downsample=downsample)
+    train_frames = frames_of(store, fit_on, max_frames, seed)
+    test_frames = frames_of(store, held_out, max(512, max_frames // 10), seed)
+    image, image_log = fit_image(
+        train_frames, test_frames, image_config, ImageFitConfig(max_steps=image_steps, batch_size=image_batch, seed=seed),
+        log_dir=staging / "logs", progress=progress,
+    )
+    say(f"image: held-out PSNR {image_log['heldout_psnr_db']:.2f} dB, codebook usage "
+        f"{image_log['codebook_usage']:.0%} after {image_log['steps']} steps", flush=True)
+
+    if text_from is not None:
+        text = PretrainedTextTokenizer.from_lm(text_from)
+    else:
+        text = TextTokenizer.fit(texts_of(store, operators), vocab_size=text_vocab)
+    say(f"text: {text.vocab_size} tokens", flush=True)
+
+    action = BinActionTokenizer.from_stats(store.info["action_stats"], bins=action_bins)
+    chunks = action_chunks(store, horizon, fit_on)
+    fast = FastActionTokenizer.fit(chunks, store.info["action_stats"], scale=fast_scale, vocab_size=fast_vocab)
+    state = BinActionTokenizer.from_stats(store.info["state_stats"], bins=state_bins)
+    say(f"action: {action_bins} bins; FAST {fast.bpe_vocab_size} tokens over {len(chunks)} chunks of {horizon}",
+        flush=True)
+
+    layout = TokenLayout.build(text.vocab_size, codebook_size, action.vocab_size, state.vocab_size)
+    tokenizers = Tokenizers(image, text, action, fast, state, layout)
+    tokenizers.save_pretrained(staging)
+    fit_info = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "data": str(data), "suite_hash": store.info["suite_hash"],
+        "held_out": f"episodes with index % {HELD_OUT_EVERY} == {HELD_OUT_EVERY - 1}",
+        "fit_episodes": len(fit_on), "held_out_episodes": len(held_out), "train_frames": int(len(train_frames)),
+        "image": image_log, "options": {
+            "codebook_size": codebook_size, "downsample": downsample, "image_steps": image_steps,
+            "image_batch": image_batch, "max_frames": max_frames, "text_vocab": text_vocab,
+            "text_from": None if text_from is None else str(text_from), "action_bins": action_bins,
+            "state_bins": state_bins, "horizon": horizon, "fast_scale": fast_scale, "fast_vocab": fast_vocab,
+            "seed": seed, "operators": None if operators is None else str(operators),
+        },
+        "image_config": asdict(image_config),
+    }
+    (staging / "fit.json").write_text(json.dumps(fit_info, indent=2) + "\n")
+    # Replace a previous fit only once the new one is complete.
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
+    say(f"tokenizers written to {out} (layout: {layout})", flush=True)
+    return tokenizers
