@@ -24,19 +24,23 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 demo: $(VENV)/.installed
-	@echo "== demo 1/4: driving data (expert episodes, in distribution and out of distribution)"
+	@echo "== demo 1/5: driving data (expert episodes, in distribution and out of distribution)"
 	$(BIN)/unified data generate --suite recipes/data/train.yaml --episodes 200 --out $(DEMO_DIR)/data/train --workers $(WORKERS)
 	$(BIN)/unified data generate --suite recipes/data/ood.yaml --episodes 50 --out $(DEMO_DIR)/data/ood --workers $(WORKERS)
 	$(BIN)/unified data info $(DEMO_DIR)/data/train
 	$(BIN)/unified data info $(DEMO_DIR)/data/ood
-	@echo "== demo 2/4: operator (multi-hop reasoning) data"
+	@echo "== demo 2/5: operator (multi-hop reasoning) data"
 	$(BIN)/unified data operators --out $(DEMO_DIR)/data/operators --hops 2-6 --scratchpad inductive --n 2000
-	@echo "== demo 3/4: baselines in closed loop (expert, random, constant speed)"
+	@echo "== demo 3/5: tokenizers (image FSQ autoencoder, sentencepiece text, action bins and FAST)"
+	$(BIN)/unified tokenizer fit --data $(DEMO_DIR)/data/train --operators $(DEMO_DIR)/data/operators --out $(DEMO_DIR)/tokenizers
+	$(BIN)/unified tokenizer eval --tokenizer $(DEMO_DIR)/tokenizers --data $(DEMO_DIR)/data/train
+	$(BIN)/unified tokenizer eval --tokenizer $(DEMO_DIR)/tokenizers --data $(DEMO_DIR)/data/ood
+	@echo "== demo 4/5: baselines in closed loop (expert, random, constant speed)"
 	for model in expert random constant; do for suite in train ood; do \
 		$(BIN)/unified eval closed-loop --model $$model --scenarios recipes/data/$$suite.yaml --episodes 20 \
 			--workers $(WORKERS) --json $(DEMO_DIR)/eval/$${model}_$$suite.json || exit 1; done; done
 	$(BIN)/unified eval compare $(foreach s,train ood,$(foreach m,expert random constant,$(DEMO_DIR)/eval/$(m)_$(s).json))
-	@echo "== demo 4/4: done. Data in $(DEMO_DIR)/data (train, ood, operators), baseline reports in $(DEMO_DIR)/eval"
+	@echo "== demo 5/5: done. Data in $(DEMO_DIR)/data (train, ood, operators), tokenizers in $(DEMO_DIR)/tokenizers, baseline reports in $(DEMO_DIR)/eval"
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs

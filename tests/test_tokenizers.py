@@ -8,18 +8,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-
-from unified.errors import UnifiedError
 from unified.tokenizers.action import BinActionTokenizer, FastActionTokenizer
 from unified.tokenizers.image import FSQ, ImageTokenizer, ImageTokenizerConfig
 from unified.tokenizers.text import TextTokenizer
+
+from unified.errors import UnifiedError
 
 STATS = {"names": ["acceleration", "steering"], "q01": [-5.0, -0.1], "q99": [2.0, 0.1]}
 H = 8
 
 
-def chunks_within(low, high, n=st.integers(1, 4)):
-    return n.flatmap(lambda b: arrays(
+def chunks_within(low, high):
+    return st.integers(1, 4).flatmap(lambda b: arrays(
         np.float64, (b, H, 2),
         elements=st.floats(0, 1, allow_nan=False),
     ).map(lambda u: np.asarray(low) + u * (np.asarray(high) - np.asarray(low))))
@@ -152,3 +152,25 @@ def test_image_shapes_dtypes_and_errors(tmp_path):
     (tmp_path / "image" / "config.json").write_text(json.dumps(config | {"format_version": 0}))
     with pytest.raises(UnifiedError, match="incompatible version"):
         ImageTokenizer.from_pretrained(tmp_path / "image")
+
+
+def test_tokenizer_of_a_local_pretrained_lm(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from unified.tokenizers.text import PretrainedTextTokenizer
+
+    # A local LM directory as `save_pretrained` writes it; nothing comes from a hub.
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
+    bpe.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>").save_pretrained(tmp_path / "lm")
+    lm = PretrainedTextTokenizer.from_lm(tmp_path / "lm")
+    ids = lm.encode(TEXTS[:2])
+    assert all(0 <= i < lm.vocab_size for row in ids for i in row)
+    lm.save_pretrained(tmp_path / "text")
+    again = TextTokenizer.from_pretrained(tmp_path / "text")
+    assert again.encode(TEXTS[:2]) == ids
+    with pytest.raises(UnifiedError, match="no tokenizer of a pretrained LM"):
+        PretrainedTextTokenizer.from_lm(tmp_path / "missing")

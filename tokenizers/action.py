@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 from scipy.fft import dct, idct
+from unified.tokenizers.normalization import QuantileNormalizer
 
 from unified.errors import UnifiedError
-from unified.tokenizers.normalization import QuantileNormalizer
 
 FORMAT_VERSION = 1
 
@@ -186,7 +186,9 @@ class FastActionTokenizer:
         """(B, H, D) or (H, D) actions -> B lists of ids (lengths vary with the chunk's complexity)."""
         actions = _check_chunks(actions, self.dim, "FAST action tokenizer")
         if actions.shape[1] != self.horizon:
-            raise UnifiedError(f"FAST action tokenizer: fitted for chunks of {self.horizon} steps, got {actions.shape[1]}")
+            raise UnifiedError(
+                f"FAST action tokenizer: fitted for chunks of {self.horizon} steps, got {actions.shape[1]}"
+            )
         bpe = self._require_bpe()
         return [e.ids for e in bpe.encode_batch(self._text(self._coefficients(actions)))]
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from unified.data.store import EpisodeStore
 from unified.tokenizers.fit import Tokenizers, action_chunks, frames_of, is_held_out
 from unified.tokenizers.image_training import codebook_usage, psnr_db
+
+from unified.data.store import EpisodeStore
 
 
 def encode_throughput(tokenizer, frames: np.ndarray, repeats: int = 3) -> float:

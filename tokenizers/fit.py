@@ -10,14 +10,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-
-from unified.data.store import EpisodeStore
-from unified.errors import UnifiedError
-from unified.layout import TokenLayout
 from unified.tokenizers.action import BinActionTokenizer, FastActionTokenizer
 from unified.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
 from unified.tokenizers.image_training import ImageFitConfig, fit_image
 from unified.tokenizers.text import PretrainedTextTokenizer, TextTokenizer
+
+from unified.data.store import EpisodeStore
+from unified.errors import UnifiedError
+from unified.layout import TokenLayout
 
 FORMAT = "unified-tokenizers"
 FORMAT_VERSION = 1
@@ -53,7 +53,9 @@ class Tokenizers:
     def from_pretrained(cls, directory: str | Path) -> Tokenizers:
         directory = Path(directory)
         if not (directory / "layout.json").is_file():
-            raise UnifiedError(f"{directory}: not a tokenizer directory (no layout.json); make one with `unified tokenizer fit`")
+            raise UnifiedError(
+                f"{directory}: not a tokenizer directory (no layout.json); make one with `unified tokenizer fit`"
+            )
         loaded = cls(
             image=ImageTokenizer.from_pretrained(directory / "image"),
             text=TextTokenizer.from_pretrained(directory / "text"),
@@ -118,7 +120,7 @@ def frames_of(store: EpisodeStore, indices: list[int], max_frames: int, seed: in
 
 def fit(
     *, data: Path, out: Path, operators: Path | None = None, text_from: Path | None = None,
-    codebook_size: int = 1024, downsample: int = 8, image_steps: int = 3000, image_batch: int = 32,
+    codebook_size: int = 1024, downsample: int = 8, image_steps: int = 1500, image_batch: int = 32,
     max_frames: int = 20000, text_vocab: int = 1024, action_bins: int = 256, state_bins: int = 256,
     horizon: int = 10, fast_scale: float = 10.0, fast_vocab: int = 1024, seed: int = 0, progress: bool = True,
 ) -> Tokenizers:
@@ -149,7 +151,8 @@ def fit(
     train_frames = frames_of(store, fit_on, max_frames, seed)
     test_frames = frames_of(store, held_out, max(512, max_frames // 10), seed)
     image, image_log = fit_image(
-        train_frames, test_frames, image_config, ImageFitConfig(max_steps=image_steps, batch_size=image_batch, seed=seed),
+        train_frames, test_frames, image_config,
+        ImageFitConfig(max_steps=image_steps, batch_size=image_batch, seed=seed),
         log_dir=staging / "logs", progress=progress,
     )
     say(f"image: held-out PSNR {image_log['heldout_psnr_db']:.2f} dB, codebook usage "

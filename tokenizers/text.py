@@ -45,7 +45,8 @@ class TextTokenizer:
         try:
             cls._train(corpus, model, vocab_size)
         except RuntimeError as e:
-            raise UnifiedError(f"text tokenizer: sentencepiece could not train with vocab_size {vocab_size} ({e})") from None
+            message = f"text tokenizer: sentencepiece could not train with vocab_size {vocab_size} ({e})"
+            raise UnifiedError(message) from None
         return cls(model.getvalue())
 
     @staticmethod

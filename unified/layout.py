@@ -51,12 +51,14 @@ class TokenLayout:
         for a, b in zip(ordered, ordered[1:]):
             if b.start < a.stop:
                 raise UnifiedError(
-                    f"token layout: segments {a.name!r} [{a.start}, {a.stop}) and {b.name!r} [{b.start}, {b.stop}) overlap"
+                    f"token layout: segments {a.name!r} [{a.start}, {a.stop}) and {b.name!r} [{b.start}, {b.stop}) "
+                    "overlap"
                 )
         self.segments = {s.name: s for s in segments}
         if self.segments["special"].size != len(specials):
             raise UnifiedError(
-                f"token layout: {len(specials)} special tokens but the special segment holds {self.segments['special'].size}"
+                f"token layout: {len(specials)} special tokens but the special segment holds "
+                f"{self.segments['special'].size}"
             )
         self.specials = tuple(specials)
         self.vocab_size = max(s.stop for s in segments)
@@ -78,7 +80,8 @@ class TokenLayout:
         try:
             return self.segments["special"].start + self.specials.index(token)
         except ValueError:
-            raise UnifiedError(f"token layout: no special token {token!r}; there are {', '.join(self.specials)}") from None
+            known = ", ".join(self.specials)
+            raise UnifiedError(f"token layout: no special token {token!r}; there are {known}") from None
 
     def segment(self, modality: str) -> Segment:
         if modality not in self.segments:

@@ -1,0 +1,96 @@
+"""`unified tokenizer fit` and `unified tokenizer eval` end to end on a tiny store."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from unified.data.generate import generate
+from unified.errors import UnifiedError
+from unified.layout import TokenLayout
+from unified.tokenizers.fit import Tokenizers, fit
+
+UNIFIED = str(Path(sys.executable).parent / "unified")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    from conftest import TINY_SUITE
+
+    root = tmp_path_factory.mktemp("fit")
+    (root / "tiny.yaml").write_text(TINY_SUITE)
+    generate(suite=root / "tiny.yaml", episodes=10, out=root / "data", progress=False)
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
+def tokdir(store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok") / "tokenizers"
+    fit(data=store, out=out, image_steps=40, horizon=4, text_vocab=400, fast_vocab=600, progress=False)
+    return out
+
+
+def test_fit_writes_a_complete_directory(tokdir, store):
+    for name in ("image/model.safetensors", "image/config.json", "text/spm.model", "action/config.json",
+                 "action_fast/config.json", "state/config.json", "layout.json", "fit.json"):
+        assert (tokdir / name).is_file(), name
+    assert list((tokdir / "logs").glob("events.out.tfevents.*"))  # TensorBoard
+    info = json.loads((tokdir / "fit.json").read_text())
+    assert info["held_out_episodes"] == 1 and info["fit_episodes"] == 9
+    assert info["image"]["history"] and info["image"]["heldout_psnr_db"] > 10
+    tokenizers = Tokenizers.from_pretrained(tokdir)
+    assert tokenizers.layout == TokenLayout.load(tokdir / "layout.json")
+    assert tokenizers.layout.segment("image").size == 1024
+    # Normalisation comes from the store's statistics, never from typed-in numbers.
+    stats = json.loads((store / "meta" / "info.json").read_text())["action_stats"]
+    assert list(tokenizers.action.q01) == stats["q01"] and list(tokenizers.action.q99) == stats["q99"]
+
+
+def test_eval_json_has_the_documented_figures(tokdir, store):
+    result = subprocess.run([UNIFIED, "tokenizer", "eval", "--tokenizer", str(tokdir), "--data", str(store), "--json"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    for key in ("image_psnr_db", "image_codebook_usage", "image_encode_fps", "action_bins_mae", "action_fast_mae",
+                "action_fast_tokens_per_chunk", "text_vocab_size", "vocab_size"):
+        assert key in report, key
+    assert 0 < report["image_codebook_usage"] <= 1 and report["image_encode_fps"] > 0
+    assert report["action_fast_tokens_per_chunk"] < report["action_bins_tokens_per_chunk"]
+    assert set(report["action_bins_mae"]) == {"acceleration", "steering"}
+
+
+def test_a_layout_that_does_not_match_is_refused(tokdir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tokdir, copy)
+    TokenLayout.build(text=7, image=1024, action=256, state=256).save(copy / "layout.json")
+    with pytest.raises(UnifiedError, match="does not match the tokenizers"):
+        Tokenizers.from_pretrained(copy)
+
+
+def test_fit_needs_held_out_episodes(tiny_store, tmp_path):
+    with pytest.raises(UnifiedError, match="at least 10"):
+        fit(data=tiny_store, out=tmp_path / "t", progress=False)
+
+
+def test_eval_of_a_directory_that_is_not_a_tokenizer(tmp_path, store):
+    result = subprocess.run([UNIFIED, "tokenizer", "eval", "--tokenizer", str(tmp_path), "--data", str(store)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "not a tokenizer directory" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_round_trip_of_real_episode_data(tokdir, store):
+    from unified.data.store import EpisodeStore
+
+    tokenizers = Tokenizers.from_pretrained(tokdir)
+    episode = EpisodeStore(store).read_episode(9)
+    codes = tokenizers.image.encode(episode.frames)
+    assert codes.shape == (len(episode.frames), tokenizers.image.config.tokens_per_image)
+    global_ids = tokenizers.layout.to_global("image", codes)
+    np.testing.assert_array_equal(tokenizers.layout.to_local("image", global_ids), codes)
+    text_ids = tokenizers.text.encode([episode.instruction, episode.causation[0].text])
+    assert tokenizers.text.decode(text_ids) == [episode.instruction, episode.causation[0].text]
