@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from unified.tokenizers.fit import Tokenizers, fit
 
 from unified.data.generate import generate
 from unified.errors import UnifiedError
 from unified.layout import TokenLayout
-from unified.tokenizers.fit import Tokenizers, fit
 
 UNIFIED = str(Path(sys.executable).parent / "unified")
 

@@ -155,10 +155,10 @@ def test_image_shapes_dtypes_and_errors(tmp_path):
 
 
 def test_tokenizer_of_a_local_pretrained_lm(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
     from unified.tokenizers.text import PretrainedTextTokenizer
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     # A local LM directory as `save_pretrained` writes it; nothing comes from a hub.
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
