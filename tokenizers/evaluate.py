@@ -13,6 +13,7 @@ from unified.tokenizers.fit import Tokenizers, action_chunks, frames_of, is_held
 from unified.tokenizers.image_training import codebook_usage, psnr_db
 
 from unified.data.store import EpisodeStore
+from unified.errors import UnifiedError
 
 
 def encode_throughput(tokenizer, frames: np.ndarray, repeats: int = 3) -> float:
@@ -31,6 +32,8 @@ def evaluate(*, tokenizer: Path, data: Path, json: bool = False, max_frames: int
     """Figures of the tokenizers in `tokenizer` on the held-out episodes of `data` (all episodes if it has none
     held out, e.g. a store the tokenizers never saw)."""
     tokenizers = Tokenizers.from_pretrained(tokenizer)
+    if tokenizers.action_fast is None or tokenizers.image.encoder_only:
+        raise UnifiedError(f"{tokenizer}: an action-only export (no image decoder, no FAST): nothing to evaluate")
     store = EpisodeStore(data)
     indices = [i for i in store.indices() if is_held_out(i)] or store.indices()
     frames = frames_of(store, indices, max_frames, seed=0)

@@ -35,17 +35,19 @@ class Tokenizers:
     image: ImageTokenizer
     text: TextTokenizer | PretrainedTextTokenizer
     action: BinActionTokenizer
-    action_fast: FastActionTokenizer
+    action_fast: FastActionTokenizer | None  # None in an action-only export (the model emits bins)
     state: BinActionTokenizer
     layout: TokenLayout
 
-    def save_pretrained(self, directory: str | Path) -> None:
+    def save_pretrained(self, directory: str | Path, action_only: bool = False) -> None:
+        """`action_only` keeps what a deployed policy uses: no image decoder, no FAST tokenizer."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.image.save_pretrained(directory / "image")
+        self.image.save_pretrained(directory / "image", encoder_only=action_only)
         self.text.save_pretrained(directory / "text")
         self.action.save_pretrained(directory / "action")
-        self.action_fast.save_pretrained(directory / "action_fast")
+        if self.action_fast is not None and not action_only:
+            self.action_fast.save_pretrained(directory / "action_fast")
         self.state.save_pretrained(directory / "state")
         self.layout.save(directory / "layout.json")
 
@@ -60,7 +62,8 @@ class Tokenizers:
             image=ImageTokenizer.from_pretrained(directory / "image"),
             text=TextTokenizer.from_pretrained(directory / "text"),
             action=BinActionTokenizer.from_pretrained(directory / "action"),
-            action_fast=FastActionTokenizer.from_pretrained(directory / "action_fast"),
+            action_fast=(FastActionTokenizer.from_pretrained(directory / "action_fast")
+                         if (directory / "action_fast").is_dir() else None),
             state=BinActionTokenizer.from_pretrained(directory / "state"),
             layout=TokenLayout.load(directory / "layout.json"),
         )

@@ -154,6 +154,7 @@ class ImageTokenizer(nn.Module):
         decoder += [nn.Conv2d(d[-1], 3, 3, padding=1)]
         self.decoder = nn.Sequential(*decoder)
         self.quantizer = FSQ(config.levels)
+        self.encoder_only = False  # True when loaded from an action-only export, which has no decoder weights
 
     # -- tensors ----------------------------------------------------------------------------------------
 
@@ -198,6 +199,8 @@ class ImageTokenizer(nn.Module):
     @torch.inference_mode()
     def decode(self, codes, batch_size: int = 256) -> np.ndarray:
         """(B, rows * cols) codes -> (B, H, W, 3) uint8 frames."""
+        if self.encoder_only:
+            raise UnifiedError("image tokenizer: this is an action-only export without the image decoder")
         codes = torch.as_tensor(np.asarray(codes))
         if codes.ndim == 1:
             codes = codes[None]
@@ -221,22 +224,33 @@ class ImageTokenizer(nn.Module):
 
     # -- files ------------------------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | Path) -> None:
+    def save_pretrained(self, directory: str | Path, encoder_only: bool = False) -> None:
+        """config.json + model.safetensors; `encoder_only` leaves the decoder out (a policy only encodes)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        config = asdict(self.config) | {"type": "image_fsq"}
+        encoder_only = encoder_only or self.encoder_only
+        config = asdict(self.config) | {"type": "image_fsq", "encoder_only": encoder_only}
         (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, directory / "model.safetensors")
+        weights = {k: v.contiguous() for k, v in self.state_dict().items()
+                   if not (encoder_only and k.startswith("decoder."))}
+        save_file(weights, directory / "model.safetensors")
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> ImageTokenizer:
         directory = Path(directory)
         config = _read_config(directory, "image_fsq")
+        encoder_only = bool(config.pop("encoder_only", False))
         tokenizer = cls(ImageTokenizerConfig(**config))
         try:
-            tokenizer.load_state_dict(load_file(directory / "model.safetensors"))
+            weights = load_file(directory / "model.safetensors")
+            missing, unexpected = tokenizer.load_state_dict(weights, strict=False)
         except (OSError, RuntimeError) as e:
             raise UnifiedError(f"{directory / 'model.safetensors'}: cannot load the image tokenizer ({e})") from None
+        allowed_missing = {k for k in tokenizer.state_dict() if k.startswith("decoder.")} if encoder_only else set()
+        if unexpected or set(missing) - allowed_missing:
+            raise UnifiedError(f"{directory / 'model.safetensors'}: weights do not match config.json "
+                               f"(missing {sorted(set(missing) - allowed_missing)[:3]}, unexpected {unexpected[:3]})")
+        tokenizer.encoder_only = encoder_only
         return tokenizer.eval()
 
 

@@ -25,6 +25,8 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "data info": ("unified.cli", "data_info", "counts, expert figures and statistics of an episode store"),
     "data operators": ("unified.data.operators", "operators", "write the multi-hop comparison (operator) data set"),
     "data scenarios": ("unified.cli", "data_scenarios", "list the highway-env scenario ids a suite may use"),
+    "data tokenize": ("unified.data.tokenize", "tokenize", "encode a store once into memory-mapped token shards"),
+    "export": ("unified.export", "export", "a checkpoint -> a Hugging Face directory (Policy, WorldModel)"),
     "tokenizer fit": ("unified.tokenizers.fit", "fit", "fit the image, text and action tokenizers on an episode store"),
     "tokenizer eval": ("unified.tokenizers.evaluate", "evaluate", "PSNR, codebook usage, encode speed, action errors"),
     "eval closed-loop": ("unified.eval.closed_loop", "closed_loop", "drive a suite with a driver and report success"),
@@ -109,10 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     group_parsers: dict[str, argparse._SubParsersAction] = {}
     for verb, (module, function, help_text) in VERBS.items():
         group, _, action = verb.partition(" ")
-        if group not in group_parsers:
-            group_parser = groups.add_parser(group, help=f"{group} commands")
-            group_parsers[group] = group_parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-        sub = group_parsers[group].add_parser(action, help=help_text, description=help_text)
+        if not action:  # a verb of one word, e.g. `unified export`
+            sub = groups.add_parser(group, help=help_text, description=help_text)
+        else:
+            if group not in group_parsers:
+                group_parser = groups.add_parser(group, help=f"{group} commands")
+                group_parsers[group] = group_parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+            sub = group_parsers[group].add_parser(action, help=help_text, description=help_text)
         sub.set_defaults(verb=verb)
         fn = getattr(importlib.import_module(module), function)
         hints = typing.get_type_hints(fn)
@@ -129,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     verb = args.pop("verb")
-    args.pop("group"), args.pop("action")
+    args.pop("group"), args.pop("action", None)
     module, function, _ = VERBS[verb]
     fn = getattr(importlib.import_module(module), function)
     try:

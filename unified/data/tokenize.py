@@ -1,0 +1,214 @@
+"""`unified data tokenize`: encode an episode store once into memory-mapped token arrays (training never runs
+the image encoder), and `TokenShards`, which turns them into samples for the sequence builders.
+
+    SHARDS/meta.json       counts, horizon, history, tasks, the source store and tokenizer directory
+    SHARDS/layout.json     the token layout all ids below are global in
+    SHARDS/*.npy           image (N, 64), action (N, D), action_values (N, D) float32, state (N, S),
+                           episode (N,), step (N,), instruction (N,), reason (N,) -> rows of the text table,
+                           text_ids (flat), text_offsets (K + 1,), operator_* (M,) rows of the text table
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from unified.data.store import EpisodeStore
+from unified.errors import UnifiedError
+from unified.layout import TokenLayout
+from unified.sequences import TASKS, Sample
+from unified.tokenizers.fit import Tokenizers
+
+FORMAT = "unified-token-shards"
+FORMAT_VERSION = 1
+
+
+class _TextTable:
+    """Unique texts -> rows of one flat id array."""
+
+    def __init__(self, tokenizers: Tokenizers):
+        self.tokenizers = tokenizers
+        self.rows: dict[str, int] = {}
+        self.texts: list[str] = []
+
+    def row(self, text: str) -> int:
+        if text not in self.rows:
+            self.rows[text] = len(self.texts)
+            self.texts.append(text)
+        return self.rows[text]
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        ids = self.tokenizers.text.encode(self.texts) if self.texts else []
+        layout = self.tokenizers.layout
+        flat = [layout.to_global("text", row) for row in ids]
+        offsets = np.cumsum([0] + [len(r) for r in flat]).astype(np.int64)
+        return (np.concatenate(flat) if flat else np.zeros(0, np.int64)), offsets
+
+
+def tokenize(
+    *, data: Path, tokenizer: Path, out: Path, horizon: int = 10, history: int = 1,
+    tasks: str = "policy_reason,policy,world", operators: Path | None = None, operator_hops: str = "2-4",
+    progress: bool = True,
+) -> dict:
+    """Tokenize every episode of `data` (and operator examples of `operator_hops` from `operators`) into `out`."""
+    wanted = [t.strip() for t in tasks.split(",") if t.strip()]
+    unknown = sorted(set(wanted) - set(TASKS))
+    if unknown or not wanted:
+        raise UnifiedError(f"--tasks: unknown task(s) {unknown or wanted}; choose from {', '.join(TASKS)}")
+    if "text" in wanted and operators is None:
+        raise UnifiedError("--tasks includes text: give the operator data set with --operators DIR")
+    if horizon < 1 or history < 1:
+        raise UnifiedError(f"--horizon and --history must be at least 1, got {horizon} and {history}")
+    store = EpisodeStore(data)
+    tokenizers = Tokenizers.from_pretrained(tokenizer)
+    layout = tokenizers.layout
+    if tuple(store.info["image_shape"][:2]) != tuple(tokenizers.image.config.image_size):
+        raise UnifiedError(
+            f"{data} holds {store.info['image_shape'][:2]} frames but the image tokenizer in {tokenizer} reads "
+            f"{list(tokenizers.image.config.image_size)}"
+        )
+    out = Path(out)
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    table = _TextTable(tokenizers)
+    columns: dict[str, list[np.ndarray]] = {k: [] for k in (
+        "image", "action", "action_values", "state", "episode", "step", "instruction", "reason")}
+    episodes = []
+    for index in tqdm(store.indices(), desc="tokenize", unit="ep", disable=not progress, dynamic_ncols=True):
+        episode = store.read_episode(index)
+        n = len(episode.actions)
+        columns["image"].append(layout.to_global("image", tokenizers.image.encode(episode.frames)))
+        columns["action"].append(layout.to_global("action", tokenizers.action.encode(episode.actions[:, None])))
+        columns["action_values"].append(episode.actions.astype(np.float32))
+        columns["state"].append(layout.to_global("state", tokenizers.state.encode(episode.states[:, None])))
+        columns["episode"].append(np.full(n, index, np.int32))
+        columns["step"].append(np.arange(n, dtype=np.int32))
+        columns["instruction"].append(np.full(n, table.row(episode.instruction), np.int32))
+        columns["reason"].append(np.array([table.row(c.text) for c in episode.causation], np.int32))
+        episodes.append({"index": index, "scenario": episode.scenario, "steps": n})
+    operator_rows = _operators(operators, operator_hops, table) if operators is not None else {}
+    text_ids, text_offsets = table.arrays()
+    dtype = np.uint16 if layout.vocab_size <= np.iinfo(np.uint16).max else np.int32
+    for name, parts in columns.items():
+        array = np.concatenate(parts)
+        if name in ("image", "action", "state"):
+            array = array.astype(dtype)
+        np.save(staging / f"{name}.npy", array)
+    np.save(staging / "text_ids.npy", text_ids.astype(dtype))
+    np.save(staging / "text_offsets.npy", text_offsets)
+    for name, rows in operator_rows.items():
+        np.save(staging / f"operator_{name}.npy", np.asarray(rows, np.int32))
+    layout.save(staging / "layout.json")
+    meta = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "data": str(data), "tokenizer": str(tokenizer),
+        "suite_hash": store.info["suite_hash"], "horizon": horizon, "history": history, "tasks": wanted,
+        "steps": int(sum(e["steps"] for e in episodes)), "episodes": episodes,
+        "operators": len(operator_rows.get("question", [])), "operator_hops": operator_hops if operators else None,
+        "tokens_per_image": tokenizers.image.config.tokens_per_image, "action_dim": tokenizers.action.dim,
+        "state_dim": tokenizers.state.dim, "action_stats": store.info["action_stats"],
+        "state_stats": store.info["state_stats"], "fps": store.info["fps"],
+    }
+    (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
+    shards = TokenShards(out)
+    counts = {task: len(shards.index(task)) for task in wanted}
+    if progress:
+        print(f"{out}: {meta['steps']} steps of {len(episodes)} episodes; samples per task: "
+              + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
+    return meta | {"samples": counts}
+
+
+def _operators(directory: Path, hops: str, table: _TextTable) -> dict[str, list[int]]:
+    from unified.data.operators import parse_hops
+
+    rows: dict[str, list[int]] = {"question": [], "steps": [], "answer": [], "hops": []}
+    for h in parse_hops(hops):
+        path = Path(directory) / f"hops_{h}.jsonl"
+        if not path.is_file():
+            raise UnifiedError(f"{path}: missing (the operator data set has no {h}-hop file)")
+        for line_number, line in enumerate(path.read_text().splitlines(), 1):
+            try:
+                example = json.loads(line)
+                rows["question"].append(table.row(example["prompt"]))
+                rows["steps"].append(table.row(example["scratchpad"]) if example["scratchpad"] else -1)
+                rows["answer"].append(table.row(example["answer"]))
+                rows["hops"].append(int(example["hops"]))
+            except (json.JSONDecodeError, KeyError, ValueError) as e:
+                raise UnifiedError(f"{path}:{line_number}: not an operator example ({e})") from None
+    return rows
+
+
+class TokenShards:
+    """Memory-mapped token arrays and the samples they hold, by task."""
+
+    def __init__(self, directory: str | Path):
+        self.root = Path(directory)
+        meta_path = self.root / "meta.json"
+        if not meta_path.is_file():
+            raise UnifiedError(f"{self.root}: not a token shard directory (no meta.json); make one with "
+                               "`unified data tokenize`")
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format") != FORMAT or self.meta.get("format_version") != FORMAT_VERSION:
+            raise UnifiedError(f"{meta_path}: not token shards of format version {FORMAT_VERSION}")
+        self.layout = TokenLayout.load(self.root / "layout.json")
+        self.horizon, self.history = self.meta["horizon"], self.meta["history"]
+        self.arrays = {p.stem: np.load(p, mmap_mode="r") for p in self.root.glob("*.npy")}
+        starts = np.cumsum([0] + [e["steps"] for e in self.meta["episodes"]])
+        self.episode_start = {e["index"]: int(s) for e, s in zip(self.meta["episodes"], starts)}
+        self._index: dict[str, np.ndarray] = {}
+
+    def _text(self, row: int) -> np.ndarray:
+        offsets = self.arrays["text_offsets"]
+        return np.asarray(self.arrays["text_ids"][offsets[row]:offsets[row + 1]], np.int64)
+
+    def index(self, task: str) -> np.ndarray:
+        """Global step rows (or operator rows for `text`) at which a sample of `task` starts."""
+        if task not in self._index:
+            if task == "text":
+                self._index[task] = np.arange(len(self.arrays.get("operator_question", [])))
+            else:
+                rows = []
+                for e in self.meta["episodes"]:
+                    start, n = self.episode_start[e["index"]], e["steps"]
+                    # The world task needs the frame after the chunk; both need a whole chunk of actions.
+                    last = n - self.horizon - (1 if task == "world" else 0)
+                    rows.append(start + np.arange(0, last + 1))
+                self._index[task] = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        return self._index[task]
+
+    def sample(self, task: str, row: int, with_state: bool = True) -> Sample:
+        a = self.arrays
+        if task == "text":
+            steps = int(a["operator_steps"][row])
+            return Sample(
+                task, question=self._text(int(a["operator_question"][row])),
+                steps=self._text(steps) if steps >= 0 else np.zeros(0, np.int64),
+                answer=self._text(int(a["operator_answer"][row])), id=f"operator {row}",
+            )
+        episode_first = row - int(a["step"][row])
+        history = [max(episode_first, row - k) for k in range(self.history - 1, -1, -1)]
+        sample = Sample(
+            task,
+            frames=np.asarray(a["image"][history], np.int64),
+            actions=np.asarray(a["action"][row:row + self.horizon], np.int64),
+            id=f"episode {int(a['episode'][row])} step {int(a['step'][row])}",
+        )
+        if task in ("policy", "policy_reason"):
+            sample.instruction = self._text(int(a["instruction"][row]))
+            sample.state = np.asarray(a["state"][row], np.int64) if with_state else None
+            sample.reason = self._text(int(a["reason"][row]))
+        if task == "world":
+            sample.next_frame = np.asarray(a["image"][row + self.horizon], np.int64)
+        return sample
+
+    def action_values(self, row: int) -> np.ndarray:
+        """(H, D) float32 actions of the chunk at `row`, in the simulator's units."""
+        return np.asarray(self.arrays["action_values"][row:row + self.horizon])

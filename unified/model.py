@@ -1,0 +1,137 @@
+"""The unified model: a `transformers` causal LM over the shared vocabulary, with the weighted span loss.
+
+No DeepSpeed, no torch.distributed and no file I/O besides `transformers`' own save/load: the training
+entry point wraps this module, and `Policy`/`WorldModel` call it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unified.errors import UnifiedError
+from unified.layout import TokenLayout
+from unified.sequences import IGNORE, TASKS
+
+
+@dataclass
+class ModelConfig:
+    # -- backbone: a Llama-family causal LM built from these sizes, or a local pretrained LM (init_from)
+    hidden_size: int = 256  # width of the residual stream
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # grouped-query attention when fewer than num_heads; None: num_heads
+    intermediate_size: int = 704  # MLP width (~2.75x hidden, as Llama)
+    max_position_embeddings: int = 1024  # longest sample (positions restart at 0 in every packed sample)
+    rope_theta: float = 10000.0
+    init_from: str | None = None  # local directory of a pretrained LM; its embeddings are resized to the layout
+    # -- loss
+    image_loss_weight: float = 0.04  # image tokens are many and individually unimportant (prior art: 0.04)
+    z_loss: float = 0.0  # weight of log(Z)^2, keeps logits from drifting in long runs
+    task_weights: dict[str, float] = field(default_factory=dict)  # task -> weight, default 1
+    # -- what the model reads and writes (the data side reads these instead of repeating them)
+    history: int = 1  # frames in the observation
+    horizon: int = 10  # action chunk length H
+    use_state: bool = True  # put the ego state tokens in the policy prompt
+    max_reason_tokens: int = 48  # cap on generated reasoning
+
+    def __post_init__(self):
+        unknown = sorted(set(self.task_weights) - set(TASKS))
+        if unknown:
+            raise UnifiedError(f"model.task_weights: unknown task(s) {unknown}; tasks are {', '.join(TASKS)}")
+        if self.hidden_size % self.num_heads:
+            raise UnifiedError(f"model: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+
+
+def backbone_config(config: ModelConfig, vocab_size: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads or config.num_heads,
+        intermediate_size=config.intermediate_size, max_position_embeddings=config.max_position_embeddings,
+        rope_theta=config.rope_theta, tie_word_embeddings=False, attn_implementation="sdpa",
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+
+
+def build_backbone(config: ModelConfig, layout: TokenLayout):
+    """A fresh Llama-family LM, or the one in `init_from` with its text embeddings moved to the layout's text rows."""
+    from transformers import AutoModelForCausalLM
+
+    if config.init_from is None:
+        return AutoModelForCausalLM.from_config(backbone_config(config, layout.vocab_size), attn_implementation="sdpa")
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(config.init_from, local_files_only=True, attn_implementation="sdpa")
+    except (OSError, ValueError) as e:
+        raise UnifiedError(f"model.init_from {config.init_from}: no pretrained LM could be loaded ({e})") from None
+    text = layout.segment("text")
+    old_in = lm.get_input_embeddings().weight.data.clone()
+    old_out = lm.get_output_embeddings().weight.data.clone()
+    if text.size > old_in.shape[0]:
+        raise UnifiedError(f"model.init_from: the layout's text segment ({text.size}) is larger than the LM's "
+                           f"vocabulary ({old_in.shape[0]}); fit the tokenizers with --text-from {config.init_from}")
+    lm.resize_token_embeddings(layout.vocab_size, mean_resizing=True)
+    # The LM's token i is the layout's text token i, i.e. global id text.start + i.
+    lm.get_input_embeddings().weight.data[text.start:text.stop] = old_in[:text.size]
+    lm.get_output_embeddings().weight.data[text.start:text.stop] = old_out[:text.size]
+    lm.config.vocab_size = layout.vocab_size
+    return lm
+
+
+class UnifiedModel(nn.Module):
+    """`forward(batch) -> (loss, metrics)` for training; `logits` for generation."""
+
+    def __init__(self, config: ModelConfig, layout: TokenLayout, backbone=None):
+        super().__init__()
+        self.config, self.layout = config, layout
+        self.backbone = backbone if backbone is not None else build_backbone(config, layout)
+        if self.backbone.config.vocab_size != layout.vocab_size:
+            raise UnifiedError(
+                f"the backbone has a vocabulary of {self.backbone.config.vocab_size}, the token layout "
+                f"{layout.vocab_size}: the checkpoint and the tokenizers do not belong together"
+            )
+        self.register_buffer("image_ids", torch.from_numpy(layout.mask("image")), persistent=False)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def logits(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+        """(B, T) ids, (B, 1, T, T_kv) bool mask -> ((B, T, V) logits, cache)."""
+        out = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            cache=cache, use_cache=cache is not None,
+        )
+        return out.logits, out.cache
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Weighted cross-entropy on the target spans of a packed batch (see `packing.Batch.to_torch`)."""
+        logits, _ = self.logits(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+        logits = logits.float()
+        targets, weights = batch["targets"], batch["weights"]
+        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
+        ce = ce.view_as(targets)  # (B, T), 0 where targets == IGNORE
+        total_weight = weights.sum().clamp_min(1e-8)
+        loss = (ce * weights).sum() / total_weight
+        metrics = {}
+        if self.config.z_loss:
+            log_z = torch.logsumexp(logits, -1)
+            has_target = targets != IGNORE
+            z = (log_z.square() * has_target).sum() / has_target.sum().clamp_min(1)
+            loss = loss + self.config.z_loss * z
+            metrics["z_loss"] = z.detach()
+        with torch.no_grad():
+            has_target = targets != IGNORE
+            correct = (logits.argmax(-1) == targets) & has_target
+            for k, task in enumerate(TASKS):
+                in_task = has_target & (batch["task_ids"] == k)
+                n = in_task.sum()
+                if n > 0:
+                    metrics[f"loss/{task}"] = (ce * in_task).sum() / n
+                    metrics[f"accuracy/{task}"] = (correct & in_task).sum() / n
+            metrics["tokens"] = has_target.sum()
+        return loss, metrics

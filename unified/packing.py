@@ -1,0 +1,135 @@
+"""Packing built samples into fixed-length rows: block-diagonal causal masks with the action-chunk rule,
+per-sample position ids, and the efficiency figure (non-pad fraction)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from unified.errors import UnifiedError
+from unified.layout import TokenLayout
+from unified.sequences import IGNORE, TASKS, Built
+
+
+def attention_mask(segment: np.ndarray, action_block: np.ndarray) -> np.ndarray:
+    """(T, T) bool, True where query i may attend to key j.
+
+    Causal, only within the same sample (`segment`, -1 for padding), and an action block never sees an
+    earlier action block of its chunk. Padding attends to itself only, so that no row is empty.
+    """
+    segment = np.asarray(segment)
+    block = np.asarray(action_block)
+    same = (segment[:, None] == segment[None, :]) & (segment[:, None] >= 0)
+    causal = np.tri(len(segment), dtype=bool)
+    earlier_block = (block[:, None] >= 0) & (block[None, :] >= 0) & (block[None, :] < block[:, None])
+    return (same & causal & ~earlier_block) | np.eye(len(segment), dtype=bool)
+
+
+@dataclass
+class Batch:
+    """Packed rows. Shapes: (B, T) except attention_mask (B, 1, T, T)."""
+
+    input_ids: np.ndarray
+    targets: np.ndarray
+    weights: np.ndarray
+    position_ids: np.ndarray
+    attention_mask: np.ndarray
+    task_ids: np.ndarray  # index into TASKS of the sample each token belongs to, -1 for padding
+    sample_ids: list[list[str]]
+
+    @property
+    def efficiency(self) -> float:
+        """Fraction of positions holding real tokens."""
+        return float((self.task_ids >= 0).mean())
+
+    def to_torch(self, device="cpu") -> dict:
+        import torch
+
+        return {
+            "input_ids": torch.from_numpy(self.input_ids).to(device),
+            "targets": torch.from_numpy(self.targets).to(device),
+            "weights": torch.from_numpy(self.weights).to(device),
+            "position_ids": torch.from_numpy(self.position_ids).to(device),
+            "attention_mask": torch.from_numpy(self.attention_mask).to(device),
+            "task_ids": torch.from_numpy(self.task_ids).to(device),
+        }
+
+
+def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices grouped into bins of at most `capacity` tokens, longest first (first-fit decreasing)."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+    return bins
+
+
+def collate(rows: list[list[Built]], seq_len: int, layout: TokenLayout) -> Batch:
+    """Lay out each row's samples one after another and pad to `seq_len`."""
+    b = len(rows)
+    pad = layout.special("<pad>")
+    input_ids = np.full((b, seq_len), pad, np.int64)
+    targets = np.full((b, seq_len), IGNORE, np.int64)
+    weights = np.zeros((b, seq_len), np.float32)
+    position_ids = np.zeros((b, seq_len), np.int64)
+    task_ids = np.full((b, seq_len), -1, np.int8)
+    masks = np.zeros((b, 1, seq_len, seq_len), bool)
+    sample_ids = []
+    for r, row in enumerate(rows):
+        segment = np.full(seq_len, -1, np.int64)
+        block = np.full(seq_len, -1, np.int16)
+        start = 0
+        for s, built in enumerate(row):
+            stop = start + len(built)
+            if stop > seq_len:
+                raise UnifiedError(
+                    f"sample {built.id!r} ({built.task}, {len(built)} tokens) does not fit in seq_len {seq_len}"
+                )
+            input_ids[r, start:stop] = built.ids
+            targets[r, start:stop] = built.targets
+            weights[r, start:stop] = built.weights
+            position_ids[r, start:stop] = np.arange(len(built))
+            task_ids[r, start:stop] = TASKS.index(built.task)
+            segment[start:stop] = s
+            block[start:stop] = built.action_block
+            start = stop
+        masks[r, 0] = attention_mask(segment, block)
+        sample_ids.append([x.id for x in row])
+    return Batch(input_ids, targets, weights, position_ids, masks, task_ids, sample_ids)
+
+
+def pack(samples: Iterable[Built], seq_len: int, batch_size: int, layout: TokenLayout,
+         buffer: int = 256) -> Iterator[Batch]:
+    """Batches of `batch_size` rows, filled from a buffer of `buffer` samples by first-fit decreasing."""
+    pending: list[Built] = []
+    rows: list[list[Built]] = []
+    for built in samples:
+        if len(built) > seq_len:
+            raise UnifiedError(
+                f"sample {built.id!r} ({built.task}, {len(built)} tokens) is longer than seq_len {seq_len}"
+            )
+        pending.append(built)
+        if len(pending) >= buffer:
+            bins = first_fit([len(x) for x in pending], seq_len)
+            # Keep the least-filled bins' samples for the next round: they pack better with new arrivals.
+            bins.sort(key=lambda g: -sum(len(pending[i]) for i in g))
+            full, rest = bins[: max(1, len(bins) * 3 // 4)], bins[max(1, len(bins) * 3 // 4):]
+            rows += [[pending[i] for i in g] for g in full]
+            pending = [pending[i] for g in rest for i in g]
+            while len(rows) >= batch_size:
+                yield collate(rows[:batch_size], seq_len, layout)
+                rows = rows[batch_size:]
+    if pending:
+        rows += [[pending[i] for i in g] for g in first_fit([len(x) for x in pending], seq_len)]
+    while rows:
+        yield collate(rows[:batch_size], seq_len, layout)
+        rows = rows[batch_size:]

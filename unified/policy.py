@@ -1,0 +1,205 @@
+"""Using a trained model: `Policy.act` (frames + instruction -> reasoning and an action chunk) and
+`WorldModel.imagine` (frames + actions -> future frames), and the self-describing model directory they load.
+
+    DIR/config.json, DIR/model.safetensors   the backbone, loadable by AutoModelForCausalLM.from_pretrained
+    DIR/unified.json                         the model config (what it reads and writes) and what was kept
+    DIR/layout.json                          the token layout
+    DIR/tokenizers/                          the tokenizers (see `unified tokenizer fit`)
+    DIR/stats.json                           action and state normalisation statistics (q01/q99)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unified.config import from_dict
+from unified.errors import UnifiedError
+from unified.generation import Decoder
+from unified.layout import TokenLayout
+from unified.model import ModelConfig, UnifiedModel
+from unified.tokenizers.fit import Tokenizers
+
+FORMAT = "unified-model"
+FORMAT_VERSION = 1
+
+
+def save_model(
+    model: UnifiedModel, tokenizers: Tokenizers, directory: str | Path, action_only: bool = False
+) -> list[str]:
+    """Write `model` with everything it needs; `action_only` drops what a deployed policy never uses.
+    Returns the list of what was kept."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.backbone.save_pretrained(directory, safe_serialization=True)
+    tokenizers.save_pretrained(directory / "tokenizers", action_only=action_only)
+    model.layout.save(directory / "layout.json")
+    kept = ["backbone (all logits)", "token layout", "image encoder", "text tokenizer (instructions)",
+            "action bins", "state bins", "normalisation stats"]
+    if not action_only:
+        kept += ["image decoder (world model)", "FAST action tokenizer"]
+    stats = {
+        "action": {"names": list(tokenizers.action.names), "q01": list(tokenizers.action.q01),
+                   "q99": list(tokenizers.action.q99)},
+        "state": {"names": list(tokenizers.state.names), "q01": list(tokenizers.state.q01),
+                  "q99": list(tokenizers.state.q99)},
+    }
+    (directory / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    info = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": asdict(model.config),
+            "action_only": action_only, "kept": kept}
+    (directory / "unified.json").write_text(json.dumps(info, indent=2) + "\n")
+    return kept
+
+
+def load_model(directory: str | Path, device: str = "cpu") -> tuple[UnifiedModel, Tokenizers, dict]:
+    """A model directory written by `save_model` or `unified export` -> (model in eval mode, tokenizers, info)."""
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(directory)
+    path = directory / "unified.json"
+    if not path.is_file():
+        raise UnifiedError(f"{directory}: not a unified model directory (no unified.json); export one with "
+                           "`unified export`")
+    info = json.loads(path.read_text())
+    if info.get("format") != FORMAT or info.get("format_version") != FORMAT_VERSION:
+        raise UnifiedError(f"{path}: not a unified model of format version {FORMAT_VERSION}")
+    config = from_dict(ModelConfig, info["model"], f"{path}: model")
+    config.init_from = None  # the weights are here now
+    layout = TokenLayout.load(directory / "layout.json")
+    tokenizers = Tokenizers.from_pretrained(directory / "tokenizers")
+    if tokenizers.layout != layout:
+        raise UnifiedError(f"{directory}: layout.json does not match the tokenizers' layout")
+    backbone = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="sdpa")
+    model = UnifiedModel(config, layout, backbone=backbone).to(device).eval()
+    return model, tokenizers, info
+
+
+@dataclass
+class ActionResult:
+    actions: np.ndarray  # (H, 2) acceleration m/s^2, steering rad
+    reasoning: str | None  # the generated explanation, None when asked to act directly
+    tokens_generated: int
+    latency_ms: float
+
+
+def _frames(frames, history: int, shape: tuple[int, int]) -> np.ndarray:
+    frames = np.asarray(frames)
+    if frames.ndim == 3:
+        frames = frames[None]
+    if frames.ndim != 4 or frames.shape[1:] != (*shape, 3) or frames.dtype != np.uint8:
+        raise UnifiedError(f"expected frames of shape (T, {shape[0]}, {shape[1]}, 3) uint8 (or one frame), got "
+                           f"{frames.shape} {frames.dtype}")
+    if len(frames) < history:  # at the start of an episode, as in training: repeat the oldest frame
+        frames = np.concatenate([np.repeat(frames[:1], history - len(frames), 0), frames])
+    return frames[-history:]
+
+
+class Policy:
+    """Frames + instruction (+ ego state) -> optional reasoning -> an action chunk in the simulator's units."""
+
+    def __init__(self, model: UnifiedModel, tokenizers: Tokenizers):
+        self.model, self.tokenizers, self.layout = model.eval(), tokenizers, model.layout
+        self.config = model.config
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str = "cpu") -> Policy:
+        model, tokenizers, _ = load_model(directory, device)
+        return cls(model, tokenizers)
+
+    def prompt(self, frames, instruction: str, state=None) -> list[int]:
+        """Global ids of `<bos> instruction <img> f </img> ... [<state> s </state>]`."""
+        layout, tok = self.layout, self.tokenizers
+        frames = _frames(frames, self.config.history, tok.image.config.image_size)
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise UnifiedError("the instruction is empty: give the policy a task in words")
+        text = layout.to_global("text", tok.text.encode([instruction])[0])
+        if len(text) == 0:
+            raise UnifiedError(f"the instruction {instruction!r} has no tokens")
+        ids = [layout.special("<bos>"), *text.tolist()]
+        for codes in tok.image.encode(frames):
+            ids += [layout.special("<img>"), *layout.to_global("image", codes).tolist(), layout.special("</img>")]
+        if self.config.use_state:
+            if state is None:
+                raise UnifiedError("this policy was trained with the ego state: pass state=(speed m/s, heading rad, "
+                                   "lane offset m)")
+            state_ids = layout.to_global("state", tok.state.encode(np.asarray(state, np.float64)[None, None])[0])
+            ids += [layout.special("<state>"), *state_ids.tolist(), layout.special("</state>")]
+        return ids
+
+    def act(self, frames, instruction: str, state=None, reason: bool = True, greedy: bool = True,
+            temperature: float = 1.0, seed: int = 0) -> ActionResult:
+        """frames (T, H, W, 3) uint8, newest last -> ActionResult with (H, 2) actions."""
+        start = time.perf_counter()
+        layout = self.layout
+        decoder = Decoder(self.model, np.random.default_rng(seed))
+        decoder.feed(self.prompt(frames, instruction, state))
+        reasoning = None
+        if reason:
+            decoder.feed([layout.special("<reason>")])
+            text_ids = decoder.generate(layout.mask("text"), stop=layout.special("</reason>"),
+                                        max_tokens=self.config.max_reason_tokens, greedy=greedy,
+                                        temperature=temperature)
+            reasoning = self.tokenizers.text.decode([layout.to_local("text", text_ids)])[0] if text_ids else ""
+        decoder.feed([layout.special("<act>")])
+        dim = self.tokenizers.action.dim
+        action_ids = decoder.generate(layout.mask("action"), count=self.config.horizon * dim,
+                                      blocks_of=lambda k: k // dim, greedy=greedy, temperature=temperature)
+        actions = self.tokenizers.action.decode(layout.to_local("action", action_ids)[None])[0]
+        return ActionResult(actions.astype(np.float32), reasoning, decoder.generated,
+                            1000 * (time.perf_counter() - start))
+
+
+class WorldModel:
+    """Frames + action chunks -> the frames after each chunk, imagined autoregressively."""
+
+    def __init__(self, model: UnifiedModel, tokenizers: Tokenizers):
+        if tokenizers.image.encoder_only:
+            raise UnifiedError("this model was exported action-only: it has no image decoder to imagine frames")
+        self.model, self.tokenizers, self.layout, self.config = model.eval(), tokenizers, model.layout, model.config
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str = "cpu") -> WorldModel:
+        model, tokenizers, _ = load_model(directory, device)
+        return cls(model, tokenizers)
+
+    def imagine(self, frames, actions, horizon: int | None = None, greedy: bool = True, seed: int = 0) -> np.ndarray:
+        """frames (T, H, W, 3) uint8 newest last; actions (K * H_chunk, 2) in m/s^2, rad -> (K, H, W, 3) uint8,
+        frame k being the one after chunk k. `horizon` (chunks) defaults to all the actions given."""
+        layout, tok, h = self.layout, self.tokenizers, self.config.horizon
+        actions = np.asarray(actions, np.float64)
+        if actions.ndim != 2 or actions.shape[1] != tok.action.dim or len(actions) < h:
+            raise UnifiedError(f"expected actions of shape (K * {h}, {tok.action.dim}), got {actions.shape}")
+        chunks = len(actions) // h if horizon is None else horizon
+        if chunks * h > len(actions):
+            raise UnifiedError(f"horizon {chunks} chunks needs {chunks * h} actions, got {len(actions)}")
+        codes = list(tok.image.encode(_frames(frames, self.config.history, tok.image.config.image_size)))
+        rng = np.random.default_rng(seed)
+        imagined = []
+        for k in range(chunks):
+            decoder = Decoder(self.model, rng)
+            ids = [layout.special("<bos>")]
+            for c in codes[-self.config.history:]:
+                ids += [layout.special("<img>"), *layout.to_global("image", c).tolist(), layout.special("</img>")]
+            decoder.feed(ids)
+            action_ids = layout.to_global("action", tok.action.encode(actions[k * h:(k + 1) * h][None])[0])
+            decoder.feed([layout.special("<act>")])
+            decoder.feed(action_ids, np.arange(len(action_ids)) // tok.action.dim)
+            decoder.feed([layout.special("</act>"), layout.special("<img>")])
+            new = decoder.generate(layout.mask("image"), count=tok.image.config.tokens_per_image, greedy=greedy)
+            codes.append(layout.to_local("image", new))
+            imagined.append(codes[-1])
+        return tok.image.decode(np.stack(imagined))
+
+
+@torch.inference_mode()
+def next_frame_accuracy(model: UnifiedModel, batch: dict) -> float:
+    """Teacher-forced accuracy on image targets of a packed batch (world task)."""
+    logits, _ = model.logits(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+    targets = batch["targets"]
+    image = model.image_ids[targets.clamp_min(0)] & (targets >= 0)
+    return float(((logits.argmax(-1) == targets) & image).sum() / image.sum().clamp_min(1))

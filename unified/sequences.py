@@ -1,0 +1,196 @@
+"""Sequence builders, one per task, each a pure function from a sample to (ids, targets, weights).
+
+    policy_reason : <bos> instruction <img> f_t </img> [<state> s_t </state>] <reason> text </reason> <act> a </act>
+    policy        : <bos> instruction <img> f_t </img> [<state> s_t </state>] <act> a </act>
+    world         : <bos> <img> f_t </img> <act> a </act> <img> f_t+H </img>
+    text          : <bos> question <reason> steps </reason> answer <eos>
+
+All ids are global (see `TokenLayout`). `targets[i]` is the token position i must predict (ids[i + 1]) where
+that token lies in a target span, else IGNORE; `weights[i]` is its loss weight. `action_block[i]` numbers the
+action blocks (one per step of the chunk) so that the attention mask can hide earlier blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from unified.errors import UnifiedError
+from unified.layout import TokenLayout
+
+IGNORE = -100
+TASKS = ("policy_reason", "policy", "world", "text")
+
+
+@dataclass
+class Sample:
+    """One training example in global ids. Which fields are used depends on `task`."""
+
+    task: str
+    frames: np.ndarray | None = None  # (history, tokens_per_image) image codes, oldest first
+    actions: np.ndarray | None = None  # (H, D) action ids of the chunk a_t .. a_t+H-1
+    instruction: np.ndarray | None = None  # (n,) text ids
+    state: np.ndarray | None = None  # (S,) state ids, or None to leave the state out
+    reason: np.ndarray | None = None  # (n,) text ids of the causation sentence
+    next_frame: np.ndarray | None = None  # (tokens_per_image,) image codes of f_t+H
+    question: np.ndarray | None = None  # (n,) text ids (text task)
+    steps: np.ndarray | None = None  # (n,) text ids of the scratchpad, may be empty (text task)
+    answer: np.ndarray | None = None  # (n,) text ids (text task)
+    id: str = ""  # where it came from, e.g. "episode 12 step 40", for error reports
+
+
+@dataclass
+class Built:
+    ids: np.ndarray  # (L,) int64
+    targets: np.ndarray  # (L,) int64, IGNORE where nothing is predicted
+    weights: np.ndarray  # (L,) float32
+    action_block: np.ndarray  # (L,) int16, -1 outside action blocks
+    task: str
+    id: str = ""
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> [start, stop) positions
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class _Writer:
+    """Appends spans, remembering which are targets and which positions are action blocks."""
+
+    def __init__(self, layout: TokenLayout):
+        self.layout = layout
+        self.ids: list[np.ndarray] = []
+        self.is_target: list[np.ndarray] = []
+        self.block: list[np.ndarray] = []
+        self.spans: dict[str, tuple[int, int]] = {}
+        self.length = 0
+
+    def add(self, tokens, target: bool = False, name: str | None = None, block: np.ndarray | None = None) -> None:
+        tokens = np.atleast_1d(np.asarray(tokens, np.int64))
+        if name:
+            self.spans[name] = (self.length, self.length + len(tokens))
+        self.ids.append(tokens)
+        self.is_target.append(np.full(len(tokens), target))
+        self.block.append(np.full(len(tokens), -1, np.int16) if block is None else block.astype(np.int16))
+        self.length += len(tokens)
+
+    def special(self, token: str, target: bool = False) -> None:
+        self.add([self.layout.special(token)], target)
+
+    def finish(self, task: str, sample_id: str, image_weight: float, task_weight: float) -> Built:
+        ids = np.concatenate(self.ids)
+        is_target = np.concatenate(self.is_target)
+        targets = np.full(len(ids), IGNORE, np.int64)
+        # Position i predicts token i + 1.
+        targets[:-1] = np.where(is_target[1:], ids[1:], IGNORE)
+        weights = np.where(targets != IGNORE, task_weight, 0.0).astype(np.float32)
+        image = self.layout.mask("image")
+        predicts_image = (targets != IGNORE) & image[np.clip(targets, 0, None)]
+        weights[predicts_image] *= image_weight
+        return Built(ids, targets, weights, np.concatenate(self.block), task, sample_id, self.spans)
+
+
+def _need(sample: Sample, *names: str) -> None:
+    missing = [n for n in names if getattr(sample, n) is None]
+    if missing:
+        raise UnifiedError(f"sample {sample.id!r} ({sample.task}): missing {', '.join(missing)}")
+    if sample.instruction is not None and "instruction" in names and len(sample.instruction) == 0:
+        raise UnifiedError(f"sample {sample.id!r}: the instruction has no tokens")
+
+
+def _observation(w: _Writer, sample: Sample) -> None:
+    """instruction <img> f </img> ... [<state> s </state>], shared by both policy tasks."""
+    w.special("<bos>")
+    w.add(sample.instruction, name="instruction")
+    for k, frame in enumerate(np.atleast_2d(sample.frames)):
+        w.special("<img>")
+        w.add(frame, name=f"frame{k}")
+        w.special("</img>")
+    if sample.state is not None:
+        w.special("<state>")
+        w.add(sample.state, name="state")
+        w.special("</state>")
+
+
+def _action_chunk(w: _Writer, actions: np.ndarray, target: bool) -> None:
+    """<act> a_t .. a_t+H-1 </act>; the block index of each token is its step in the chunk."""
+    actions = np.atleast_2d(actions)
+    w.special("<act>", target=False)
+    blocks = np.repeat(np.arange(len(actions)), actions.shape[1])
+    w.add(actions.reshape(-1), target=target, name="actions", block=blocks)
+    w.special("</act>", target=target)
+
+
+def build_policy(sample: Sample, layout: TokenLayout, reason: bool, image_weight: float = 0.04,
+                 task_weight: float = 1.0) -> Built:
+    """The policy tasks: targets are the reasoning (if `reason`) and the action chunk."""
+    _need(sample, "instruction", "frames", "actions", *(("reason",) if reason else ()))
+    w = _Writer(layout)
+    _observation(w, sample)
+    if reason:
+        w.special("<reason>")
+        w.add(sample.reason, target=True, name="reason")
+        w.special("</reason>", target=True)
+    _action_chunk(w, sample.actions, target=True)
+    return w.finish("policy_reason" if reason else "policy", sample.id, image_weight, task_weight)
+
+
+def build_world(sample: Sample, layout: TokenLayout, image_weight: float = 0.04, task_weight: float = 1.0) -> Built:
+    """The world task: from frame(s) and an action chunk, predict the frame H steps later."""
+    _need(sample, "frames", "actions", "next_frame")
+    w = _Writer(layout)
+    w.special("<bos>")
+    for k, frame in enumerate(np.atleast_2d(sample.frames)):
+        w.special("<img>")
+        w.add(frame, name=f"frame{k}")
+        w.special("</img>")
+    _action_chunk(w, sample.actions, target=False)
+    w.special("<img>")
+    w.add(sample.next_frame, target=True, name="next_frame")
+    w.special("</img>", target=True)
+    return w.finish("world", sample.id, image_weight, task_weight)
+
+
+def build_text(sample: Sample, layout: TokenLayout, image_weight: float = 0.04, task_weight: float = 1.0) -> Built:
+    """The text task: question, then the scratchpad (possibly empty) and the answer as targets."""
+    _need(sample, "question", "answer")
+    w = _Writer(layout)
+    w.special("<bos>")
+    w.add(sample.question, name="question")
+    w.special("<reason>")
+    steps = sample.steps if sample.steps is not None else np.zeros(0, np.int64)
+    w.add(steps, target=True, name="steps")
+    w.special("</reason>", target=True)
+    w.add(sample.answer, target=True, name="answer")
+    w.special("<eos>", target=True)
+    return w.finish("text", sample.id, image_weight, task_weight)
+
+
+def build(sample: Sample, layout: TokenLayout, image_weight: float = 0.04, task_weights: dict | None = None) -> Built:
+    """Dispatch on `sample.task`."""
+    weight = (task_weights or {}).get(sample.task, 1.0)
+    if sample.task == "policy_reason":
+        return build_policy(sample, layout, True, image_weight, weight)
+    if sample.task == "policy":
+        return build_policy(sample, layout, False, image_weight, weight)
+    if sample.task == "world":
+        return build_world(sample, layout, image_weight, weight)
+    if sample.task == "text":
+        return build_text(sample, layout, image_weight, weight)
+    raise UnifiedError(f"sample {sample.id!r}: unknown task {sample.task!r}; tasks are {', '.join(TASKS)}")
+
+
+def dump(built: Built, layout: TokenLayout, decode_text=None) -> str:
+    """A readable rendering of one built sample: markers by name, runs of ids by modality, targets in [..]."""
+    parts = []
+    for i, token in enumerate(built.ids.tolist()):
+        modality = layout.modality_of(token)
+        if modality == "special":
+            text = layout.specials[token - layout.segment("special").start]
+        elif modality == "text" and decode_text is not None:
+            text = repr(decode_text([[int(layout.to_local("text", [token])[0])]])[0])
+        else:
+            text = f"{modality[:3]}:{int(layout.to_local(modality, [token])[0])}"
+        predicted = i > 0 and built.targets[i - 1] != IGNORE
+        parts.append(f"[{text}]" if predicted else text)
+    return f"{built.task} {built.id} ({len(built)} tokens, targets in [brackets])\n" + " ".join(parts)
