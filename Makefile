@@ -31,10 +31,13 @@ demo: $(VENV)/.installed
 	$(BIN)/unified data info $(DEMO_DIR)/data/ood
 	@echo "== demo 2/5: operator (multi-hop reasoning) data"
 	$(BIN)/unified data operators --out $(DEMO_DIR)/data/operators --hops 2-6 --scratchpad inductive --n 2000
-	@echo "== demo 3/5: tokenizers (image FSQ autoencoder, sentencepiece text, action bins and FAST)"
+	@echo "== demo 3/5: tokenizers (image FSQ autoencoder, sentencepiece text, action bins and FAST) and token shards"
 	$(BIN)/unified tokenizer fit --data $(DEMO_DIR)/data/train --operators $(DEMO_DIR)/data/operators --out $(DEMO_DIR)/tokenizers
 	$(BIN)/unified tokenizer eval --tokenizer $(DEMO_DIR)/tokenizers --data $(DEMO_DIR)/data/train
 	$(BIN)/unified tokenizer eval --tokenizer $(DEMO_DIR)/tokenizers --data $(DEMO_DIR)/data/ood
+	$(BIN)/unified data tokenize --data $(DEMO_DIR)/data/train --tokenizer $(DEMO_DIR)/tokenizers --out $(DEMO_DIR)/shards \
+		--operators $(DEMO_DIR)/data/operators --tasks policy_reason,policy,world,text
+	$(BIN)/unified data inspect $(DEMO_DIR)/shards --dump 0
 	@echo "== demo 4/5: baselines in closed loop (expert, random, constant speed)"
 	for model in expert random constant; do for suite in train ood; do \
 		$(BIN)/unified eval closed-loop --model $$model --scenarios recipes/data/$$suite.yaml --episodes 20 \

@@ -207,3 +207,28 @@ def test_a_small_model_overfits_a_handful_of_episodes(shards, tokenizers, data):
             gains.append(psnr(imagined, truth) - psnr(episode.frames[t], truth))
     assert np.mean(errors) >= 0.9, np.mean(errors)
     assert np.mean(gains) > 0, gains
+
+
+def test_continuous_action_head_trains_and_acts(shards, tokenizers, data, tmp_path):
+    from unified.data.store import EpisodeStore
+
+    model = tiny_model(shards.layout, action_head=True)
+    batch = batches(shards, ["policy"], rows=8)[0].to_torch()
+    assert batch["head_targets"].shape[1:] == (H, 2) and (batch["head_targets"].abs() <= 1).all()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(30):
+        loss, metrics = model(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        first = first if first is not None else float(metrics["loss/action_head_l1"])
+    assert float(metrics["loss/action_head_l1"]) < first
+    episode = EpisodeStore(data / "store").read_episode(0)
+    save_model(model.eval(), tokenizers, tmp_path / "m")
+    policy = Policy.from_pretrained(tmp_path / "m")
+    result = policy.act(episode.frames[0], episode.instruction, state=episode.states[0], reason=False, continuous=True)
+    assert result.actions.shape == (H, 2) and result.tokens_generated == 0
+    with pytest.raises(UnifiedError, match="no continuous action head"):
+        Policy(tiny_model(shards.layout), tokenizers).act(episode.frames[0], episode.instruction,
+                                                         state=episode.states[0], reason=False, continuous=True)

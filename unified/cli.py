@@ -26,6 +26,7 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "data operators": ("unified.data.operators", "operators", "write the multi-hop comparison (operator) data set"),
     "data scenarios": ("unified.cli", "data_scenarios", "list the highway-env scenario ids a suite may use"),
     "data tokenize": ("unified.data.tokenize", "tokenize", "encode a store once into memory-mapped token shards"),
+    "data inspect": ("unified.data.tokenize", "inspect_shards", "samples as readable tokens, packing efficiency"),
     "export": ("unified.export", "export", "a checkpoint -> a Hugging Face directory (Policy, WorldModel)"),
     "tokenizer fit": ("unified.tokenizers.fit", "fit", "fit the image, text and action tokenizers on an episode store"),
     "tokenizer eval": ("unified.tokenizers.evaluate", "evaluate", "PSNR, codebook usage, encode speed, action errors"),

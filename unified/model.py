@@ -37,6 +37,11 @@ class ModelConfig:
     horizon: int = 10  # action chunk length H
     use_state: bool = True  # put the ego state tokens in the policy prompt
     max_reason_tokens: int = 48  # cap on generated reasoning
+    # -- optional continuous action head beside the discrete action tokens
+    action_head: bool = False  # a small bidirectional transformer over H learned queries, trained with L1
+    action_head_layers: int = 2
+    action_head_weight: float = 1.0  # weight of its L1 loss (on actions normalised to [-1, 1])
+    action_dim: int = 2
 
     def __post_init__(self):
         unknown = sorted(set(self.task_weights) - set(TASKS))
@@ -82,6 +87,33 @@ def build_backbone(config: ModelConfig, layout: TokenLayout):
     return lm
 
 
+class ActionHead(nn.Module):
+    """H learned queries attend to each other (bidirectionally) and to the backbone's hidden states of the
+    prompt; each query becomes one step of the chunk, normalised to [-1, 1]."""
+
+    def __init__(self, hidden: int, horizon: int, action_dim: int, layers: int, heads: int):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(horizon, hidden) * 0.02)
+        layer = nn.TransformerDecoderLayer(hidden, heads, 2 * hidden, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerDecoder(layer, layers)
+        self.out = nn.Linear(hidden, action_dim)
+
+    def forward(self, memory: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        """memory (S, P, C) hidden states, padding (S, P) True where empty -> (S, H, D) in [-1, 1]."""
+        queries = self.queries.unsqueeze(0).expand(len(memory), -1, -1)
+        return torch.tanh(self.out(self.blocks(queries, memory, memory_key_padding_mask=padding)))
+
+
+def gather_prompts(hidden: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden (B, T, C), index (S, 3) rows of [row, start, last] -> (S, P, C) memory and (S, P) padding mask."""
+    lengths = index[:, 2] - index[:, 1] + 1
+    p = int(lengths.max())
+    offsets = torch.arange(p, device=hidden.device)
+    positions = (index[:, 1:2] + offsets).clamp_max(hidden.shape[1] - 1)  # (S, P)
+    memory = hidden[index[:, 0:1], positions]  # (S, P, C)
+    return memory, offsets[None] >= lengths[:, None]
+
+
 class UnifiedModel(nn.Module):
     """`forward(batch) -> (loss, metrics)` for training; `logits` for generation."""
 
@@ -95,23 +127,38 @@ class UnifiedModel(nn.Module):
                 f"{layout.vocab_size}: the checkpoint and the tokenizers do not belong together"
             )
         self.register_buffer("image_ids", torch.from_numpy(layout.mask("image")), persistent=False)
+        self.action_head = None
+        if config.action_head:
+            self.action_head = ActionHead(self.backbone.config.hidden_size, config.horizon, config.action_dim,
+                                          config.action_head_layers, self.backbone.config.num_attention_heads)
 
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def logits(self, input_ids, attention_mask=None, position_ids=None, cache=None):
-        """(B, T) ids, (B, 1, T, T_kv) bool mask -> ((B, T, V) logits, cache)."""
+    def logits(self, input_ids, attention_mask=None, position_ids=None, cache=None, hidden: bool = False):
+        """(B, T) ids, (B, 1, T, T_kv) bool mask -> ((B, T, V) logits, cache), plus the (B, T, C) last hidden
+        states when `hidden`."""
         out = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            cache=cache, use_cache=cache is not None,
+            cache=cache, use_cache=cache is not None, output_hidden_states=hidden,
         )
+        if hidden:
+            return out.logits, out.cache, out.hidden_states[-1]
         return out.logits, out.cache
 
+    def continuous_actions(self, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """(S, H, D) normalised actions from the hidden states of each policy prompt (see `gather_prompts`)."""
+        if self.action_head is None:
+            raise UnifiedError("this model has no continuous action head (model.action_head: false)")
+        return self.action_head(*gather_prompts(hidden, index))
+
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        """Weighted cross-entropy on the target spans of a packed batch (see `packing.Batch.to_torch`)."""
-        logits, _ = self.logits(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
-        logits = logits.float()
+        """Weighted cross-entropy on the target spans of a packed batch (see `packing.Batch.to_torch`), plus the
+        continuous head's L1 when the model has one."""
+        use_head = self.action_head is not None and len(batch.get("head_index", ())) > 0
+        out = self.logits(batch["input_ids"], batch["attention_mask"], batch["position_ids"], hidden=use_head)
+        logits = out[0].float()
         targets, weights = batch["targets"], batch["weights"]
         ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
         ce = ce.view_as(targets)  # (B, T), 0 where targets == IGNORE
@@ -134,4 +181,9 @@ class UnifiedModel(nn.Module):
                     metrics[f"loss/{task}"] = (ce * in_task).sum() / n
                     metrics[f"accuracy/{task}"] = (correct & in_task).sum() / n
             metrics["tokens"] = has_target.sum()
+        if use_head:
+            predicted = self.continuous_actions(out[2], batch["head_index"])
+            l1 = F.l1_loss(predicted.float(), batch["head_targets"])
+            loss = loss + self.config.action_head_weight * l1
+            metrics["loss/action_head_l1"] = l1.detach()
         return loss, metrics

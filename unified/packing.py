@@ -38,6 +38,8 @@ class Batch:
     attention_mask: np.ndarray
     task_ids: np.ndarray  # index into TASKS of the sample each token belongs to, -1 for padding
     sample_ids: list[list[str]]
+    head_index: np.ndarray  # (S, 3) [row, first position, position of <act>] of each policy sample with values
+    head_targets: np.ndarray  # (S, H, D) its normalised action chunk
 
     @property
     def efficiency(self) -> float:
@@ -54,6 +56,8 @@ class Batch:
             "position_ids": torch.from_numpy(self.position_ids).to(device),
             "attention_mask": torch.from_numpy(self.attention_mask).to(device),
             "task_ids": torch.from_numpy(self.task_ids).to(device),
+            "head_index": torch.from_numpy(self.head_index).to(device),
+            "head_targets": torch.from_numpy(self.head_targets).to(device),
         }
 
 
@@ -83,7 +87,7 @@ def collate(rows: list[list[Built]], seq_len: int, layout: TokenLayout) -> Batch
     position_ids = np.zeros((b, seq_len), np.int64)
     task_ids = np.full((b, seq_len), -1, np.int8)
     masks = np.zeros((b, 1, seq_len, seq_len), bool)
-    sample_ids = []
+    sample_ids, head_index, head_targets = [], [], []
     for r, row in enumerate(rows):
         segment = np.full(seq_len, -1, np.int64)
         block = np.full(seq_len, -1, np.int16)
@@ -101,10 +105,17 @@ def collate(rows: list[list[Built]], seq_len: int, layout: TokenLayout) -> Batch
             task_ids[r, start:stop] = TASKS.index(built.task)
             segment[start:stop] = s
             block[start:stop] = built.action_block
+            if built.action_values is not None:
+                head_index.append((r, start, start + built.spans["actions"][0] - 1))  # up to and with <act>
+                head_targets.append(built.action_values)
             start = stop
         masks[r, 0] = attention_mask(segment, block)
         sample_ids.append([x.id for x in row])
-    return Batch(input_ids, targets, weights, position_ids, masks, task_ids, sample_ids)
+    return Batch(
+        input_ids, targets, weights, position_ids, masks, task_ids, sample_ids,
+        np.asarray(head_index, np.int64).reshape(-1, 3),
+        np.stack(head_targets).astype(np.float32) if head_targets else np.zeros((0, 0, 0), np.float32),
+    )
 
 
 def pack(samples: Iterable[Built], seq_len: int, batch_size: int, layout: TokenLayout,

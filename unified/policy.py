@@ -37,9 +37,15 @@ def save_model(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.backbone.save_pretrained(directory, safe_serialization=True)
+    if model.action_head is not None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in model.action_head.state_dict().items()},
+                  directory / "action_head.safetensors")
     tokenizers.save_pretrained(directory / "tokenizers", action_only=action_only)
     model.layout.save(directory / "layout.json")
-    kept = ["backbone (all logits)", "token layout", "image encoder", "text tokenizer (instructions)",
+    kept = ["backbone (all logits)", *(["continuous action head"] if model.action_head is not None else []),
+            "token layout", "image encoder", "text tokenizer (instructions)",
             "action bins", "state bins", "normalisation stats"]
     if not action_only:
         kept += ["image decoder (world model)", "FAST action tokenizer"]
@@ -75,8 +81,15 @@ def load_model(directory: str | Path, device: str = "cpu") -> tuple[UnifiedModel
     if tokenizers.layout != layout:
         raise UnifiedError(f"{directory}: layout.json does not match the tokenizers' layout")
     backbone = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="sdpa")
-    model = UnifiedModel(config, layout, backbone=backbone).to(device).eval()
-    return model, tokenizers, info
+    model = UnifiedModel(config, layout, backbone=backbone)
+    if model.action_head is not None:
+        from safetensors.torch import load_file
+
+        path = directory / "action_head.safetensors"
+        if not path.is_file():
+            raise UnifiedError(f"{directory}: the model config has a continuous action head but {path.name} is missing")
+        model.action_head.load_state_dict(load_file(path))
+    return model.to(device).eval(), tokenizers, info
 
 
 @dataclass
@@ -132,8 +145,10 @@ class Policy:
         return ids
 
     def act(self, frames, instruction: str, state=None, reason: bool = True, greedy: bool = True,
-            temperature: float = 1.0, seed: int = 0) -> ActionResult:
-        """frames (T, H, W, 3) uint8, newest last -> ActionResult with (H, 2) actions."""
+            temperature: float = 1.0, seed: int = 0, continuous: bool = False) -> ActionResult:
+        """frames (T, H, W, 3) uint8, newest last -> ActionResult with (H, 2) actions.
+
+        `continuous` reads the actions from the continuous head instead of generating action tokens."""
         start = time.perf_counter()
         layout = self.layout
         decoder = Decoder(self.model, np.random.default_rng(seed))
@@ -146,12 +161,29 @@ class Policy:
                                         temperature=temperature)
             reasoning = self.tokenizers.text.decode([layout.to_local("text", text_ids)])[0] if text_ids else ""
         decoder.feed([layout.special("<act>")])
+        if continuous:
+            actions = self._continuous(decoder.ids)
+            return ActionResult(actions, reasoning, decoder.generated, 1000 * (time.perf_counter() - start))
         dim = self.tokenizers.action.dim
         action_ids = decoder.generate(layout.mask("action"), count=self.config.horizon * dim,
                                       blocks_of=lambda k: k // dim, greedy=greedy, temperature=temperature)
         actions = self.tokenizers.action.decode(layout.to_local("action", action_ids)[None])[0]
         return ActionResult(actions.astype(np.float32), reasoning, decoder.generated,
                             1000 * (time.perf_counter() - start))
+
+
+    @torch.inference_mode()
+    def _continuous(self, ids: list[int]) -> np.ndarray:
+        if self.model.action_head is None:
+            raise UnifiedError("this policy has no continuous action head: act with continuous=False")
+        device = next(self.model.parameters()).device
+        n = len(ids)
+        mask = torch.ones(n, n, dtype=torch.bool, device=device).tril()[None, None]
+        _, _, hidden = self.model.logits(torch.tensor([ids], device=device), mask,
+                                         torch.arange(n, device=device)[None], hidden=True)
+        index = torch.tensor([[0, 0, n - 1]], device=device)
+        normalised = self.model.continuous_actions(hidden, index)[0].float().cpu().numpy()
+        return self.tokenizers.action.normalizer.unnormalize(normalised).astype(np.float32)
 
 
 class WorldModel:

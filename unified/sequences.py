@@ -37,6 +37,7 @@ class Sample:
     question: np.ndarray | None = None  # (n,) text ids (text task)
     steps: np.ndarray | None = None  # (n,) text ids of the scratchpad, may be empty (text task)
     answer: np.ndarray | None = None  # (n,) text ids (text task)
+    action_values: np.ndarray | None = None  # (H, D) the chunk normalised to [-1, 1], for a continuous head
     id: str = ""  # where it came from, e.g. "episode 12 step 40", for error reports
 
 
@@ -49,6 +50,7 @@ class Built:
     task: str
     id: str = ""
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> [start, stop) positions
+    action_values: np.ndarray | None = None  # (H, D) normalised chunk (policy tasks), for a continuous head
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -132,7 +134,9 @@ def build_policy(sample: Sample, layout: TokenLayout, reason: bool, image_weight
         w.add(sample.reason, target=True, name="reason")
         w.special("</reason>", target=True)
     _action_chunk(w, sample.actions, target=True)
-    return w.finish("policy_reason" if reason else "policy", sample.id, image_weight, task_weight)
+    built = w.finish("policy_reason" if reason else "policy", sample.id, image_weight, task_weight)
+    built.action_values = sample.action_values
+    return built
 
 
 def build_world(sample: Sample, layout: TokenLayout, image_weight: float = 0.04, task_weight: float = 1.0) -> Built:

@@ -164,6 +164,9 @@ class TokenShards:
         starts = np.cumsum([0] + [e["steps"] for e in self.meta["episodes"]])
         self.episode_start = {e["index"]: int(s) for e, s in zip(self.meta["episodes"], starts)}
         self._index: dict[str, np.ndarray] = {}
+        from unified.tokenizers.normalization import QuantileNormalizer
+
+        self.action_normalizer = QuantileNormalizer.from_stats(self.meta["action_stats"], f"{meta_path}: action_stats")
 
     def _text(self, row: int) -> np.ndarray:
         offsets = self.arrays["text_offsets"]
@@ -205,6 +208,8 @@ class TokenShards:
             sample.instruction = self._text(int(a["instruction"][row]))
             sample.state = np.asarray(a["state"][row], np.int64) if with_state else None
             sample.reason = self._text(int(a["reason"][row]))
+            values = np.asarray(a["action_values"][row:row + self.horizon], np.float64)
+            sample.action_values = self.action_normalizer.normalize(values).astype(np.float32)
         if task == "world":
             sample.next_frame = np.asarray(a["image"][row + self.horizon], np.int64)
         return sample
@@ -212,3 +217,44 @@ class TokenShards:
     def action_values(self, row: int) -> np.ndarray:
         """(H, D) float32 actions of the chunk at `row`, in the simulator's units."""
         return np.asarray(self.arrays["action_values"][row:row + self.horizon])
+
+
+def inspect_shards(
+    shards: Path, *, seq_len: int = 1024, batch_size: int = 8, dump: int = 1, max_samples: int = 4000,
+    image_weight: float = 0.04,
+) -> dict:
+    """Print sample counts, the packing efficiency (non-pad fraction) at `seq_len`, and `dump` samples per task
+    as readable tokens."""
+    from unified.packing import pack
+    from unified.sequences import build, dump as render
+
+    store = TokenShards(shards)
+    rng = np.random.default_rng(0)
+    tasks = list(store.meta["tasks"])
+    if store.meta["operators"] and "text" not in tasks:
+        tasks.append("text")
+    counts = {task: len(store.index(task)) for task in tasks}
+    print(f"{shards}: " + ", ".join(f"{t} {n} samples" for t, n in counts.items()))
+    text = None
+    tokenizer_dir = Path(store.meta["tokenizer"])
+    if (tokenizer_dir / "text").is_dir():
+        from unified.tokenizers.text import TextTokenizer
+
+        text = TextTokenizer.from_pretrained(tokenizer_dir / "text").decode
+    chosen = []
+    for task, n in counts.items():
+        rows = rng.choice(store.index(task), size=min(n, max_samples // len(counts)), replace=False) if n else []
+        built = [build(store.sample(task, int(r)), store.layout, image_weight) for r in rows]
+        for b in built[:dump]:
+            print(render(b, store.layout, text))
+        chosen += built
+    order = rng.permutation(len(chosen))
+    batches = list(pack([chosen[i] for i in order], seq_len, batch_size, store.layout))
+    real = sum(int((b.task_ids >= 0).sum()) for b in batches)
+    total = sum(b.task_ids.size for b in batches)
+    efficiency = real / max(total, 1)
+    lengths = {t: float(np.mean([len(b) for b in chosen if b.task == t])) for t in counts if counts[t]}
+    print("mean sample length: " + ", ".join(f"{t} {v:.0f}" for t, v in lengths.items()))
+    print(f"packing efficiency at seq_len {seq_len}: {efficiency:.1%} non-pad over {len(batches)} batches "
+          f"of {batch_size} ({len(chosen)} samples)")
+    return {"samples": counts, "packing_efficiency": efficiency, "mean_length": lengths}
