@@ -226,7 +226,8 @@ def inspect_shards(
     """Print sample counts, the packing efficiency (non-pad fraction) at `seq_len`, and `dump` samples per task
     as readable tokens."""
     from unified.packing import pack
-    from unified.sequences import build, dump as render
+    from unified.sequences import build
+    from unified.sequences import dump as render
 
     store = TokenShards(shards)
     rng = np.random.default_rng(0)
