@@ -41,3 +41,35 @@ def tiny_store(tmp_path_factory) -> Path:
     suite.write_text(TINY_SUITE)
     generate(suite=suite, episodes=4, out=root / "data", workers=1, progress=False)
     return root / "data"
+
+
+MODEL_SUITE = """\
+name: model-test
+image_size: [32, 32]
+scenarios:
+  highway:
+    env: highway-v0
+    config: {lanes_count: 2, vehicles_count: 6, duration: 20}
+    max_steps: 24
+"""
+MODEL_HORIZON = 4
+
+
+@pytest.fixture(scope="session")
+def model_data(tmp_path_factory) -> Path:
+    """10 episodes of 24 steps at 32x32, tokenizers fitted on them, token shards (horizon 4) with operators."""
+    from unified.tokenizers.fit import fit
+
+    from unified.data.generate import generate
+    from unified.data.operators import operators
+    from unified.data.tokenize import tokenize
+
+    root = tmp_path_factory.mktemp("model")
+    (root / "suite.yaml").write_text(MODEL_SUITE)
+    generate(suite=root / "suite.yaml", episodes=10, out=root / "store", progress=False)
+    operators(out=root / "operators", hops="2-3", n=20, progress=False)
+    fit(data=root / "store", out=root / "tok", operators=root / "operators", image_steps=400, horizon=MODEL_HORIZON,
+        text_vocab=400, fast_vocab=600, progress=False)
+    tokenize(data=root / "store", tokenizer=root / "tok", out=root / "shards", horizon=MODEL_HORIZON,
+             operators=root / "operators", operator_hops="2-3", progress=False)
+    return root

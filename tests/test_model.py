@@ -8,10 +8,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from unified.tokenizers.fit import Tokenizers, fit
+from unified.tokenizers.fit import Tokenizers
 
-from unified.data.generate import generate
-from unified.data.tokenize import TokenShards, tokenize
+from unified.data.tokenize import TokenShards
 from unified.errors import UnifiedError
 from unified.generation import Decoder
 from unified.model import ModelConfig, UnifiedModel
@@ -19,28 +18,13 @@ from unified.packing import pack
 from unified.policy import Policy, WorldModel, load_model, save_model
 from unified.sequences import IGNORE, build
 
-SUITE = """\
-name: model-test
-image_size: [32, 32]
-scenarios:
-  highway:
-    env: highway-v0
-    config: {lanes_count: 2, vehicles_count: 6, duration: 20}
-    max_steps: 24
-"""
 H = 4
 TINY = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, max_position_embeddings=256, horizon=H)
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("model")
-    (root / "suite.yaml").write_text(SUITE)
-    generate(suite=root / "suite.yaml", episodes=10, out=root / "store", progress=False)
-    fit(data=root / "store", out=root / "tok", image_steps=400, horizon=H, text_vocab=300, fast_vocab=600,
-        progress=False)
-    tokenize(data=root / "store", tokenizer=root / "tok", out=root / "shards", horizon=H, progress=False)
-    return root
+def data(model_data):
+    return model_data
 
 
 @pytest.fixture(scope="module")

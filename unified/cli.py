@@ -27,6 +27,7 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "data scenarios": ("unified.cli", "data_scenarios", "list the highway-env scenario ids a suite may use"),
     "data tokenize": ("unified.data.tokenize", "tokenize", "encode a store once into memory-mapped token shards"),
     "data inspect": ("unified.data.tokenize", "inspect_shards", "samples as readable tokens, packing efficiency"),
+    "train": ("unified.cli", "train", "train a recipe on N ranks through the DeepSpeed launcher"),
     "export": ("unified.export", "export", "a checkpoint -> a Hugging Face directory (Policy, WorldModel)"),
     "tokenizer fit": ("unified.tokenizers.fit", "fit", "fit the image, text and action tokenizers on an episode store"),
     "tokenizer eval": ("unified.tokenizers.evaluate", "evaluate", "PSNR, codebook usage, encode speed, action errors"),
@@ -74,6 +75,34 @@ def data_scenarios() -> list[str]:
     return ids
 
 
+def train(overrides: list[str] = (), *, recipe: Path, ranks: int = 1, resume: bool = False,
+          hostfile: Path | None = None) -> int:
+    """`deepspeed --num_accelerators RANKS --module unified.train --recipe RECIPE [--resume] key=value ...`.
+
+    With `--hostfile` the launcher starts ranks on every machine listed (RANKS per machine)."""
+    import os
+    import subprocess
+
+    if ranks < 1:
+        raise UnifiedError(f"--ranks must be at least 1, got {ranks}")
+    if not Path(recipe).is_file():
+        raise UnifiedError(f"--recipe {recipe}: no such file")
+    from unified.train_config import load_recipe
+
+    load_recipe(recipe, list(overrides))  # refuse a bad key here, before starting any rank
+    launcher = Path(sys.executable).parent / "deepspeed"
+    command = [str(launcher if launcher.exists() else "deepspeed")]
+    if hostfile is not None:
+        command += ["--hostfile", str(hostfile)]
+    command += ["--num_accelerators", str(ranks), "--module", "unified.train", "--recipe", str(recipe)]
+    command += (["--resume"] if resume else []) + list(overrides)
+    print("$ " + " ".join(command), flush=True)
+    code = subprocess.call(command, env=os.environ.copy())
+    if code:
+        raise UnifiedError(f"training stopped with exit status {code} (the lines above say why)")
+    return code
+
+
 def _json_dumps(data: Any) -> str:
     return json.dumps(data, indent=2)
 
@@ -89,8 +118,10 @@ def _add_parameter(parser: argparse.ArgumentParser, p: inspect.Parameter, hint: 
     elif hint in (int, float, Path, str):
         kwargs["type"] = hint
     if origin is list:
-        kwargs["type"], kwargs["nargs"] = args[0], "+"
+        kwargs["type"], kwargs["nargs"] = args[0], "+" if p.default is inspect.Parameter.empty else "*"
     if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+        if p.default is not inspect.Parameter.empty:
+            kwargs["default"] = list(p.default) if isinstance(p.default, tuple) else p.default
         parser.add_argument(p.name, **kwargs)
         return
     flag = "--" + p.name.replace("_", "-")

@@ -1,0 +1,146 @@
+"""Training through the real DeepSpeed launcher on 2 CPU ranks (gloo): ZeRO-2/3, resume, failures, export."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from unified.errors import UnifiedError
+from unified.train_config import TrainConfig, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DEBUG = ROOT / "recipes" / "debug.yaml"
+
+
+def launch(ranks: int, run_dir: Path, shards: Path, *overrides: str, resume: bool = False, wait: bool = True):
+    command = [str(BIN / "deepspeed"), "--num_accelerators", str(ranks), "--master_port", str(29500 + ranks),
+               "--module", "unified.train", "--recipe", str(DEBUG), f"run_dir={run_dir}", f"data={shards}",
+               "model.horizon=4", "data.seq_len=256", *overrides] + (["--resume"] if resume else [])
+    if not wait:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True, cwd=ROOT)
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "losses.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def shards(model_data):
+    return model_data / "shards"
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_maps_onto_the_config(recipe):
+    for gpu in (False, True):
+        config = load_recipe(recipe, gpu=gpu)
+        assert isinstance(config, TrainConfig)
+    assert load_recipe(recipe, gpu=True).zero_stage in (2, 3)
+
+
+def test_overrides_and_short_keys():
+    config = load_recipe(DEBUG, ["steps=7", "zero_stage=3", "model.num_layers=3", "data=/x", "data.tasks.world=0.5"],
+                         gpu=False)
+    assert (config.steps, config.zero_stage, config.model.num_layers, config.data.path) == (7, 3, 3, "/x")
+    assert config.data.tasks["world"] == 0.5
+    with pytest.raises(UnifiedError, match=r"unknown key 'optim.learning_rate'.*valid keys: lr, min_lr_ratio"):
+        load_recipe(DEBUG, ["optim.learning_rate=1"])
+    with pytest.raises(UnifiedError, match="expected key=value"):
+        load_recipe(DEBUG, ["steps"])
+
+
+def test_unknown_key_on_the_command_line_starts_no_rank(tmp_path):
+    result = subprocess.run([str(BIN / "unified"), "train", "--recipe", str(DEBUG), "--ranks", "2", "modle.x=1"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "unknown key 'modle.x'" in result.stderr and "valid keys:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_stages_train_with_falling_loss(shards, tmp_path, stage):
+    run = tmp_path / f"zero{stage}"
+    result = launch(2, run, shards, f"zero_stage={stage}", "steps=12", "save_every=6")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    curve = losses(run)
+    assert len(curve) == 12 and np.mean(curve[-3:]) < np.mean(curve[:3])
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000012"
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    if stage == 3:
+        # Export from ZeRO-3 shards: one consolidated safetensors file, loadable without DeepSpeed.
+        from transformers import AutoModelForCausalLM
+
+        from unified.export import export, load_training_checkpoint
+        from unified.policy import Policy
+
+        export(checkpoint=run, out=tmp_path / "export")
+        model, _ = load_training_checkpoint(run)
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+        ids = torch.randint(0, model.layout.vocab_size, (1, 20))
+        with torch.no_grad():
+            torch.testing.assert_close(hf(input_ids=ids).logits, model.logits(ids)[0], atol=0, rtol=0)
+        assert Policy.from_pretrained(tmp_path / "export").config.horizon == 4
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_the_uninterrupted_run(shards, tmp_path):
+    steps = ["steps=10", "save_every=2", "sample_every=0"]
+    whole = tmp_path / "whole"
+    assert launch(2, whole, shards, *steps).returncode == 0
+    killed = tmp_path / "killed"
+    process = launch(2, killed, shards, *steps, wait=False)
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (latest.is_file() and latest.read_text().strip() >= "step_0000004"):
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    saved = int(latest.read_text().strip().split("_")[1])
+    assert saved < 10, "the run finished before it could be killed"
+    result = launch(2, killed, shards, *steps, resume=True)
+    assert result.returncode == 0, result.stdout[-3000:]
+    np.testing.assert_allclose(losses(killed), losses(whole), rtol=1e-5)  # at most the unsaved steps were lost
+    # Resume on one rank from the two-rank checkpoint: weights and schedule continue.
+    one = tmp_path / "one"
+    shutil.copytree(whole, one)
+    shutil.rmtree(one / "checkpoints" / "step_0000010")
+    (one / "checkpoints" / "latest").write_text("step_0000008\n")
+    result = launch(1, one, shards, *steps, resume=True)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "from a 2-rank checkpoint" in result.stdout
+    assert len(losses(one)) == 10 and losses(one)[:8] == losses(whole)[:8]
+
+
+@pytest.mark.slow
+def test_damaged_checkpoint_is_detected(shards, tmp_path):
+    run = tmp_path / "run"
+    assert launch(2, run, shards, "steps=2", "save_every=2").returncode == 0
+    weights = run / "checkpoints" / "step_0000002" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    result = launch(2, run, shards, "steps=4", resume=True)
+    assert result.returncode != 0 and "model.safetensors: damaged" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_and_names_the_step(shards, tmp_path):
+    # A z-loss weight beyond float32's range makes the very first loss infinite.
+    result = launch(2, tmp_path / "nan", shards, "model.z_loss=1e39", "steps=3")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "non-finite loss at step 0" in output and "samples ['episode" in output
+    result = launch(2, tmp_path / "skip", shards, "model.z_loss=1e39", "steps=5", "on_nan=skip", "max_skipped=2")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "skipping step 0" in output and "2 steps skipped" in output

@@ -1,0 +1,51 @@
+"""Training batches: a task mixture drawn from token shards, packed into fixed rows.
+
+Batch (step, micro step, rank) is a pure function of the seed: the data position of a run is its step, so
+a resumed run sees exactly the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from unified.data.tokenize import TokenShards
+from unified.errors import UnifiedError
+from unified.packing import Batch, collate
+from unified.sequences import build
+
+MISSES_BEFORE_CLOSING = 8  # draws that fit nowhere before a batch is closed; rows end up nearly full
+
+
+class MixtureBatches:
+    def __init__(self, shards: TokenShards, tasks: dict[str, float], seq_len: int, batch_size: int, seed: int,
+                 image_weight: float = 0.04, task_weights: dict[str, float] | None = None, with_state: bool = True):
+        self.shards, self.seq_len, self.batch_size, self.seed = shards, seq_len, batch_size, seed
+        self.image_weight, self.task_weights, self.with_state = image_weight, task_weights or {}, with_state
+        self.tasks = [t for t, w in tasks.items() if w > 0]
+        for task in self.tasks:
+            if len(shards.index(task)) == 0:
+                hint = " (tokenize with --operators for the text task)" if task == "text" else ""
+                raise UnifiedError(f"{shards.root}: no samples for task {task!r}{hint}")
+        weights = np.array([tasks[t] for t in self.tasks], np.float64)
+        self.probabilities = weights / weights.sum()
+
+    def batch(self, step: int, micro: int = 0, rank: int = 0) -> Batch:
+        rng = np.random.default_rng([self.seed, step, micro, rank])
+        rows = [[] for _ in range(self.batch_size)]
+        room = [self.seq_len] * self.batch_size
+        misses = 0
+        while misses < MISSES_BEFORE_CLOSING:
+            task = self.tasks[int(rng.choice(len(self.tasks), p=self.probabilities))]
+            index = self.shards.index(task)
+            sample = self.shards.sample(task, int(index[int(rng.integers(len(index)))]), with_state=self.with_state)
+            built = build(sample, self.shards.layout, self.image_weight, self.task_weights)
+            if len(built) > self.seq_len:
+                raise UnifiedError(f"sample {built.id!r} ({built.task}) has {len(built)} tokens, more than "
+                                   f"data.seq_len {self.seq_len}")
+            target = next((r for r in range(self.batch_size) if room[r] >= len(built)), None)
+            if target is None:
+                misses += 1
+                continue
+            rows[target].append(built)
+            room[target] -= len(built)
+        return collate(rows, self.seq_len, self.shards.layout)

@@ -1,0 +1,109 @@
+"""Run checkpoints: DeepSpeed's own files (model, optimizer, scheduler per rank) plus, in the same directory,
+the consolidated weights as one safetensors file and a manifest. Written under a temporary name, renamed,
+and `latest` last, so a checkpoint is never half-written; the manifest detects a damaged one at load.
+
+    RUN/checkpoints/step_0000100/   DeepSpeed files, model.safetensors, checkpoint.json, manifest.json
+    RUN/checkpoints/latest          the tag of the newest complete checkpoint
+    RUN/tokenizers/, RUN/config.yaml, RUN/losses.jsonl, RUN/tensorboard/
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from unified.errors import UnifiedError
+
+FORMAT = "unified-checkpoint"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def consolidated_state(engine) -> dict[str, torch.Tensor] | None:
+    """The full model weights on rank 0 (None elsewhere). Collective under ZeRO-3: call on every rank."""
+    if engine.zero_optimization_stage() == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module.state_dict()
+    if torch.distributed.get_rank() != 0:
+        return None
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def save(engine, run_dir: Path, step: int, client_state: dict, info: dict) -> Path:
+    """Save on every rank; returns the checkpoint directory."""
+    import torch.distributed as dist
+
+    root = Path(run_dir) / "checkpoints"
+    tag = f"step_{step:07d}"
+    temporary = f".tmp_{tag}"
+    if dist.get_rank() == 0:
+        shutil.rmtree(root / temporary, ignore_errors=True)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=temporary, client_state=client_state, save_latest=False)
+    state = consolidated_state(engine)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        directory = root / temporary
+        save_file(state, directory / "model.safetensors")
+        (directory / "checkpoint.json").write_text(json.dumps(
+            {"format": FORMAT, "step": step, "world_size": dist.get_world_size(), **info}, indent=2) + "\n")
+        files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != "manifest.json")
+        manifest = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+        (directory / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        shutil.rmtree(root / tag, ignore_errors=True)
+        os.replace(directory, root / tag)
+        latest = root / ".latest.tmp"
+        latest.write_text(tag + "\n")
+        os.replace(latest, root / "latest")
+    dist.barrier()
+    return root / tag
+
+
+def find(path: str | Path) -> Path:
+    """A run directory (its latest checkpoint) or a step directory -> the step directory, verified."""
+    path = Path(path)
+    if (path / "checkpoints" / "latest").is_file():
+        tag = (path / "checkpoints" / "latest").read_text().strip()
+        path = path / "checkpoints" / tag
+    elif (path / "latest").is_file():
+        path = path / (path / "latest").read_text().strip()
+    if not (path / "checkpoint.json").is_file():
+        raise UnifiedError(f"{path}: not a checkpoint (no checkpoint.json) nor a run directory with checkpoints")
+    verify(path)
+    return path
+
+
+def verify(directory: Path) -> None:
+    """Compare every file with the manifest written at save time; name the first that differs."""
+    manifest_path = directory / "manifest.json"
+    if not manifest_path.is_file():
+        raise UnifiedError(f"{directory}: damaged checkpoint (no manifest.json); resume from an earlier step")
+    manifest = json.loads(manifest_path.read_text())
+    for name, expected in manifest.items():
+        path = directory / name
+        if not path.is_file():
+            raise UnifiedError(f"{path}: missing from the checkpoint (damaged); resume from an earlier step")
+        if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
+            raise UnifiedError(f"{path}: damaged (its size or checksum differs from manifest.json); "
+                               "resume from an earlier step")
+
+
+def read_info(directory: Path) -> dict:
+    return json.loads((Path(directory) / "checkpoint.json").read_text())
+
+
+def load_weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(Path(directory) / "model.safetensors")

@@ -1,0 +1,349 @@
+"""Training entry point, run under the DeepSpeed launcher:
+
+    deepspeed --num_accelerators 2 --module unified.train --recipe recipes/joint.yaml [key=value ...] [--resume]
+
+DeepSpeed owns the optimizer, scheduler, gradient accumulation, clipping and precision; this file owns
+what is not the engine's: data position (the step), RNG, logging, checkpoints and failure handling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unified.errors import UnifiedError
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
+    """Achievable FLOP/s of a large matmul on this device: the denominator of MFU."""
+    n = 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+def prepare_data(config, run_dir: Path, progress: bool) -> Path:
+    """Token shards from `data.path`: used as they are, or made from an episode store into run_dir/shards."""
+    from unified.data.tokenize import tokenize
+
+    path = Path(config.data.path)
+    if (path / "meta.json").is_file():
+        return path
+    if (path / "meta" / "info.json").is_file():
+        if not config.data.tokenizer:
+            raise UnifiedError(f"data={path} is an episode store: give tokenizer=TOKDIR to tokenize it")
+        tasks = ",".join(t for t in config.data.tasks)
+        out = run_dir / "shards"
+        if not (out / "meta.json").is_file():
+            tokenize(data=path, tokenizer=Path(config.data.tokenizer), out=out, horizon=config.model.horizon,
+                     history=config.model.history, tasks=tasks,
+                     operators=Path(config.data.operators) if config.data.operators else None,
+                     operator_hops=config.data.operator_hops, progress=progress)
+        return out
+    raise UnifiedError(f"data={path}: neither token shards (meta.json) nor an episode store (meta/info.json)")
+
+
+def initial_weights(config, layout):
+    """Weights to start from: a checkpoint or an exported model directory (fine-tuning), else None."""
+    from unified import checkpoint
+
+    source = Path(config.init_from)
+    if (source / "unified.json").is_file():
+        from unified.policy import load_model
+
+        model, _, _ = load_model(source)
+        if model.layout != layout:
+            raise UnifiedError(f"init_from {source}: its token layout differs from the data's; tokenize the data "
+                               "with the model's tokenizers (its tokenizers/ directory)")
+        state = {f"backbone.{k}": v for k, v in model.backbone.state_dict().items()}
+        if model.action_head is not None:
+            state |= {f"action_head.{k}": v for k, v in model.action_head.state_dict().items()}
+        return state
+    return checkpoint.load_weights(checkpoint.find(source))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="unified.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", required=True, help="recipes/NAME.yaml")
+    parser.add_argument("--resume", action="store_true", help="continue from run_dir's latest checkpoint")
+    parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the launcher
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. steps=200 model.num_layers=4 data=DIR")
+    args = parser.parse_args(argv)
+    try:
+        train(args.recipe, args.overrides, args.resume)
+    except UnifiedError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+def train(recipe: str, overrides: list[str], resume: bool = False) -> list[float]:
+    import deepspeed
+    import torch.distributed as dist
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    from unified import checkpoint
+    from unified.batches import MixtureBatches
+    from unified.config import to_dict
+    from unified.data.tokenize import TokenShards
+    from unified.model import UnifiedModel
+    from unified.sequences import TASKS
+    from unified.train_config import deepspeed_config, load_recipe
+
+    config = load_recipe(recipe, overrides)
+    gpu = torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if gpu else torch.device("cpu")
+    if gpu:
+        torch.cuda.set_device(device)
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and gpu)
+    run_dir = Path(config.run_dir)
+    main_rank = rank == 0
+
+    # Everything rank 0 prepares, the others wait for.
+    if main_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shards_dir = prepare_data(config, run_dir, progress=True)
+    dist.barrier()
+    shards_dir = prepare_data(config, run_dir, progress=False) if not main_rank else shards_dir
+    shards = TokenShards(shards_dir)
+    layout = shards.layout
+    if shards.horizon != config.model.horizon or shards.history != config.model.history:
+        raise UnifiedError(f"{shards_dir}: shards were made with horizon {shards.horizon}, history {shards.history}; "
+                           f"the model needs {config.model.horizon}, {config.model.history}")
+    tokenizer_dir = Path(shards.meta["tokenizer"])
+    if main_rank:
+        if not (run_dir / "tokenizers" / "layout.json").is_file():
+            shutil.copytree(tokenizer_dir, run_dir / "tokenizers", dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("logs"))
+        (run_dir / "config.yaml").write_text(__import__("yaml").safe_dump(to_dict(config), sort_keys=False))
+    dist.barrier()
+
+    # Resume: the same world size restores everything through DeepSpeed; another one restores the
+    # consolidated weights and the step, with fresh optimizer moments.
+    start_step, resume_dir, same_world = 0, None, False
+    if resume:
+        if not (run_dir / "checkpoints" / "latest").is_file():
+            raise UnifiedError(f"--resume: {run_dir} has no checkpoint yet (checkpoints/latest)")
+        resume_dir = checkpoint.find(run_dir)
+        saved = checkpoint.read_info(resume_dir)
+        start_step, same_world = saved["step"], saved["world_size"] == world
+
+    torch.manual_seed(config.seed)
+    model = UnifiedModel(config.model, layout)
+    initial = None
+    if resume_dir is not None and not same_world:
+        initial = checkpoint.load_weights(resume_dir)
+    elif resume_dir is None and config.init_from:
+        initial = initial_weights(config, layout)
+    if initial is not None:
+        missing, unexpected = model.load_state_dict(initial, strict=False)
+        if unexpected or [k for k in missing if not k.startswith("action_head.")]:
+            raise UnifiedError(f"initial weights do not fit the model config (missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]})")
+    teacher = None
+    if config.distill.teacher:
+        if set(t for t, w in config.data.tasks.items() if w > 0) != {"policy"}:
+            raise UnifiedError("distillation trains an action-only student: set data.tasks to {policy: 1.0}")
+        from unified.policy import load_model
+
+        teacher, _, _ = load_model(config.distill.teacher, device=str(device))
+        if teacher.layout != layout:
+            raise UnifiedError(f"distill.teacher {config.distill.teacher}: its layout differs from the data's")
+        teacher.requires_grad_(False)
+
+    # recipes/deepspeed/ beside the recipe, else the repository's.
+    ds_dir = Path(recipe).resolve().parent if (Path(recipe).resolve().parent / "deepspeed").is_dir() else RECIPES
+    ds_config = deepspeed_config(config, world, bf16, ds_dir)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    client: dict = {}
+    if resume_dir is not None and same_world:
+        _, client = engine.load_checkpoint(str(resume_dir.parent), tag=resume_dir.name)
+        for name, state in client.get("rng", {}).items():
+            {"python": random.setstate, "numpy": np.random.set_state, "torch": torch.set_rng_state}[name](state)
+    elif resume_dir is not None:
+        for _ in range(start_step):
+            scheduler.step()
+        if main_rank:
+            print(f"resuming at step {start_step} on {world} rank(s) from a {saved['world_size']}-rank checkpoint: "
+                  "weights and schedule restored, optimizer moments re-initialised", flush=True)
+
+    batches = MixtureBatches(shards, config.data.tasks, config.data.seq_len, config.data.batch_size, config.seed,
+                             config.model.image_loss_weight, config.model.task_weights, config.data.with_state)
+    peak = measure_peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
+    flops_per_token = 6 * sum(p.numel() for p in model.parameters())
+    writer = SummaryWriter(str(run_dir / "tensorboard")) if main_rank else None
+    losses_path = run_dir / "losses.jsonl"
+    losses = _read_losses(losses_path, start_step) if main_rank else []
+    bar = tqdm(total=config.steps, initial=start_step, desc=config.name, unit="step", disable=not main_rank,
+               dynamic_ncols=True)
+    skipped = 0
+    info = {"model": to_dict(config.model), "recipe": str(recipe), "name": config.name}
+    for step in range(start_step, config.steps):
+        started = time.perf_counter()
+        step_loss, tokens, task_metrics = 0.0, 0, {}
+        for micro in range(config.optim.grad_accum):
+            batch = batches.batch(step, micro, rank)
+            tensors = batch.to_torch(device)
+            loss, metrics = engine(tensors)
+            if teacher is not None:
+                loss = _distill_loss(config, engine.module, teacher, shards, tensors, batch, loss, metrics)
+            bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=device)
+            dist.all_reduce(bad)
+            if bad.item() > 0:
+                where = f"step {step}, tasks {sorted({TASKS[t] for t in batch.task_ids.flatten() if t >= 0})}"
+                samples = [s for row in batch.sample_ids for s in row][:6]
+                if config.on_nan == "stop" or skipped >= config.max_skipped:
+                    raise UnifiedError(f"non-finite loss at {where}, samples {samples} (on rank {rank}); "
+                                       f"{'on_nan: stop' if config.on_nan == 'stop' else f'{skipped} steps skipped'}")
+                skipped += 1
+                if main_rank:
+                    print(f"skipping step {step}: non-finite loss ({where})", flush=True)
+                continue  # nothing was backpropagated: the step leaves the weights as they were
+            engine.backward(loss)
+            engine.step()
+            step_loss += float(loss.detach()) / config.optim.grad_accum
+            tokens += int(metrics["tokens"])
+            for k, v in metrics.items():
+                if k.startswith(("loss/", "accuracy/")):
+                    task_metrics[k] = task_metrics.get(k, 0.0) + float(v) / config.optim.grad_accum
+        mean_loss = torch.tensor(step_loss, device=device, dtype=torch.float64)
+        dist.all_reduce(mean_loss)
+        mean_loss = float(mean_loss) / world
+        elapsed = time.perf_counter() - started
+        if main_rank:
+            losses.append(mean_loss)
+            with open(losses_path, "a") as f:
+                f.write(json.dumps({"step": step, "loss": mean_loss}) + "\n")
+            tokens_per_s = tokens / max(elapsed, 1e-9)
+            bar.update(1)
+            bar.set_postfix_str(f"loss {mean_loss:.4f}, {tokens_per_s * world:.0f} tok/s")
+            if step % config.log_every == 0 or step + 1 == config.steps:
+                writer.add_scalar("train/loss", mean_loss, step)
+                writer.add_scalar("train/learning_rate", scheduler.get_last_lr()[0], step)
+                grad_norm = engine.get_global_grad_norm()
+                if grad_norm is not None:
+                    writer.add_scalar("train/grad_norm", float(grad_norm), step)
+                writer.add_scalar("train/tokens_per_s", tokens_per_s * world, step)
+                writer.add_scalar("train/mfu", flops_per_token * tokens_per_s / peak, step)
+                for k, v in task_metrics.items():
+                    writer.add_scalar(k, v, step)
+        if config.sample_every and (step + 1) % config.sample_every == 0 and "world" in batches.tasks:
+            _world_sample(engine.module, shards, tokenizer_dir, writer, step, device)
+        if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
+            client_state = {"step": step + 1, "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                                                      "torch": torch.get_rng_state()}}
+            checkpoint.save(engine, run_dir, step + 1, client_state, info)
+    bar.close()
+    if writer is not None:
+        writer.close()
+        print(f"{config.name}: {config.steps} steps, final loss {losses[-1] if losses else float('nan'):.4f}; "
+              f"checkpoints in {run_dir / 'checkpoints'}", flush=True)
+    return losses
+
+
+def _read_losses(path: Path, start_step: int) -> list[float]:
+    """The per-step losses before `start_step`; later lines (from a run that died after its checkpoint) go."""
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in rows if r["step"] < start_step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return [r["loss"] for r in kept]
+
+
+def _distill_loss(config, student, teacher, shards, tensors, batch, loss, metrics):
+    """KL(teacher || student) on the action tokens of the student's policy samples; the teacher reads the same
+    observation with its own reasoning (the policy_reason sequence) and its action distribution is the target."""
+    import torch.nn.functional as F
+
+    from unified.packing import collate
+    from unified.sequences import IGNORE, TASKS, build
+
+    d = config.distill
+    action_mask = student.layout.mask("action")
+    policy = TASKS.index("policy")
+    rows = []
+    for row, ids in enumerate(batch.sample_ids):
+        for sample_id in ids:
+            if sample_id.startswith("episode"):
+                rows.append((row, sample_id))
+    if not rows:
+        return loss
+    # Rebuild the teacher's sequences (with reasoning) for the same episode steps.
+    built = []
+    for _, sample_id in rows:
+        _, episode, _, step = sample_id.split()
+        start = shards.episode_start[int(episode)] + int(step)
+        built.append(build(shards.sample("policy_reason", start), shards.layout))
+    teacher_batch = collate([[b] for b in built], max(len(b) for b in built), shards.layout).to_torch(
+        tensors["input_ids"].device)
+    with torch.no_grad():
+        teacher_logits, _ = teacher.logits(teacher_batch["input_ids"], teacher_batch["attention_mask"],
+                                           teacher_batch["position_ids"])
+    student_logits, _ = student.logits(tensors["input_ids"], tensors["attention_mask"], tensors["position_ids"])
+    kl_terms = []
+    for k, (row, _) in enumerate(rows):
+        t_pos = (teacher_batch["targets"][k] != IGNORE) & torch.from_numpy(action_mask)[
+            teacher_batch["targets"][k].clamp_min(0)]
+        s_targets = tensors["targets"][row]
+        in_row = (tensors["task_ids"][row] == policy) & (s_targets != IGNORE) & torch.from_numpy(action_mask)[
+            s_targets.clamp_min(0)]
+        # The k-th policy sample of this row: its action positions, in order.
+        s_positions = in_row.nonzero().flatten()
+        per_sample = int(t_pos.sum())
+        first = sum(1 for r2, _ in rows[:k] if r2 == row) * per_sample
+        s_positions = s_positions[first:first + per_sample]
+        t_log = F.log_softmax(teacher_logits[k, t_pos.nonzero().flatten()].float() / d.temperature, -1)
+        s_log = F.log_softmax(student_logits[row, s_positions].float() / d.temperature, -1)
+        kl_terms.append(F.kl_div(s_log, t_log, log_target=True, reduction="batchmean"))
+    kl = torch.stack(kl_terms).mean()
+    metrics["loss/distill_kl"] = kl.detach()
+    return d.ce_weight * loss + d.kl_weight * kl
+
+
+def _world_sample(model, shards, tokenizer_dir: Path, writer, step: int, device) -> None:
+    """Real next frame vs the model's teacher-forced prediction, to TensorBoard (all ranks compute: ZeRO-3)."""
+    from unified.packing import collate
+    from unified.sequences import build
+    from unified.tokenizers.image import ImageTokenizer
+
+    index = shards.index("world")
+    sample = shards.sample("world", int(index[len(index) // 2]))
+    built = build(sample, shards.layout)
+    tensors = collate([[built]], len(built), shards.layout).to_torch(device)
+    with torch.no_grad():
+        logits, _ = model.logits(tensors["input_ids"], tensors["attention_mask"], tensors["position_ids"])
+    start, stop = built.spans["next_frame"]
+    image = shards.layout.segment("image")
+    predicted = logits[0, start - 1:stop - 1, image.start:image.stop].argmax(-1).cpu().numpy()
+    if writer is None:
+        return
+    tokenizer = ImageTokenizer.from_pretrained(tokenizer_dir / "image")
+    now = shards.layout.to_local("image", sample.frames[-1])
+    truth = shards.layout.to_local("image", sample.next_frame)
+    frames = tokenizer.decode(np.stack([now, truth, predicted]))
+    writer.add_images("world/now_true_predicted", frames, step, dataformats="NHWC")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Training recipes: YAML mapped onto typed dataclasses, `key=value` overrides on dotted paths, short keys.
+
+A recipe may hold a `gpu:` section of overrides applied when a GPU is present (bf16, a bigger model,
+ZeRO-3), so that one file serves the laptop and the cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from unified.config import from_dict, load_yaml, to_dict
+from unified.errors import UnifiedError
+from unified.model import ModelConfig
+
+# Short keys that always work on the command line, and the dotted field each stands for.
+SHORT_KEYS = {
+    "data": "data.path",
+    "tokenizer": "data.tokenizer",
+    "run_dir": "run_dir",
+    "steps": "steps",
+    "save_every": "save_every",
+    "zero_stage": "zero_stage",
+    "seed": "seed",
+}
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # token shards (`unified data tokenize`) or an episode store (tokenized into run_dir/shards)
+    tokenizer: str = ""  # tokenizer directory; needed when `path` is an episode store
+    operators: str | None = None  # operator data set for the text task when `path` is a store
+    operator_hops: str = "2-4"  # hop counts trained on (length generalisation is tested on more)
+    tasks: dict[str, float] = field(default_factory=lambda: {"world": 1.0, "policy_reason": 1.0, "policy": 1.0})
+    seq_len: int = 1024  # packed row length
+    batch_size: int = 4  # packed rows per rank per micro step
+    with_state: bool = True  # the ego state in policy prompts
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    grad_accum: int = 1  # micro steps per optimizer step
+
+
+@dataclass
+class DistillConfig:
+    teacher: str | None = None  # an exported model directory (the frozen teacher); None: no distillation
+    kl_weight: float = 1.0  # KL(teacher || student) on action tokens, teacher reading its reasoning
+    ce_weight: float = 0.0  # cross-entropy on the ground-truth action tokens besides
+    temperature: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    name: str = "run"
+    run_dir: str = "runs/train"
+    steps: int = 100  # optimizer steps
+    save_every: int = 50  # checkpoint every N steps (and always at the end)
+    log_every: int = 5
+    sample_every: int = 50  # world-model sample images to TensorBoard every N steps; 0: never
+    seed: int = 0
+    zero_stage: int = 2
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPUs, fp32 on the CPU
+    init_from: str | None = None  # fine-tune: weights from an exported model directory or a checkpoint
+    on_nan: Literal["stop", "skip"] = "stop"  # a NaN/inf loss stops the run (naming step, task, samples) or is skipped
+    max_skipped: int = 10  # with on_nan: skip, stop after this many skipped steps
+    gpu: dict[str, Any] = field(default_factory=dict)  # overrides applied when a GPU is present
+
+    def __post_init__(self):
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise UnifiedError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.steps < 1 or self.save_every < 1:
+            raise UnifiedError(f"steps and save_every must be at least 1, got {self.steps} and {self.save_every}")
+        unknown = sorted(set(self.data.tasks) - {"policy_reason", "policy", "world", "text"})
+        if unknown:
+            raise UnifiedError(f"data.tasks: unknown task(s) {unknown}; tasks are policy_reason, policy, world, text")
+
+
+def _set(tree: dict, dotted: str, value: Any, where: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise UnifiedError(f"{where}: {dotted}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def _check_path(dotted: str, where: str) -> None:
+    """Refuse an override whose path is not a field, listing the valid keys at the level that failed."""
+    cls: Any = TrainConfig
+    for i, key in enumerate(dotted.split(".")):
+        if not dataclasses.is_dataclass(cls):
+            return  # inside a dict field (e.g. data.tasks.world): any key
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if key not in fields:
+            prefix = ".".join(dotted.split(".")[:i])
+            valid = ", ".join(fields) + (f"; short keys: {', '.join(SHORT_KEYS)}" if i == 0 else "")
+            raise UnifiedError(f"{where}: unknown key {dotted!r} ({key!r} is not in {prefix or 'the recipe'}); "
+                               f"valid keys: {valid}")
+        import typing
+
+        cls = typing.get_type_hints(cls)[key]
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), gpu: bool | None = None) -> TrainConfig:
+    """Read a recipe and apply `key=value` overrides (YAML values: numbers, lists, booleans, null)."""
+    data = load_yaml(path) if path else {}
+    for item in overrides:
+        if "=" not in item:
+            raise UnifiedError(f"override {item!r}: expected key=value, e.g. steps=200 or model.num_layers=4")
+        key, raw = item.split("=", 1)
+        key = SHORT_KEYS.get(key, key)
+        _check_path(key, "command line")
+        _set(data, key, _parse_value(raw), "command line")
+    config = from_dict(TrainConfig, data, str(path))
+    if gpu is None:
+        import torch
+
+        gpu = torch.cuda.is_available()
+    if gpu and config.gpu:
+        merged = to_dict(config)
+        for key, value in _flatten(config.gpu):
+            _check_path(key, f"{path}: gpu")
+            _set(merged, key, value, f"{path}: gpu")
+        # Command-line overrides win over the gpu section.
+        for item in overrides:
+            key, raw = item.split("=", 1)
+            _set(merged, SHORT_KEYS.get(key, key), _parse_value(raw), "command line")
+        config = from_dict(TrainConfig, merged, f"{path} (gpu)")
+    return config
+
+
+def _parse_value(raw: str) -> Any:
+    """A command-line value as YAML (numbers, lists, booleans, null), with 1e-4 read as a number too."""
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        return raw
+    if isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+        except ValueError:
+            return value
+    return value
+
+
+def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k not in ("tasks", "task_weights"):
+            out += _flatten(v, key + ".")
+        else:
+            out.append((key, v))
+    return out
+
+
+def deepspeed_config(config: TrainConfig, world_size: int, bf16: bool, recipes: Path) -> dict:
+    """The DeepSpeed JSON of the recipe's ZeRO stage, filled with the recipe's batch, optimizer and schedule."""
+    import json
+
+    path = recipes / "deepspeed" / f"zero{config.zero_stage}.json"
+    if not path.is_file():
+        raise UnifiedError(f"{path}: missing DeepSpeed config for zero_stage {config.zero_stage}")
+    ds = json.loads(path.read_text())
+    o = config.optim
+    ds["train_micro_batch_size_per_gpu"] = config.data.batch_size
+    ds["gradient_accumulation_steps"] = o.grad_accum
+    ds["train_batch_size"] = config.data.batch_size * o.grad_accum * world_size
+    ds["gradient_clipping"] = o.grad_clip
+    ds["optimizer"] = {"type": "AdamW", "params": {
+        "lr": o.lr, "betas": list(o.betas), "weight_decay": o.weight_decay, "eps": 1e-8, "torch_adam": True}}
+    ds["scheduler"] = {"type": "WarmupCosineLR", "params": {
+        "total_num_steps": config.steps, "warmup_num_steps": o.warmup_steps, "warmup_type": "linear",
+        "warmup_min_ratio": 0.0, "cos_min_ratio": o.min_lr_ratio}}
+    ds["bf16"] = {"enabled": bf16}
+    ds["steps_per_print"] = 10**9  # the progress bar and TensorBoard report instead
+    return ds
