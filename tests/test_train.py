@@ -144,3 +144,32 @@ def test_non_finite_loss_stops_and_names_the_step(shards, tmp_path):
     result = launch(2, tmp_path / "skip", shards, "model.z_loss=1e39", "steps=5", "on_nan=skip", "max_skipped=2")
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "skipping step 0" in output and "2 steps skipped" in output
+
+
+@pytest.mark.slow
+def test_finetune_and_distill_recipes_run(shards, tmp_path):
+    teacher_run = tmp_path / "teacher"
+    assert launch(2, teacher_run, shards, "steps=2", "save_every=2").returncode == 0
+    from unified.export import export
+
+    export(checkpoint=teacher_run, out=tmp_path / "teacher_export")
+    tiny = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.intermediate_size=128",
+            "model.max_position_embeddings=256", "model.horizon=4", "data.seq_len=256", "data.batch_size=2",
+            "steps=3", "save_every=3", "sample_every=0"]
+    for recipe, extra in (("finetune.yaml", [f"init_from={tmp_path / 'teacher_export'}"]),
+                          ("distill_action_only.yaml", [f"distill.teacher={tmp_path / 'teacher_export'}"])):
+        run = tmp_path / recipe.split(".")[0]
+        result = subprocess.run(
+            [str(BIN / "unified"), "train", "--recipe", str(ROOT / "recipes" / recipe), "--ranks", "2",
+             f"run_dir={run}", f"data={shards}", *tiny, *extra], capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert len(losses(run)) == 3 and all(np.isfinite(losses(run)))
+    from unified.train import initial_weights  # fine-tuning really started from the teacher's weights
+
+    config = load_recipe(ROOT / "recipes" / "finetune.yaml", [f"init_from={tmp_path / 'teacher_export'}"], gpu=False)
+    from unified.export import load_training_checkpoint
+
+    teacher, _ = load_training_checkpoint(teacher_run)
+    start = initial_weights(config, teacher.layout)
+    torch.testing.assert_close(start["backbone.model.embed_tokens.weight"],
+                               teacher.backbone.model.embed_tokens.weight)

@@ -32,6 +32,7 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "tokenizer fit": ("unified.tokenizers.fit", "fit", "fit the image, text and action tokenizers on an episode store"),
     "tokenizer eval": ("unified.tokenizers.evaluate", "evaluate", "PSNR, codebook usage, encode speed, action errors"),
     "eval closed-loop": ("unified.eval.closed_loop", "closed_loop", "drive a suite with a driver and report success"),
+    "eval plot-training": ("unified.eval.training_plot", "plot_training", "loss curves per task of runs, as a PNG"),
     "eval compare": ("unified.eval.closed_loop", "compare", "a Markdown table of closed-loop reports (--json files)"),
 }
 HIDDEN = {"progress"}  # parameters for Python callers only
@@ -94,6 +95,13 @@ def train(overrides: list[str] = (), *, recipe: Path, ranks: int = 1, resume: bo
     command = [str(launcher if launcher.exists() else "deepspeed")]
     if hostfile is not None:
         command += ["--hostfile", str(hostfile)]
+    else:
+        # A free port, so that several runs (or a test beside a demo) on one machine do not collide.
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            command += ["--master_port", str(probe.getsockname()[1])]
     command += ["--num_accelerators", str(ranks), "--module", "unified.train", "--recipe", str(recipe)]
     command += (["--resume"] if resume else []) + list(overrides)
     print("$ " + " ".join(command), flush=True)
