@@ -8,7 +8,7 @@ import math
 import multiprocessing as mp
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -48,22 +48,48 @@ def mean_interval(values: np.ndarray) -> tuple[float, float]:
 class _Worker:
     suite: Suite
     envs: dict
+    policy = None
+
+    setup_error: Exception | None = None
 
     @classmethod
-    def setup(cls, suite_path: str) -> None:
+    def setup(cls, suite_path: str, model: str | None = None, mode: str = "reason",
+              replan_every: int | None = None) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        cls.suite = load_suite(suite_path)
-        cls.envs = {}
+        # A pool whose initializer raises restarts workers forever: keep the error and raise it from run().
+        try:
+            cls.suite = load_suite(suite_path)
+            cls.envs = {}
+            if model is not None and model not in DRIVERS:
+                import torch
+
+                from unified.policy import Policy
+
+                torch.set_num_threads(1)  # one thread per worker: workers are the parallelism
+                cls.policy = Policy.from_pretrained(model)
+                cls.mode, cls.replan_every = mode, replan_every
+        except Exception as e:  # noqa: BLE001 - re-raised in run()
+            cls.setup_error = e
 
     @classmethod
     def run(cls, job: tuple[str, str, int, int]) -> dict[str, Any]:
+        if cls.setup_error is not None:
+            raise cls.setup_error
         driver_name, scenario_name, index, seed = job
         scenario = cls.suite.scenarios[scenario_name]
+        learned = driver_name not in DRIVERS
         if scenario_name not in cls.envs:
-            cls.envs[scenario_name] = make_env(cls.suite, scenario, render=False)
+            cls.envs[scenario_name] = make_env(cls.suite, scenario, render=learned)
+        if learned:
+            from unified.eval.model_driver import ModelDriver
+
+            driver = ModelDriver(cls.policy, cls.mode, cls.replan_every)
+        else:
+            driver = DRIVERS[driver_name]()
         episode = run_episode(
-            cls.suite, scenario, DRIVERS[driver_name](), seed, index=index, render=False, env=cls.envs[scenario_name]
+            cls.suite, scenario, driver, seed, index=index, render=False, env=cls.envs[scenario_name]
         )
+        decisions = getattr(driver, "decisions", None)
         s = episode.summary
         # Jerk of the commanded acceleration, m/s^3: a comfort measure a passenger would feel.
         jerk = np.abs(np.diff(episode.actions[:, 0])) * cls.suite.policy_frequency
@@ -71,7 +97,11 @@ class _Worker:
             "scenario": scenario_name, "index": index, "seed": seed, "success": s.success, "collision": s.collision,
             "offroad": s.offroad, "end": s.end, "steps": s.steps, "progress_m": s.progress_m,
             "mean_speed": s.mean_speed, "mean_jerk": float(jerk.mean()) if len(jerk) else 0.0,
-            "latencies_ms": episode.latencies_ms.tolist(),
+            # A learned policy decides once per chunk; the scripted drivers at every step.
+            "latencies_ms": [d["latency_ms"] for d in decisions] if decisions is not None
+            else episode.latencies_ms.tolist(),
+            "tokens_per_decision": float(np.mean([d["tokens"] for d in decisions])) if decisions else 0.0,
+            "reasoning": [d["reasoning"] for d in decisions[:3]] if decisions else [],
         }
 
 
@@ -85,6 +115,7 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     for key, field in (("mean_progress", "progress_m"), ("mean_speed", "mean_speed"), ("mean_jerk", "mean_jerk")):
         values = np.array([r[field] for r in records], np.float64)
         out[key] = {"mean": float(values.mean()) if n else 0.0, "ci95": list(mean_interval(values))}
+    out["tokens_per_decision"] = float(np.mean([r["tokens_per_decision"] for r in records])) if records else 0.0
     latencies = np.concatenate([np.asarray(r["latencies_ms"]) for r in records]) if records else np.zeros(0)
     out["decision_latency_ms"] = {
         "median": float(np.median(latencies)) if len(latencies) else 0.0,
@@ -96,12 +127,16 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def closed_loop(
     *, model: str, scenarios: Path, episodes: int = 20, workers: int = 1, seed: int = EVAL_SEED,
-    json: Path | None = None, progress: bool = True,
+    json: Path | None = None, mode: Literal["reason", "direct", "continuous"] = "reason",
+    replan_every: int | None = None, progress: bool = True,
 ) -> dict[str, Any]:
-    """Drive `episodes` episodes of every scenario in the suite `scenarios` with `model` (expert, random or
-    constant) and return (and with `json`, write) the report."""
-    if model not in DRIVERS:
-        raise UnifiedError(f"--model: unknown driver {model!r}; valid ones: {', '.join(DRIVERS)}")
+    """Drive `episodes` episodes of every scenario in the suite `scenarios` with `model` (an exported model
+    directory, or the scripted expert, random or constant driver) and return (and with `json`, write) the
+    report. A model reasons before acting (`mode reason`), acts directly (`direct`) or reads its continuous
+    head (`continuous`), and re-plans every `replan_every` steps (default: its chunk length)."""
+    if model not in DRIVERS and not (Path(model) / "unified.json").is_file():
+        raise UnifiedError(f"--model: {model!r} is neither an exported model directory (with unified.json) nor a "
+                           f"driver ({', '.join(DRIVERS)})")
     if episodes < 1 or workers < 1:
         raise UnifiedError(f"--episodes and --workers must be at least 1, got {episodes} and {workers}")
     suite = load_suite(scenarios)
@@ -109,9 +144,12 @@ def closed_loop(
         (model, name, i, int(np.random.SeedSequence([seed, s, i]).generate_state(1)[0] & 0x7FFFFFFF))
         for s, name in enumerate(suite.scenarios) for i in range(episodes)
     ]
-    records = _run(str(scenarios), jobs, workers, progress, f"{model} on {suite.name}")
+    records = _run(str(scenarios), jobs, workers, progress, f"{Path(model).name} on {suite.name}",
+                   (model, mode, replan_every))
     report = {
-        "model": model,
+        "model": model if model in DRIVERS else f"{Path(model).name} ({mode})",
+        "model_path": None if model in DRIVERS else str(model),
+        "mode": None if model in DRIVERS else mode,
         "suite": suite.name,
         "suite_path": str(scenarios),
         "suite_hash": suite.hash,
@@ -130,18 +168,18 @@ def closed_loop(
     return report
 
 
-def _run(suite_path: str, jobs: list, workers: int, progress: bool, desc: str) -> list[dict[str, Any]]:
+def _run(suite_path: str, jobs: list, workers: int, progress: bool, desc: str, model_args: tuple) -> list[dict]:
     records = []
     bar = tqdm(total=len(jobs), desc=desc, unit="ep", disable=not progress, dynamic_ncols=True)
     try:
         if workers == 1:
-            _Worker.setup(suite_path)
+            _Worker.setup(suite_path, *model_args)
             signal.signal(signal.SIGINT, signal.default_int_handler)
             for job in jobs:
                 records.append(_Worker.run(job))
                 bar.update(1)
         else:
-            with mp.get_context("spawn").Pool(workers, _Worker.setup, (suite_path,)) as pool:
+            with mp.get_context("spawn").Pool(workers, _Worker.setup, (suite_path, *model_args)) as pool:
                 for record in pool.imap_unordered(_Worker.run, jobs):
                     records.append(record)
                     bar.update(1)

@@ -50,3 +50,35 @@ def test_compare_names_a_file_that_is_not_a_report(tmp_path):
     (tmp_path / "x.json").write_text("[]")
     with pytest.raises(UnifiedError, match="x.json: not a closed-loop report"):
         compare([tmp_path / "x.json"])
+
+
+@pytest.mark.slow
+def test_a_trained_model_drives_in_closed_loop(model_data, tmp_path):
+    """An exported model (here untrained: the plumbing, not the skill) drives through the same command."""
+    import torch
+    from unified.tokenizers.fit import Tokenizers
+
+    from unified.model import ModelConfig, UnifiedModel
+    from unified.policy import save_model
+
+    tokenizers = Tokenizers.from_pretrained(model_data / "tok")
+    torch.manual_seed(0)
+    model = UnifiedModel(ModelConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                                     max_position_embeddings=256, horizon=4, max_reason_tokens=8), tokenizers.layout)
+    save_model(model, tokenizers, tmp_path / "model")
+    reports = {}
+    for mode in ("reason", "direct"):
+        reports[mode] = closed_loop(model=str(tmp_path / "model"), scenarios=model_data / "suite.yaml", episodes=1,
+                                    mode=mode, replan_every=4, json=tmp_path / f"{mode}.json", progress=False)
+    direct, reason = reports["direct"]["overall"], reports["reason"]["overall"]
+    assert direct["episodes"] == 1 and direct["decision_latency_ms"]["decisions"] >= 1
+    assert direct["tokens_per_decision"] == 4 * 2  # H steps x 2 action dimensions, nothing else
+    assert reason["tokens_per_decision"] > direct["tokens_per_decision"]  # reasoning costs tokens
+    assert reports["reason"]["model"].endswith("(reason)") and reports["reason"]["model_path"]
+    with pytest.raises(UnifiedError, match="neither an exported model directory"):
+        closed_loop(model=str(tmp_path), scenarios=model_data / "suite.yaml", episodes=1, progress=False)
+    # A model that fails to load in the workers is an error, not a pool that restarts them forever.
+    (tmp_path / "model" / "layout.json").unlink()
+    with pytest.raises(UnifiedError, match="layout.json"):
+        closed_loop(model=str(tmp_path / "model"), scenarios=model_data / "suite.yaml", episodes=2, workers=2,
+                    progress=False)
