@@ -200,15 +200,15 @@ def test_continuous_action_head_trains_and_acts(shards, tokenizers, data, tmp_pa
     model = tiny_model(shards.layout, action_head=True)
     batch = batches(shards, ["policy"], rows=8)[0].to_torch()
     assert batch["head_targets"].shape[1:] == (H, 2) and (batch["head_targets"].abs() <= 1).all()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    first = None
-    for _ in range(30):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    l1 = []
+    for _ in range(40):
         loss, metrics = model(batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        first = first if first is not None else float(metrics["loss/action_head_l1"])
-    assert float(metrics["loss/action_head_l1"]) < first
+        l1.append(float(metrics["loss/action_head_l1"]))
+    assert np.mean(l1[-5:]) < 0.8 * l1[0], l1
     episode = EpisodeStore(data / "store").read_episode(0)
     save_model(model.eval(), tokenizers, tmp_path / "m")
     policy = Policy.from_pretrained(tmp_path / "m")

@@ -89,7 +89,7 @@ def build_backbone(config: ModelConfig, layout: TokenLayout):
 
 class ActionHead(nn.Module):
     """H learned queries attend to each other (bidirectionally) and to the backbone's hidden states of the
-    prompt; each query becomes one step of the chunk, normalised to [-1, 1]."""
+    prompt; each query becomes one step of the chunk, in normalised units ([-1, 1] between q01 and q99)."""
 
     def __init__(self, hidden: int, horizon: int, action_dim: int, layers: int, heads: int):
         super().__init__()
@@ -99,9 +99,10 @@ class ActionHead(nn.Module):
         self.out = nn.Linear(hidden, action_dim)
 
     def forward(self, memory: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
-        """memory (S, P, C) hidden states, padding (S, P) True where empty -> (S, H, D) in [-1, 1]."""
+        """memory (S, P, C) hidden states, padding (S, P) True where empty -> (S, H, D) normalised actions."""
         queries = self.queries.unsqueeze(0).expand(len(memory), -1, -1)
-        return torch.tanh(self.out(self.blocks(queries, memory, memory_key_padding_mask=padding)))
+        # Linear output: a tanh here saturates early in training and its gradient vanishes; callers clip.
+        return self.out(self.blocks(queries, memory, memory_key_padding_mask=padding))
 
 
 def gather_prompts(hidden: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

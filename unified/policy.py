@@ -182,7 +182,7 @@ class Policy:
         _, _, hidden = self.model.logits(torch.tensor([ids], device=device), mask,
                                          torch.arange(n, device=device)[None], hidden=True)
         index = torch.tensor([[0, 0, n - 1]], device=device)
-        normalised = self.model.continuous_actions(hidden, index)[0].float().cpu().numpy()
+        normalised = self.model.continuous_actions(hidden, index)[0].float().clamp(-1, 1).cpu().numpy()
         return self.tokenizers.action.normalizer.unnormalize(normalised).astype(np.float32)
 
 
