@@ -1,0 +1,101 @@
+"""`unified eval reasoning`: does the generated explanation name the right critical agent, cause and decision?
+
+Ground truth is the simulator's causation record of the same step. A generated sentence is read back with
+the grammar that `unified.sim.causation.describe` writes, so a sentence outside that grammar counts as wrong.
+"""
+
+from __future__ import annotations
+
+import json as jsonlib
+import re
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from unified.errors import UnifiedError
+from unified.sim.causation import _DO
+
+AGENT_TOLERANCE_M = 5.0  # a stated distance within this of the true one names the same vehicle
+_CAUSES = [
+    (re.compile(r"^The car (-?\d+) m ahead is (\d+) m/s slower"), "slower vehicle ahead"),
+    (re.compile(r"^I follow the car (-?\d+) m ahead"), "vehicle ahead"),
+    (re.compile(r"^A car merges (\d+) m (?:ahead|behind)"), "merging vehicle"),
+    (re.compile(r"^A car with right of way crosses my path (\d+) m"), "crossing vehicle"),
+    (re.compile(r"^The (?:left|right) lane is free and faster"), "free faster lane"),
+    (re.compile(r"^I am above my target speed"), "above target speed"),
+    (re.compile(r"^The road ahead is clear"), "clear road"),
+]
+_DECISIONS = {phrase: decision for decision, phrase in _DO.items()}
+
+
+def parse(text: str) -> dict | None:
+    """'The car 18 m ahead is 4 m/s slower, so I change to the left lane.' -> cause, decision, distance (m)."""
+    text = (text or "").strip()
+    for pattern, cause in _CAUSES:
+        match = pattern.match(text)
+        if match:
+            break
+    else:
+        return None
+    decision = next((d for phrase, d in _DECISIONS.items() if text.endswith(f"so I {phrase}.")), None)
+    if decision is None:
+        return None
+    distance = float(match.group(1)) if match.groups() else None
+    return {"cause": cause, "decision": decision, "distance_m": distance}
+
+
+def judge(generated: str, truth) -> dict[str, bool]:
+    """Compare a generated sentence with a `Causation` record."""
+    parsed = parse(generated)
+    if parsed is None:
+        return {"parsed": False, "decision": False, "cause": False, "agent": False, "all": False}
+    has_agent = truth.critical_id >= 0
+    true_distance = float(np.hypot(*truth.critical_position)) if has_agent else None
+    if has_agent and parsed["distance_m"] is not None:
+        # describe() states the longitudinal gap for vehicles ahead and the distance otherwise.
+        gap = abs(float(truth.critical_position[0])) if truth.cause in ("slower vehicle ahead", "vehicle ahead") \
+            else true_distance
+        agent = abs(parsed["distance_m"] - gap) <= AGENT_TOLERANCE_M
+    else:
+        agent = (parsed["distance_m"] is None) == (not has_agent or truth.cause == "free faster lane")
+    decision, cause = parsed["decision"] == truth.decision, parsed["cause"] == truth.cause
+    return {"parsed": True, "decision": decision, "cause": cause, "agent": agent, "all": decision and cause and agent}
+
+
+def reasoning(*, model: Path, data: Path, json: Path | None = None, episodes: int = 10, every: int = 10,
+              progress: bool = True) -> dict:
+    """Generate the explanation at every `every`-th step of up to `episodes` held-out episodes of `data`."""
+    from unified.tokenizers.fit import is_held_out
+
+    from unified.data.store import EpisodeStore
+    from unified.policy import Policy
+
+    policy = Policy.from_pretrained(model)
+    store = EpisodeStore(data)
+    indices = ([i for i in store.indices() if is_held_out(i)] or store.indices())[:episodes]
+    if not indices:
+        raise UnifiedError(f"{data}: no episodes")
+    verdicts, examples = [], []
+    for index in tqdm(indices, desc="reasoning", unit="ep", disable=not progress):
+        episode = store.read_episode(index)
+        history = policy.config.history
+        for t in range(0, len(episode.actions), every):
+            result = policy.act(episode.frames[max(0, t - history + 1):t + 1], episode.instruction,
+                                state=episode.states[t], reason=True)
+            verdict = judge(result.reasoning, episode.causation[t])
+            verdicts.append(verdict)
+            if len(examples) < 5:
+                examples.append({"episode": index, "step": t, "generated": result.reasoning,
+                                 "truth": episode.causation[t].text, **verdict})
+    rate = {k: float(np.mean([v[k] for v in verdicts])) for k in ("parsed", "decision", "cause", "agent", "all")}
+    report = {"model": str(model), "data": str(data), "explanations": len(verdicts),
+              "reasoning_accuracy": rate["all"], "decision_accuracy": rate["decision"],
+              "cause_accuracy": rate["cause"], "agent_accuracy": rate["agent"], "parsed_rate": rate["parsed"],
+              "examples": examples}
+    print(f"{len(verdicts)} explanations: all correct {rate['all']:.1%} (decision {rate['decision']:.1%}, "
+          f"cause {rate['cause']:.1%}, critical agent {rate['agent']:.1%}; well-formed {rate['parsed']:.1%})")
+    if json is not None:
+        Path(json).parent.mkdir(parents=True, exist_ok=True)
+        Path(json).write_text(jsonlib.dumps(report, indent=2) + "\n")
+    return report
