@@ -32,12 +32,10 @@ _DECISIONS = {phrase: decision for decision, phrase in _DO.items()}
 def parse(text: str) -> dict | None:
     """'The car 18 m ahead is 4 m/s slower, so I change to the left lane.' -> cause, decision, distance (m)."""
     text = (text or "").strip()
-    for pattern, cause in _CAUSES:
-        match = pattern.match(text)
-        if match:
-            break
-    else:
+    found = next(((m, c) for m, c in ((p.match(text), c) for p, c in _CAUSES) if m), None)
+    if found is None:
         return None
+    match, cause = found
     decision = next((d for phrase, d in _DECISIONS.items() if text.endswith(f"so I {phrase}.")), None)
     if decision is None:
         return None

@@ -32,7 +32,7 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "tokenizer fit": ("unified.tokenizers.fit", "fit", "fit the image, text and action tokenizers on an episode store"),
     "tokenizer eval": ("unified.tokenizers.evaluate", "evaluate", "PSNR, codebook usage, encode speed, action errors"),
     "eval closed-loop": ("unified.eval.closed_loop", "closed_loop", "drive a suite with a driver and report success"),
-    "eval world-model": ("unified.eval.world_model", "world_model", "imagined vs real frames: PSNR, SSIM, token accuracy"),
+    "eval world-model": ("unified.eval.world_model", "world_model", "imagined vs real frames: PSNR, SSIM, accuracy"),
     "eval reasoning": ("unified.eval.reasoning", "reasoning", "generated explanations vs the simulator's causes"),
     "eval plot-training": ("unified.eval.training_plot", "plot_training", "loss curves per task of runs, as a PNG"),
     "eval compare": ("unified.eval.closed_loop", "compare", "a Markdown table of closed-loop reports (--json files)"),
