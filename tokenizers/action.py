@@ -6,17 +6,15 @@ no statistics are ever typed in; both decode to the simulator's units.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy.fft import dct, idct
+from unified.tokenizers.files import FORMAT_VERSION, read_config, write_config
 from unified.tokenizers.normalization import QuantileNormalizer
 
 from unified.errors import UnifiedError
-
-FORMAT_VERSION = 1
 
 
 def _check_chunks(actions, dim: int, where: str) -> np.ndarray:
@@ -94,11 +92,11 @@ class BinActionTokenizer:
         return self.normalizer.unnormalize(unit * 2 - 1)
 
     def save_pretrained(self, directory: str | Path) -> None:
-        _save_config(directory, "action_bins", {k: v for k, v in asdict(self).items()})
+        write_config(directory, "action_bins", asdict(self))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> BinActionTokenizer:
-        return cls(**_read_config(directory, "action_bins"))
+        return cls(**_settings(directory, "action_bins"))
 
 
 @dataclass
@@ -208,32 +206,14 @@ class FastActionTokenizer:
         return self.normalizer.unnormalize(np.clip(idct(coefficients, axis=1, norm="ortho"), -1, 1))
 
     def save_pretrained(self, directory: str | Path) -> None:
-        _save_config(directory, "action_fast", {k: v for k, v in asdict(self).items()})
+        write_config(directory, "action_fast", asdict(self))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> FastActionTokenizer:
-        return cls(**_read_config(directory, "action_fast"))
+        return cls(**_settings(directory, "action_fast"))
 
 
-def _save_config(directory: str | Path, kind: str, config: dict) -> None:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps({"type": kind, **config}, indent=2) + "\n")
-
-
-def _read_config(directory: str | Path, kind: str) -> dict:
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise UnifiedError(f"{directory}: not a tokenizer directory (no config.json)")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UnifiedError(f"{path}: not valid JSON ({e})") from None
-    if config.pop("type", None) != kind:
-        raise UnifiedError(f"{path}: not a {kind} tokenizer")
-    if config.get("format_version") != FORMAT_VERSION:
-        raise UnifiedError(
-            f"{path}: format_version {config.get('format_version')!r} was written by an incompatible version of "
-            f"unified; this one reads {FORMAT_VERSION}; refit with `unified tokenizer fit`"
-        )
+def _settings(directory: str | Path, kind: str) -> dict:
+    config = read_config(directory, kind)
+    del config["type"]
     return config

@@ -7,7 +7,6 @@ reachable by construction, without EMA updates or dead-code restarts. Levels (8,
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,10 +15,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from unified.tokenizers.files import FORMAT_VERSION, read_config, write_config
 
 from unified.errors import UnifiedError
 
-FORMAT_VERSION = 1
 # FSQ levels per codebook size: near the FSQ paper's recommendations, adjusted to multiply out exactly.
 LEVELS_FOR_SIZE = {256: (8, 8, 4), 512: (8, 8, 8), 1024: (8, 8, 4, 4), 4096: (8, 8, 8, 8), 16384: (8, 8, 8, 8, 4)}
 
@@ -229,8 +228,7 @@ class ImageTokenizer(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         encoder_only = encoder_only or self.encoder_only
-        config = asdict(self.config) | {"type": "image_fsq", "encoder_only": encoder_only}
-        (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_config(directory, "image_fsq", asdict(self.config) | {"encoder_only": encoder_only})
         weights = {k: v.contiguous() for k, v in self.state_dict().items()
                    if not (encoder_only and k.startswith("decoder."))}
         save_file(weights, directory / "model.safetensors")
@@ -238,7 +236,8 @@ class ImageTokenizer(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> ImageTokenizer:
         directory = Path(directory)
-        config = _read_config(directory, "image_fsq")
+        config = read_config(directory, "image_fsq")
+        del config["type"]
         encoder_only = bool(config.pop("encoder_only", False))
         tokenizer = cls(ImageTokenizerConfig(**config))
         try:
@@ -252,24 +251,6 @@ class ImageTokenizer(nn.Module):
                                f"(missing {sorted(set(missing) - allowed_missing)[:3]}, unexpected {unexpected[:3]})")
         tokenizer.encoder_only = encoder_only
         return tokenizer.eval()
-
-
-def _read_config(directory: Path, kind: str) -> dict:
-    path = directory / "config.json"
-    if not path.is_file():
-        raise UnifiedError(f"{directory}: not a {kind} tokenizer directory (no config.json)")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UnifiedError(f"{path}: not valid JSON ({e})") from None
-    if config.pop("type", None) != kind:
-        raise UnifiedError(f"{path}: not a {kind} tokenizer")
-    if config.get("format_version") != FORMAT_VERSION:
-        raise UnifiedError(
-            f"{path}: format_version {config.get('format_version')!r} was written by an incompatible version of "
-            f"unified; this one reads {FORMAT_VERSION}; refit with `unified tokenizer fit`"
-        )
-    return config
 
 
 __all__ = ["ImageTokenizer", "ImageTokenizerConfig"]

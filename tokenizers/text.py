@@ -10,10 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
+from unified.tokenizers.files import FORMAT_VERSION, read_config, write_config
 
 from unified.errors import UnifiedError
-
-FORMAT_VERSION = 1
 
 
 def _check_texts(texts, where: str) -> list[str]:
@@ -82,25 +81,14 @@ class TextTokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "spm.model").write_bytes(self.model_proto)
-        config = {"type": "text_sentencepiece", "format_version": FORMAT_VERSION, "vocab_size": self.vocab_size}
-        (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_config(directory, "text_sentencepiece", {"format_version": FORMAT_VERSION, "vocab_size": self.vocab_size})
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> TextTokenizer:
         directory = Path(directory)
-        path = directory / "config.json"
-        if not path.is_file():
-            raise UnifiedError(f"{directory}: not a text tokenizer directory (no config.json)")
-        config = json.loads(path.read_text())
-        if config.get("type") == "text_pretrained":
+        config = read_config(directory, ("text_sentencepiece", "text_pretrained"))
+        if config["type"] == "text_pretrained":
             return PretrainedTextTokenizer.from_pretrained(directory)  # type: ignore[return-value]
-        if config.get("type") != "text_sentencepiece":
-            raise UnifiedError(f"{path}: not a text tokenizer")
-        if config.get("format_version") != FORMAT_VERSION:
-            raise UnifiedError(
-                f"{path}: format_version {config.get('format_version')!r} was written by an incompatible version "
-                f"of unified; this one reads {FORMAT_VERSION}; refit with `unified tokenizer fit`"
-            )
         return cls((directory / "spm.model").read_bytes())
 
 
@@ -137,9 +125,8 @@ class PretrainedTextTokenizer:
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
         self.tokenizer.save_pretrained(str(directory / "hf"))
-        config = {"type": "text_pretrained", "format_version": FORMAT_VERSION, "vocab_size": self.vocab_size,
-                  "source": self.source}
-        (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_config(directory, "text_pretrained",
+                     {"format_version": FORMAT_VERSION, "vocab_size": self.vocab_size, "source": self.source})
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> PretrainedTextTokenizer:
