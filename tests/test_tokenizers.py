@@ -129,7 +129,7 @@ def test_fsq_reaches_every_code():
 
 
 TINY_IMAGE = ImageTokenizerConfig(image_size=(16, 16), codebook_size=256, downsample=4, channels=(8, 16),
-                                  decoder_channels=(16, 8, 8))
+                                  decoder_channels=(16, 8))
 
 
 def test_image_shapes_dtypes_and_errors(tmp_path):

@@ -123,7 +123,7 @@ def frames_of(store: EpisodeStore, indices: list[int], max_frames: int, seed: in
 
 def fit(
     *, data: Path, out: Path, operators: Path | None = None, text_from: Path | None = None,
-    codebook_size: int = 1024, downsample: int = 8, image_steps: int = 1500, image_batch: int = 32,
+    codebook_size: int = 1024, downsample: int = 8, image_steps: int = 700, image_batch: int = 16,
     max_frames: int = 20000, text_vocab: int = 1024, action_bins: int = 256, state_bins: int = 256,
     horizon: int = 10, fast_scale: float = 10.0, fast_vocab: int = 1024, seed: int = 0, progress: bool = True,
 ) -> Tokenizers:

@@ -16,8 +16,8 @@ from unified.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
 
 @dataclass
 class ImageFitConfig:
-    max_steps: int = 1500  # upper bound (the cosine schedule ends here); early stopping may end sooner
-    batch_size: int = 32
+    max_steps: int = 700  # upper bound (the cosine schedule ends here); early stopping may end sooner
+    batch_size: int = 16
     learning_rate: float = 2e-3
     warmup_steps: int = 100
     eval_every: int = 250  # steps between held-out evaluations (and early-stopping checks)
