@@ -78,12 +78,41 @@ def test_cached_generation_equals_uncached(shards):
     with torch.no_grad():
         full, _ = model.logits(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
     decoder = Decoder(model)
-    step_logits = [decoder.feed(built.ids[:10], built.action_block[:10])]
+    step_logits = [decoder.feed(built.ids[:10], built.action_block[:10])[-1]]
     for i in range(10, len(built)):
-        step_logits.append(decoder.feed(built.ids[i:i + 1], built.action_block[i:i + 1]))
+        step_logits.append(decoder.feed(built.ids[i:i + 1], built.action_block[i:i + 1])[-1])
     incremental = torch.stack(step_logits[1:])
     torch.testing.assert_close(incremental, full[0, 10:].float(), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(step_logits[0], full[0, 9].float(), atol=1e-4, rtol=1e-4)
+
+
+def test_a_chunk_written_all_steps_at_once_equals_writing_it_token_by_token(shards):
+    """Under the action-chunk mask a block sees the prompt and itself only: writing all H blocks together in D
+    forward passes chooses the same tokens, from the same logits, as the training order, one token at a time."""
+    model = tiny_model(shards.layout).eval()
+    layout = shards.layout
+    built = build(shards.sample("policy", int(shards.index("policy")[7])), layout)
+    prompt = built.ids[:built.spans["actions"][0]]
+    allowed, act = layout.mask("action"), layout.special("<act>")
+    parallel = Decoder(model)
+    parallel.feed(prompt)
+    fast = parallel.generate_blocks(act, allowed, H, 2)
+    assert parallel.passes == 1 + 2 and parallel.generated == H * 2
+    sequential, chosen, picked_from = Decoder(model), [], []
+    sequential.feed(prompt)
+    for k in range(H):
+        logits = sequential.feed([act], [k])[-1]
+        for _ in range(2):
+            masked = logits.masked_fill(~torch.from_numpy(allowed), -torch.inf)
+            chosen.append(int(masked.argmax()))
+            picked_from.append(masked.max())
+            logits = sequential.feed([chosen[-1]], [k])[-1]
+    assert fast == chosen
+    reference = Decoder(model)
+    reference.feed(prompt)
+    first = reference.feed([act] * H, np.arange(H), len(prompt) + 3 * np.arange(H))
+    torch.testing.assert_close(first.masked_fill(~torch.from_numpy(allowed), -torch.inf).max(-1).values,
+                               torch.stack(picked_from[::2]), atol=1e-4, rtol=1e-4)
 
 
 @settings(max_examples=15)

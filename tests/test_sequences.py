@@ -36,7 +36,7 @@ def test_policy_reason_layout_and_targets():
     names = [LAYOUT.specials[i] if i < len(LAYOUT.specials) else None for i in b.ids.tolist()]
     assert names[0] == "<bos>" and names[-1] == "</act>"
     assert [n for n in names if n] == ["<bos>", "<img>", "</img>", "<state>", "</state>", "<reason>", "</reason>",
-                                       "<act>", "</act>"]
+                                       *["<act>"] * H, "</act>"]  # one <act> marker per step of the chunk
     predicted = b.ids[1:][b.targets[:-1] != IGNORE]
     # Exactly the reasoning, its closing marker, the action tokens and </act> are predicted.
     expected = np.concatenate([sample.reason, [LAYOUT.special("</reason>")], sample.actions.reshape(-1),
@@ -44,7 +44,9 @@ def test_policy_reason_layout_and_targets():
     np.testing.assert_array_equal(predicted, expected)
     assert b.targets[-1] == IGNORE and np.all(b.weights[b.targets == IGNORE] == 0)
     blocks = b.action_block[b.action_block >= 0]
-    np.testing.assert_array_equal(blocks, np.repeat(np.arange(H), D))
+    np.testing.assert_array_equal(blocks, np.repeat(np.arange(H), D + 1))  # each step: its marker and D tokens
+    markers = b.ids == LAYOUT.special("<act>")
+    assert np.all(b.targets[:-1][markers[1:]] == IGNORE)  # markers are given, never predicted
 
 
 def test_world_targets_are_the_next_frame_at_image_weight():

@@ -1,5 +1,5 @@
 """Incremental decoding with the KV cache, each span constrained to its own token range, under the same
-attention rules as training (the action-chunk mask included)."""
+attention rules as training (the action-chunk mask included), and action chunks written all steps at once."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from unified.packing import attention_mask
 
 
 class Decoder:
-    """Decodes one sequence: `feed` tokens (prompt or forced markers), `generate` constrained spans."""
+    """Decodes one sequence: `feed` tokens (prompt or forced markers), `generate` constrained spans,
+    `generate_blocks` an action chunk."""
 
     def __init__(self, model: UnifiedModel, rng: np.random.Generator | None = None):
         from transformers import DynamicCache
@@ -19,33 +20,41 @@ class Decoder:
         self.model = model
         self.cache = DynamicCache(config=model.backbone.config)
         self.blocks: list[int] = []  # action block of every position fed so far (-1 outside blocks)
-        self.ids: list[int] = []
+        self.ids: list[int] = []  # in the order fed (the cache's order)
+        self.next_position = 0  # position id of the next token in sequence order
         self.last_logits: torch.Tensor | None = None
         self.rng = rng or np.random.default_rng(0)
-        self.generated = 0
+        self.generated = 0  # tokens chosen by the model
+        self.passes = 0  # forward passes
 
     @torch.inference_mode()
-    def feed(self, ids, blocks=None) -> torch.Tensor:
-        """Append `ids` (with their action blocks) and return the (V,) logits of the next token."""
+    def feed(self, ids, blocks=None, positions=None) -> torch.Tensor:
+        """Append `ids` (with their action blocks, and position ids, by default the next ones in sequence order)
+        and return the (len(ids), V) logits at them; `last_logits` keeps the last row."""
         ids = [int(i) for i in np.atleast_1d(ids)]
         blocks = [-1] * len(ids) if blocks is None else [int(b) for b in np.atleast_1d(blocks)]
+        if positions is None:
+            positions = np.arange(self.next_position, self.next_position + len(ids))
+        positions = np.atleast_1d(positions)
         start = len(self.ids)
         self.ids += ids
         self.blocks += blocks
+        self.next_position = max(self.next_position, int(positions.max()) + 1)
         total = len(self.ids)
         mask = attention_mask(np.zeros(total, np.int64), np.asarray(self.blocks))[start:total]  # (q, total)
         device = next(self.model.parameters()).device
         logits, self.cache = self.model.logits(
             torch.tensor([ids], device=device),
             torch.from_numpy(mask)[None, None].to(device),
-            torch.arange(start, total, device=device)[None],
+            torch.as_tensor(positions, device=device)[None],
             self.cache,
         )
+        self.passes += 1
         self.last_logits = logits[0, -1].float()
-        return self.last_logits
+        return logits[0].float()
 
-    def _choose(self, allowed: np.ndarray, greedy: bool, temperature: float) -> int:
-        logits = self.last_logits.clone()
+    def _choose(self, logits: torch.Tensor, allowed: np.ndarray, greedy: bool, temperature: float) -> int:
+        logits = logits.clone()
         logits[~torch.from_numpy(allowed).to(logits.device)] = -torch.inf
         if greedy or temperature <= 0:
             return int(torch.argmax(logits))
@@ -53,21 +62,38 @@ class Decoder:
         return int(self.rng.choice(len(probs), p=probs / probs.sum()))
 
     def generate(self, allowed: np.ndarray, count: int | None = None, stop: int | None = None,
-                 max_tokens: int = 64, blocks_of=None, greedy: bool = True, temperature: float = 1.0) -> list[int]:
+                 max_tokens: int = 64, greedy: bool = True, temperature: float = 1.0) -> list[int]:
         """Generate tokens from `allowed` ((V,) bool): exactly `count`, or until `stop` (which is fed but not
-        returned) or `max_tokens`. `blocks_of(k)` gives the action block of the k-th generated token."""
+        returned) or `max_tokens`."""
         if stop is not None:
             allowed = allowed.copy()
             allowed[stop] = True
         out: list[int] = []
         limit = count if count is not None else max_tokens
-        for k in range(limit):
-            token = self._choose(allowed, greedy, temperature)
+        for _ in range(limit):
+            token = self._choose(self.last_logits, allowed, greedy, temperature)
             self.generated += 1
-            self.feed([token], [blocks_of(k) if blocks_of else -1])
+            self.feed([token])
             if stop is not None and token == stop:
                 return out
             out.append(token)
         if stop is not None:  # out of budget: close the span as training did
             self.feed([stop])
         return out
+
+    def generate_blocks(self, marker: int, allowed: np.ndarray, blocks: int, per_block: int, greedy: bool = True,
+                        temperature: float = 1.0) -> list[int]:
+        """An action chunk `marker a_0 marker a_1 ... marker a_{blocks-1}` of `per_block` tokens a step, written in
+        `per_block` forward passes: under the action-chunk mask a block sees the prompt and itself only, so
+        every block advances at once. Returns the chosen tokens step by step, (blocks * per_block,)."""
+        stride = per_block + 1
+        starts = self.next_position + stride * np.arange(blocks)  # position of each block's marker
+        logits = self.feed([marker] * blocks, np.arange(blocks), starts)  # (blocks, V)
+        chosen = np.zeros((blocks, per_block), np.int64)
+        for r in range(per_block):
+            chosen[:, r] = [self._choose(logits[k], allowed, greedy, temperature) for k in range(blocks)]
+            self.generated += blocks
+            if r + 1 < per_block:  # the last tokens are not fed: nothing is predicted from them
+                logits = self.feed(chosen[:, r], np.arange(blocks), starts + 1 + r)
+        self.next_position = int(starts[-1]) + stride
+        return chosen.reshape(-1).tolist()

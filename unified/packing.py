@@ -16,15 +16,17 @@ from unified.sequences import IGNORE, TASKS, Built
 def attention_mask(segment: np.ndarray, action_block: np.ndarray) -> np.ndarray:
     """(T, T) bool, True where query i may attend to key j.
 
-    Causal, only within the same sample (`segment`, -1 for padding), and an action block never sees an
-    earlier action block of its chunk. Padding attends to itself only, so that no row is empty.
+    Causal, only within the same sample (`segment`, -1 for padding), and a token of an action block never sees
+    another block of its chunk. In a training sequence the other blocks that causality lets through are the
+    earlier ones; a decoder that writes all blocks at once (`Decoder.generate_blocks`) has later ones in its cache
+    too, and they are hidden by the same rule. Padding attends to itself only, so that no row is empty.
     """
     segment = np.asarray(segment)
     block = np.asarray(action_block)
     same = (segment[:, None] == segment[None, :]) & (segment[:, None] >= 0)
     causal = np.tri(len(segment), dtype=bool)
-    earlier_block = (block[:, None] >= 0) & (block[None, :] >= 0) & (block[None, :] < block[:, None])
-    return (same & causal & ~earlier_block) | np.eye(len(segment), dtype=bool)
+    other_block = (block[:, None] >= 0) & (block[None, :] >= 0) & (block[None, :] != block[:, None])
+    return (same & causal & ~other_block) | np.eye(len(segment), dtype=bool)
 
 
 @dataclass
@@ -106,7 +108,7 @@ def collate(rows: list[list[Built]], seq_len: int, layout: TokenLayout) -> Batch
             segment[start:stop] = s
             block[start:stop] = built.action_block
             if built.action_values is not None:
-                head_index.append((r, start, start + built.spans["actions"][0] - 1))  # up to and with <act>
+                head_index.append((r, start, start + built.spans["actions"][0]))  # up to and with the first <act>
                 head_targets.append(built.action_values)
             start = stop
         masks[r, 0] = attention_mask(segment, block)

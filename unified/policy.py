@@ -23,6 +23,7 @@ from unified.errors import UnifiedError
 from unified.generation import Decoder
 from unified.layout import TokenLayout
 from unified.model import ModelConfig, UnifiedModel
+from unified.sequences import action_chunk
 from unified.tokenizers.fit import Tokenizers
 
 FORMAT = "unified-model"
@@ -60,6 +61,19 @@ def save_model(
             "action_only": action_only, "kept": kept}
     (directory / "unified.json").write_text(json.dumps(info, indent=2) + "\n")
     return kept
+
+
+def weights_fingerprint(directory: str | Path) -> str:
+    """SHA-256 over a model directory's weight files: what a cached evaluation is keyed on."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        h.update(path.name.encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def load_model(directory: str | Path, device: str = "cpu") -> tuple[UnifiedModel, Tokenizers, dict]:
@@ -148,11 +162,16 @@ class Policy:
             temperature: float = 1.0, seed: int = 0, continuous: bool = False) -> ActionResult:
         """frames (T, H, W, 3) uint8, newest last -> ActionResult with (H, 2) actions.
 
-        `continuous` reads the actions from the continuous head instead of generating action tokens."""
+        The action tokens of all H steps are written together, in as many forward passes as an action has
+        dimensions (see `Decoder.generate_blocks`). `continuous` reads the actions from the continuous head
+        instead: one forward pass over the prompt (and the reasoning, if any)."""
         start = time.perf_counter()
-        layout = self.layout
+        layout, act = self.layout, self.layout.special("<act>")
+        prompt = self.prompt(frames, instruction, state)
+        if continuous and not reason:
+            return ActionResult(self._continuous(prompt + [act]), None, 0, 1000 * (time.perf_counter() - start))
         decoder = Decoder(self.model, np.random.default_rng(seed))
-        decoder.feed(self.prompt(frames, instruction, state))
+        decoder.feed(prompt)
         reasoning = None
         if reason:
             decoder.feed([layout.special("<reason>")])
@@ -160,17 +179,14 @@ class Policy:
                                         max_tokens=self.config.max_reason_tokens, greedy=greedy,
                                         temperature=temperature)
             reasoning = self.tokenizers.text.decode([layout.to_local("text", text_ids)])[0] if text_ids else ""
-        decoder.feed([layout.special("<act>")])
         if continuous:
-            actions = self._continuous(decoder.ids)
+            actions = self._continuous(decoder.ids + [act])
             return ActionResult(actions, reasoning, decoder.generated, 1000 * (time.perf_counter() - start))
-        dim = self.tokenizers.action.dim
-        action_ids = decoder.generate(layout.mask("action"), count=self.config.horizon * dim,
-                                      blocks_of=lambda k: k // dim, greedy=greedy, temperature=temperature)
+        action_ids = decoder.generate_blocks(act, layout.mask("action"), self.config.horizon,
+                                             self.tokenizers.action.dim, greedy=greedy, temperature=temperature)
         actions = self.tokenizers.action.decode(layout.to_local("action", action_ids)[None])[0]
         return ActionResult(actions.astype(np.float32), reasoning, decoder.generated,
                             1000 * (time.perf_counter() - start))
-
 
     @torch.inference_mode()
     def _continuous(self, ids: list[int]) -> np.ndarray:
@@ -219,8 +235,8 @@ class WorldModel:
                 ids += [layout.special("<img>"), *layout.to_global("image", c).tolist(), layout.special("</img>")]
             decoder.feed(ids)
             action_ids = layout.to_global("action", tok.action.encode(actions[k * h:(k + 1) * h][None])[0])
-            decoder.feed([layout.special("<act>")])
-            decoder.feed(action_ids, np.arange(len(action_ids)) // tok.action.dim)
+            chunk, blocks = action_chunk(action_ids.reshape(h, -1), layout)
+            decoder.feed(chunk, blocks)
             decoder.feed([layout.special("</act>"), layout.special("<img>")])
             new = decoder.generate(layout.mask("image"), count=tok.image.config.tokens_per_image, greedy=greedy)
             codes.append(layout.to_local("image", new))

@@ -1,13 +1,16 @@
 """Sequence builders, one per task, each a pure function from a sample to (ids, targets, weights).
 
-    policy_reason : <bos> instruction <img> f_t </img> [<state> s_t </state>] <reason> text </reason> <act> a </act>
-    policy        : <bos> instruction <img> f_t </img> [<state> s_t </state>] <act> a </act>
-    world         : <bos> <img> f_t </img> <act> a </act> <img> f_t+H </img>
+    policy_reason : <bos> instruction <img> f_t </img> [<state> s_t </state>] <reason> text </reason> CHUNK
+    policy        : <bos> instruction <img> f_t </img> [<state> s_t </state>] CHUNK
+    world         : <bos> <img> f_t </img> CHUNK <img> f_t+H </img>
     text          : <bos> question <reason> steps </reason> answer <eos>
+    CHUNK         : <act> a_t <act> a_t+1 ... <act> a_t+H-1 </act>
 
 All ids are global (see `TokenLayout`). `targets[i]` is the token position i must predict (ids[i + 1]) where
 that token lies in a target span, else IGNORE; `weights[i]` is its loss weight. `action_block[i]` numbers the
-action blocks (one per step of the chunk) so that the attention mask can hide earlier blocks.
+action blocks (one per step of the chunk: its `<act>` marker and its D tokens) so that the attention mask can
+hide the other blocks. Each block is predicted from its own marker, never from another block, so a decoder can
+write all H steps of a chunk at once, in D forward passes (`Decoder.generate_blocks`).
 """
 
 from __future__ import annotations
@@ -67,12 +70,13 @@ class _Writer:
         self.spans: dict[str, tuple[int, int]] = {}
         self.length = 0
 
-    def add(self, tokens, target: bool = False, name: str | None = None, block: np.ndarray | None = None) -> None:
+    def add(self, tokens, target=False, name: str | None = None, block: np.ndarray | None = None) -> None:
+        """Append `tokens`; `target` is one flag for all of them or one per token."""
         tokens = np.atleast_1d(np.asarray(tokens, np.int64))
         if name:
             self.spans[name] = (self.length, self.length + len(tokens))
         self.ids.append(tokens)
-        self.is_target.append(np.full(len(tokens), target))
+        self.is_target.append(np.broadcast_to(np.asarray(target, bool), tokens.shape))
         self.block.append(np.full(len(tokens), -1, np.int16) if block is None else block.astype(np.int16))
         self.length += len(tokens)
 
@@ -114,12 +118,21 @@ def _observation(w: _Writer, sample: Sample) -> None:
         w.special("</state>")
 
 
-def _action_chunk(w: _Writer, actions: np.ndarray, target: bool) -> None:
-    """<act> a_t .. a_t+H-1 </act>; the block index of each token is its step in the chunk."""
+def action_chunk(actions: np.ndarray, layout: TokenLayout) -> tuple[np.ndarray, np.ndarray]:
+    """(H, D) action ids -> the chunk's ids `<act> a_t <act> a_t+1 ...` (H * (D + 1),) and the block of each
+    (its step). The closing `</act>` is not included."""
     actions = np.atleast_2d(actions)
-    w.special("<act>", target=False)
-    blocks = np.repeat(np.arange(len(actions)), actions.shape[1])
-    w.add(actions.reshape(-1), target=target, name="actions", block=blocks)
+    h, d = actions.shape
+    ids = np.concatenate([np.full((h, 1), layout.special("<act>")), actions], 1).reshape(-1)
+    return ids, np.repeat(np.arange(h), d + 1)
+
+
+def _action_chunk(w: _Writer, actions: np.ndarray, target: bool) -> None:
+    """CHUNK: each step's marker is never a target; its D action tokens are when `target`."""
+    actions = np.atleast_2d(actions)
+    ids, blocks = action_chunk(actions, w.layout)
+    is_target = np.tile([False] + [target] * actions.shape[1], len(actions))
+    w.add(ids, target=is_target, name="actions", block=blocks)
     w.special("</act>", target=target)
 
 
