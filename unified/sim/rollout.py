@@ -17,7 +17,8 @@ from unified.sim.suite import Scenario, Suite
 @dataclass
 class EpisodeSummary:
     steps: int
-    success: bool  # no collision, still on the road, ran to its end, reached the env's goal and the destination
+    success: bool  # no collision, still on the road, ran to its end, reached the env's goal, the destination and
+    # the scenario's min_progress_m
     collision: bool
     offroad: bool
     end: str  # "time limit", "goal", "collision" or "off road"
@@ -100,7 +101,8 @@ def run_episode(
     goal = goal_reached(env)
     summary = EpisodeSummary(
         steps=steps,
-        success=end in ("time limit", "goal") and goal is not False and reached,
+        success=end in ("time limit", "goal") and goal is not False and reached
+        and progress >= (scenario.min_progress_m or 0.0),
         collision=end == "collision",
         offroad=end == "off road",
         end=end,

@@ -29,6 +29,9 @@ class Scenario:
     config: dict[str, Any] = field(default_factory=dict)  # overrides of the env's default_config()
     max_steps: int | None = None  # episode cap in policy steps; None: the env's duration, else 100
     destination: str | None = None  # route goal for the expert where the road branches, e.g. "o1"
+    # On open road (no destination) the route counts as completed after this many metres; None: any distance.
+    # Without it a car that stops on the highway and waits out the episode would count as a success.
+    min_progress_m: float | None = None
     instructions: list[str] = field(default_factory=list)  # paraphrases; empty: defaults for the env family
     weight: float = 1.0  # share of the suite's episodes
     name: str = ""  # filled from the key in `scenarios:`
@@ -38,6 +41,8 @@ class Scenario:
             raise ValueError(f"weight must be positive, got {self.weight}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
+        if self.min_progress_m is not None and self.min_progress_m < 0:
+            raise ValueError(f"min_progress_m must not be negative, got {self.min_progress_m}")
 
 
 @dataclass
