@@ -102,6 +102,58 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     return value
 
 
+def parse_value(raw: str) -> Any:
+    """A command-line value as YAML (numbers, lists, booleans, null), with 1e-4 read as a number too."""
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        return raw
+    if isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+        except ValueError:
+            return value
+    return value
+
+
+def set_dotted(tree: dict, dotted: str, value: Any, where: str) -> None:
+    """tree['a']['b'] = value for dotted 'a.b', making sections on the way."""
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise UnifiedError(f"{where}: {dotted}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def check_dotted(cls: type, dotted: str, where: str, short_keys: dict[str, str] | None = None) -> None:
+    """Refuse a dotted key that is not a field of dataclass `cls`, listing the valid keys where it failed."""
+    for i, key in enumerate(dotted.split(".")):
+        if not dataclasses.is_dataclass(cls):
+            return  # inside a dict field (e.g. data.tasks.world): any key
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if key not in fields:
+            prefix = ".".join(dotted.split(".")[:i])
+            valid = ", ".join(fields) + (f"; short keys: {', '.join(short_keys)}" if i == 0 and short_keys else "")
+            raise UnifiedError(f"{where}: unknown key {dotted!r} ({key!r} is not in {prefix or 'the recipe'}); "
+                               f"valid keys: {valid}")
+        cls = typing.get_type_hints(cls)[key]
+
+
+def apply_overrides(cls: type, tree: dict, overrides: list[str], short_keys: dict[str, str] | None = None) -> dict:
+    """Set each `key=value` of `overrides` in `tree` (a recipe as loaded), checking keys against `cls`."""
+    short_keys = short_keys or {}
+    for item in overrides:
+        if "=" not in item:
+            raise UnifiedError(f"override {item!r}: expected key=value, e.g. steps=200 or model.num_layers=4")
+        key, raw = item.split("=", 1)
+        key = short_keys.get(key, key)
+        check_dotted(cls, key, "command line", short_keys)
+        set_dotted(tree, key, parse_value(raw), "command line")
+    return tree
+
+
 def to_dict(obj: Any) -> Any:
     """A dataclass as plain JSON/YAML-ready data (tuples as lists, paths as strings)."""
     if dataclasses.is_dataclass(obj):

@@ -6,14 +6,11 @@ ZeRO-3), so that one file serves the laptop and the cluster.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from unified.config import from_dict, load_yaml, to_dict
+from unified.config import apply_overrides, check_dotted, from_dict, load_yaml, set_dotted, to_dict
 from unified.errors import UnifiedError
 from unified.model import ModelConfig
 
@@ -58,6 +55,8 @@ class DistillConfig:
     kl_weight: float = 1.0  # KL(teacher || student) on action tokens, teacher reading its reasoning
     ce_weight: float = 0.0  # cross-entropy on the ground-truth action tokens besides
     temperature: float = 1.0
+    # The continuous head's target, when the student has one: the teacher's expected chunk or the recorded one.
+    head_target: Literal["teacher", "ground_truth"] = "teacher"
 
 
 @dataclass
@@ -90,43 +89,9 @@ class TrainConfig:
             raise UnifiedError(f"data.tasks: unknown task(s) {unknown}; tasks are policy_reason, policy, world, text")
 
 
-def _set(tree: dict, dotted: str, value: Any, where: str) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise UnifiedError(f"{where}: {dotted}: {k} is not a section")
-    node[keys[-1]] = value
-
-
-def _check_path(dotted: str, where: str) -> None:
-    """Refuse an override whose path is not a field, listing the valid keys at the level that failed."""
-    cls: Any = TrainConfig
-    for i, key in enumerate(dotted.split(".")):
-        if not dataclasses.is_dataclass(cls):
-            return  # inside a dict field (e.g. data.tasks.world): any key
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        if key not in fields:
-            prefix = ".".join(dotted.split(".")[:i])
-            valid = ", ".join(fields) + (f"; short keys: {', '.join(SHORT_KEYS)}" if i == 0 else "")
-            raise UnifiedError(f"{where}: unknown key {dotted!r} ({key!r} is not in {prefix or 'the recipe'}); "
-                               f"valid keys: {valid}")
-        import typing
-
-        cls = typing.get_type_hints(cls)[key]
-
-
 def load_recipe(path: str | Path, overrides: list[str] = (), gpu: bool | None = None) -> TrainConfig:
     """Read a recipe and apply `key=value` overrides (YAML values: numbers, lists, booleans, null)."""
-    data = load_yaml(path) if path else {}
-    for item in overrides:
-        if "=" not in item:
-            raise UnifiedError(f"override {item!r}: expected key=value, e.g. steps=200 or model.num_layers=4")
-        key, raw = item.split("=", 1)
-        key = SHORT_KEYS.get(key, key)
-        _check_path(key, "command line")
-        _set(data, key, _parse_value(raw), "command line")
+    data = apply_overrides(TrainConfig, load_yaml(path) if path else {}, overrides, SHORT_KEYS)
     config = from_dict(TrainConfig, data, str(path))
     if gpu is None:
         import torch
@@ -135,28 +100,11 @@ def load_recipe(path: str | Path, overrides: list[str] = (), gpu: bool | None = 
     if gpu and config.gpu:
         merged = to_dict(config)
         for key, value in _flatten(config.gpu):
-            _check_path(key, f"{path}: gpu")
-            _set(merged, key, value, f"{path}: gpu")
-        # Command-line overrides win over the gpu section.
-        for item in overrides:
-            key, raw = item.split("=", 1)
-            _set(merged, SHORT_KEYS.get(key, key), _parse_value(raw), "command line")
+            check_dotted(TrainConfig, key, f"{path}: gpu")
+            set_dotted(merged, key, value, f"{path}: gpu")
+        apply_overrides(TrainConfig, merged, overrides, SHORT_KEYS)  # the command line wins over the gpu section
         config = from_dict(TrainConfig, merged, f"{path} (gpu)")
     return config
-
-
-def _parse_value(raw: str) -> Any:
-    """A command-line value as YAML (numbers, lists, booleans, null), with 1e-4 read as a number too."""
-    try:
-        value = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError:
-        return raw
-    if isinstance(value, str):
-        try:
-            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
-        except ValueError:
-            return value
-    return value
 
 
 def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
