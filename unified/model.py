@@ -156,7 +156,11 @@ class UnifiedModel(nn.Module):
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """Weighted cross-entropy on the target spans of a packed batch (see `packing.Batch.to_torch`), plus the
-        continuous head's L1 when the model has one."""
+        continuous head's L1 when the model has one.
+
+        With a teacher's soft targets in the batch (`soft_index` (N, 2), `soft_logprobs` (N, A) over the action
+        bins, `distill` = [ce_weight, kl_weight, temperature]; see `unified.distill`) the loss is
+        ce_weight * cross-entropy + kl_weight * KL(teacher || student) on those positions."""
         use_head = self.action_head is not None and len(batch.get("head_index", ())) > 0
         out = self.logits(batch["input_ids"], batch["attention_mask"], batch["position_ids"], hidden=use_head)
         logits = out[0].float()
@@ -166,6 +170,13 @@ class UnifiedModel(nn.Module):
         total_weight = weights.sum().clamp_min(1e-8)
         loss = (ce * weights).sum() / total_weight
         metrics = {}
+        if "soft_logprobs" in batch:
+            ce_weight, kl_weight, temperature = (float(v) for v in batch["distill"])
+            index, action = batch["soft_index"], self.layout.segment("action")
+            student = F.log_softmax(logits[index[:, 0], index[:, 1], action.start:action.stop] / temperature, -1)
+            kl = F.kl_div(student, batch["soft_logprobs"], log_target=True, reduction="batchmean")
+            loss = ce_weight * loss + kl_weight * kl
+            metrics["loss/distill_kl"] = kl.detach()
         if self.config.z_loss:
             log_z = torch.logsumexp(logits, -1)
             has_target = targets != IGNORE

@@ -104,6 +104,7 @@ def train(recipe: str, overrides: list[str], resume: bool = False) -> list[float
     from unified.batches import MixtureBatches
     from unified.config import to_dict
     from unified.data.tokenize import TokenShards
+    from unified.distill import distill_targets
     from unified.model import UnifiedModel
     from unified.sequences import TASKS
     from unified.train_config import deepspeed_config, load_recipe
@@ -204,9 +205,11 @@ def train(recipe: str, overrides: list[str], resume: bool = False) -> list[float
         for micro in range(config.optim.grad_accum):
             batch = batches.batch(step, micro, rank)
             tensors = batch.to_torch(device)
-            loss, metrics = engine(tensors)
             if teacher is not None:
-                loss = _distill_loss(config, engine.module, teacher, shards, tensors, batch, loss, metrics)
+                d = config.distill
+                tensors |= distill_targets(teacher, shards, batch, d.temperature, d.head_target == "teacher", device)
+                tensors["distill"] = torch.tensor([d.ce_weight, d.kl_weight, d.temperature])
+            loss, metrics = engine(tensors)
             bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=device)
             dist.all_reduce(bad)
             if bad.item() > 0:
@@ -269,56 +272,6 @@ def _read_losses(path: Path, start_step: int) -> list[float]:
     kept = [r for r in rows if r["step"] < start_step]
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     return [r["loss"] for r in kept]
-
-
-def _distill_loss(config, student, teacher, shards, tensors, batch, loss, metrics):
-    """KL(teacher || student) on the action tokens of the student's policy samples; the teacher reads the same
-    observation with its own reasoning (the policy_reason sequence) and its action distribution is the target."""
-    import torch.nn.functional as F
-
-    from unified.packing import collate
-    from unified.sequences import IGNORE, TASKS, build
-
-    d = config.distill
-    action_mask = student.layout.mask("action")
-    policy = TASKS.index("policy")
-    rows = []
-    for row, ids in enumerate(batch.sample_ids):
-        for sample_id in ids:
-            if sample_id.startswith("episode"):
-                rows.append((row, sample_id))
-    if not rows:
-        return loss
-    # Rebuild the teacher's sequences (with reasoning) for the same episode steps.
-    built = []
-    for _, sample_id in rows:
-        _, episode, _, step = sample_id.split()
-        start = shards.episode_start[int(episode)] + int(step)
-        built.append(build(shards.sample("policy_reason", start), shards.layout))
-    teacher_batch = collate([[b] for b in built], max(len(b) for b in built), shards.layout).to_torch(
-        tensors["input_ids"].device)
-    with torch.no_grad():
-        teacher_logits, _ = teacher.logits(teacher_batch["input_ids"], teacher_batch["attention_mask"],
-                                           teacher_batch["position_ids"])
-    student_logits, _ = student.logits(tensors["input_ids"], tensors["attention_mask"], tensors["position_ids"])
-    kl_terms = []
-    for k, (row, _) in enumerate(rows):
-        t_pos = (teacher_batch["targets"][k] != IGNORE) & torch.from_numpy(action_mask)[
-            teacher_batch["targets"][k].clamp_min(0)]
-        s_targets = tensors["targets"][row]
-        in_row = (tensors["task_ids"][row] == policy) & (s_targets != IGNORE) & torch.from_numpy(action_mask)[
-            s_targets.clamp_min(0)]
-        # The k-th policy sample of this row: its action positions, in order.
-        s_positions = in_row.nonzero().flatten()
-        per_sample = int(t_pos.sum())
-        first = sum(1 for r2, _ in rows[:k] if r2 == row) * per_sample
-        s_positions = s_positions[first:first + per_sample]
-        t_log = F.log_softmax(teacher_logits[k, t_pos.nonzero().flatten()].float() / d.temperature, -1)
-        s_log = F.log_softmax(student_logits[row, s_positions].float() / d.temperature, -1)
-        kl_terms.append(F.kl_div(s_log, t_log, log_target=True, reduction="batchmean"))
-    kl = torch.stack(kl_terms).mean()
-    metrics["loss/distill_kl"] = kl.detach()
-    return d.ce_weight * loss + d.kl_weight * kl
 
 
 def _world_sample(model, shards, tokenizer_dir: Path, writer, step: int, device) -> None:

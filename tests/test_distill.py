@@ -1,0 +1,90 @@
+"""Distillation targets from a frozen teacher, and the soft-target loss of the student."""
+
+import numpy as np
+import pytest
+import torch
+
+from unified.batches import MixtureBatches
+from unified.data.tokenize import TokenShards
+from unified.distill import distill_targets, expected_actions
+from unified.errors import UnifiedError
+from unified.model import ModelConfig, UnifiedModel
+
+TINY = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, max_position_embeddings=256, horizon=4)
+
+
+@pytest.fixture(scope="module")
+def shards(model_data):
+    return TokenShards(model_data / "shards")
+
+
+def tiny(layout, seed=0, **extra):
+    torch.manual_seed(seed)
+    return UnifiedModel(ModelConfig(**(TINY | extra)), layout).eval()
+
+
+def test_expected_actions_are_bin_centres_under_certainty():
+    bins = 8
+    certain = torch.full((3, bins), -1e9)
+    certain[0, 0], certain[1, 7], certain[2, 3] = 0.0, 0.0, 0.0
+    np.testing.assert_allclose(expected_actions(certain).numpy(), [-7 / 8, 7 / 8, -1 / 8], atol=1e-6)
+    uniform = torch.log(torch.full((1, bins), 1 / bins))
+    assert abs(float(expected_actions(uniform)[0])) < 1e-6
+
+
+def test_teacher_targets_line_up_with_the_students_action_positions(shards):
+    teacher = tiny(shards.layout, seed=1)
+    batch = MixtureBatches(shards, {"policy": 1.0}, 256, 2, seed=0).batch(0)
+    targets = distill_targets(teacher, shards, batch)
+    action = shards.layout.segment("action")
+    is_action = (batch.targets >= action.start) & (batch.targets < action.stop)
+    samples = sum(len(row) for row in batch.sample_ids)
+    assert len(targets["soft_index"]) == is_action.sum() == samples * 4 * 2  # H steps x 2 dimensions each
+    assert torch.allclose(targets["soft_logprobs"].exp().sum(-1), torch.ones(len(targets["soft_index"])))
+    assert targets["head_targets"].shape == batch.head_targets.shape
+    assert targets["head_targets"].abs().max() <= 1.0
+    # The teacher reads its own reasoning first: its targets differ from what it says without reasoning.
+    student_view, _ = teacher.logits(*(batch.to_torch()[k] for k in ("input_ids", "attention_mask", "position_ids")))
+    index = targets["soft_index"]
+    direct = torch.log_softmax(student_view[index[:, 0], index[:, 1], action.start:action.stop], -1)
+    assert not torch.allclose(direct, targets["soft_logprobs"], atol=1e-3)
+
+
+def test_soft_target_loss_is_zero_against_itself_and_weighs_the_cross_entropy(shards):
+    student = tiny(shards.layout)
+    batch = MixtureBatches(shards, {"policy": 1.0}, 256, 2, seed=0).batch(0)
+    tensors = batch.to_torch()
+    plain, _ = student(tensors)
+    action = shards.layout.segment("action")
+    index = torch.from_numpy(np.argwhere((batch.targets >= action.start) & (batch.targets < action.stop)))
+    with torch.no_grad():
+        logits, _ = student.logits(tensors["input_ids"], tensors["attention_mask"], tensors["position_ids"])
+    own = torch.log_softmax(logits[index[:, 0], index[:, 1], action.start:action.stop], -1)
+    tensors |= {"soft_index": index, "soft_logprobs": own, "distill": torch.tensor([0.5, 1.0, 1.0])}
+    loss, metrics = student(tensors)
+    assert float(metrics["loss/distill_kl"]) == pytest.approx(0.0, abs=1e-5)
+    torch.testing.assert_close(loss, 0.5 * plain, rtol=1e-5, atol=1e-6)
+    tensors["soft_logprobs"] = torch.log_softmax(torch.randn_like(own), -1)
+    loss, metrics = student(tensors)
+    assert float(metrics["loss/distill_kl"]) > 0.1 and float(loss) > float(0.5 * plain)
+
+
+def test_a_batch_with_other_tasks_is_refused(shards):
+    teacher = tiny(shards.layout)
+    batch = MixtureBatches(shards, {"policy": 1.0, "text": 1.0}, 256, 2, seed=0).batch(0)
+    with pytest.raises(UnifiedError, match="not a policy sample"):
+        distill_targets(teacher, shards, batch)
+
+
+def test_a_student_with_a_continuous_head_learns_the_teachers_expected_chunk(shards):
+    teacher, student = tiny(shards.layout, seed=1), tiny(shards.layout, action_head=True)
+    batch = MixtureBatches(shards, {"policy": 1.0}, 256, 2, seed=0).batch(0)
+    tensors = batch.to_torch() | distill_targets(teacher, shards, batch)
+    tensors["distill"] = torch.tensor([0.0, 0.0, 1.0])  # only the head's L1 remains
+    loss, metrics = student(tensors)
+    assert float(loss) == pytest.approx(float(metrics["loss/action_head_l1"]), rel=1e-5)
+    ground_truth = batch.to_torch()
+    ground_truth["distill"] = tensors["distill"]
+    ground_truth |= {k: tensors[k] for k in ("soft_index", "soft_logprobs")}
+    other, _ = student(ground_truth)
+    assert float(other) != pytest.approx(float(loss))  # the head's target really is the teacher's
