@@ -1,5 +1,7 @@
 """Distillation targets from a frozen teacher, and the soft-target loss of the student."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,12 @@ def shards(model_data):
     return TokenShards(model_data / "shards")
 
 
+def centres(shards):
+    from unified.tokenizers.action import BinActionTokenizer
+
+    return BinActionTokenizer.from_pretrained(Path(shards.meta["tokenizer"]) / "action").centres()
+
+
 def tiny(layout, seed=0, **extra):
     torch.manual_seed(seed)
     return UnifiedModel(ModelConfig(**(TINY | extra)), layout).eval()
@@ -25,17 +33,18 @@ def tiny(layout, seed=0, **extra):
 
 def test_expected_actions_are_bin_centres_under_certainty():
     bins = 8
+    centres = torch.stack([(torch.arange(bins) + 0.5) / bins * 2 - 1, torch.linspace(-1, 1, bins)])  # (D=2, bins)
     certain = torch.full((3, bins), -1e9)
-    certain[0, 0], certain[1, 7], certain[2, 3] = 0.0, 0.0, 0.0
-    np.testing.assert_allclose(expected_actions(certain).numpy(), [-7 / 8, 7 / 8, -1 / 8], atol=1e-6)
+    certain[0, 0], certain[1, 7], certain[2, 3] = 0.0, 0.0, 0.0  # rows alternate dimensions 0, 1, 0
+    np.testing.assert_allclose(expected_actions(certain, centres).numpy(), [-7 / 8, 1.0, -1 / 8], atol=1e-6)
     uniform = torch.log(torch.full((1, bins), 1 / bins))
-    assert abs(float(expected_actions(uniform)[0])) < 1e-6
+    assert abs(float(expected_actions(uniform, centres)[0])) < 1e-6
 
 
 def test_teacher_targets_line_up_with_the_students_action_positions(shards):
     teacher = tiny(shards.layout, seed=1)
     batch = MixtureBatches(shards, {"policy": 1.0}, 256, 2, seed=0).batch(0)
-    targets = distill_targets(teacher, shards, batch)
+    targets = distill_targets(teacher, shards, batch, centres=torch.from_numpy(centres(shards)))
     action = shards.layout.segment("action")
     is_action = (batch.targets >= action.start) & (batch.targets < action.stop)
     samples = sum(len(row) for row in batch.sample_ids)
@@ -79,7 +88,7 @@ def test_a_batch_with_other_tasks_is_refused(shards):
 def test_a_student_with_a_continuous_head_learns_the_teachers_expected_chunk(shards):
     teacher, student = tiny(shards.layout, seed=1), tiny(shards.layout, action_head=True)
     batch = MixtureBatches(shards, {"policy": 1.0}, 256, 2, seed=0).batch(0)
-    tensors = batch.to_torch() | distill_targets(teacher, shards, batch)
+    tensors = batch.to_torch() | distill_targets(teacher, shards, batch, centres=torch.from_numpy(centres(shards)))
     tensors["distill"] = torch.tensor([0.0, 0.0, 1.0])  # only the head's L1 remains
     loss, metrics = student(tensors)
     assert float(loss) == pytest.approx(float(metrics["loss/action_head_l1"]), rel=1e-5)

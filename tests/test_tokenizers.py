@@ -31,7 +31,20 @@ def test_bins_round_trip_within_half_a_bin(actions):
     ids = tokenizer.encode(actions)
     assert ids.shape == (len(actions), H * 2) and ids.min() >= 0 and ids.max() < 256
     error = np.abs(tokenizer.decode(ids) - actions)
-    assert np.all(error <= tokenizer.bin_width / 2 + 1e-9)
+    # The grid is shifted so that 0 is a bin centre: the end bins reach at most one bin past q01/q99.
+    width = tokenizer.bin_width
+    inner = (actions > np.asarray(STATS["q01"]) + width) & (actions < np.asarray(STATS["q99"]) - width)
+    assert np.all(error[inner] <= np.broadcast_to(width / 2, error.shape)[inner] + 1e-9)
+    assert np.all(error <= width + 1e-9)
+
+
+def test_zero_is_a_bin_centre():
+    """The most frequent action (wheel straight, speed held) decodes exactly: no bias to integrate into a drift."""
+    for stats in (STATS, {"names": ["a", "s"], "q01": [-5.0, -0.0672], "q99": [1.6, 0.0619]}):
+        tokenizer = BinActionTokenizer.from_stats(stats, bins=256)
+        assert np.array_equal(tokenizer.decode(tokenizer.encode(np.zeros((1, 1, 2)))), np.zeros((1, 1, 2)))
+    shifted = BinActionTokenizer.from_stats({"names": ["a"], "q01": [1.0], "q99": [3.0]}, bins=4)
+    assert shifted.decode([[0, 3]]).ravel().tolist() == [1.25, 2.75]  # 0 outside the range: the plain grid
 
 
 def test_bins_clip_outside_the_quantiles():

@@ -42,7 +42,12 @@ def _check_ids(ids, vocab_size: int, where: str) -> np.ndarray:
 
 @dataclass
 class BinActionTokenizer:
-    """Each action dimension of each step -> one of `bins` uniform bins over [q01, q99]: H * D tokens a chunk."""
+    """Each action dimension of each step -> one of `bins` uniform bins over [q01, q99]: H * D tokens a chunk.
+
+    Where 0 lies inside [q01, q99] the grid is shifted (by less than a bin) so that 0 is a bin centre: the
+    expert's most frequent action (wheel straight, speed held) decodes exactly, not as a small constant bias
+    that a policy would integrate into a drift off the road.
+    """
 
     q01: tuple[float, ...]
     q99: tuple[float, ...]
@@ -55,6 +60,10 @@ class BinActionTokenizer:
         if self.bins < 2:
             raise UnifiedError(f"action bins must be at least 2, got {self.bins}")
         self.normalizer = QuantileNormalizer(self.q01, self.q99, self.names)
+        # Offset of the grid, in bins, per dimension: 0 falls on a bin centre where it is inside the range.
+        zero = (self.normalizer.normalize(np.zeros(self.dim)) + 1) / 2 * self.bins  # in bins, may be a bin edge
+        inside = (np.asarray(self.q01) < 0) & (np.asarray(self.q99) > 0)
+        self.shift = np.where(inside, np.floor(zero) + 0.5 - zero, 0.0)
 
     @classmethod
     def from_stats(cls, stats: dict, bins: int = 256) -> BinActionTokenizer:
@@ -78,8 +87,13 @@ class BinActionTokenizer:
         """(B, H, D) or (H, D) actions in their units -> (B, H * D) int64 ids, step-major."""
         actions = _check_chunks(actions, self.dim, "bin action tokenizer")
         unit = (self.normalizer.normalize(actions) + 1) / 2  # [0, 1]
-        ids = np.minimum((unit * self.bins).astype(np.int64), self.bins - 1)
+        ids = np.clip(np.floor(unit * self.bins + self.shift), 0, self.bins - 1).astype(np.int64)
         return ids.reshape(len(ids), -1)
+
+    def centres(self) -> np.ndarray:
+        """(D, bins) the centre of every bin of every dimension, in normalised units [-1, 1]."""
+        unit = np.clip((np.arange(self.bins)[None] + 0.5 - self.shift[:, None]) / self.bins, 0, 1)
+        return unit * 2 - 1
 
     def decode(self, ids) -> np.ndarray:
         """(B, H * D) or (H * D,) ids -> (B, H, D) actions at the bin centres."""
@@ -88,8 +102,9 @@ class BinActionTokenizer:
             ids = ids[None]
         if ids.shape[-1] % self.dim:
             raise UnifiedError(f"bin action tokenizer: {ids.shape[-1]} ids is not a whole number of {self.dim}-d steps")
-        unit = (ids.reshape(len(ids), -1, self.dim) + 0.5) / self.bins
-        return self.normalizer.unnormalize(unit * 2 - 1)
+        ids = ids.reshape(len(ids), -1, self.dim)
+        return self.normalizer.unnormalize(np.take_along_axis(self.centres().T, ids.reshape(-1, self.dim), 0)
+                                           .reshape(ids.shape))
 
     def save_pretrained(self, directory: str | Path) -> None:
         write_config(directory, "action_bins", asdict(self))

@@ -15,19 +15,19 @@ from unified.packing import Batch, collate
 from unified.sequences import build
 
 
-def expected_actions(logprobs: torch.Tensor) -> torch.Tensor:
-    """(N, bins) log-probabilities over uniform bins -> (N,) expected value in normalised units [-1, 1]."""
-    bins = logprobs.shape[-1]
-    centres = (torch.arange(bins, device=logprobs.device, dtype=torch.float32) + 0.5) / bins * 2 - 1
-    return logprobs.float().exp() @ centres
+def expected_actions(logprobs: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """(N, bins) log-probabilities over the bins of action dimension n % D, centres (D, bins) in normalised units
+    (`BinActionTokenizer.centres`) -> (N,) expected value in normalised units [-1, 1]."""
+    dims = torch.arange(len(logprobs), device=logprobs.device) % len(centres)
+    return (logprobs.float().exp() * centres.to(logprobs.device, torch.float32)[dims]).sum(-1)
 
 
 @torch.no_grad()
-def distill_targets(teacher, shards, batch: Batch, temperature: float = 1.0, head_from_teacher: bool = True,
+def distill_targets(teacher, shards, batch: Batch, temperature: float = 1.0, centres: torch.Tensor | None = None,
                     device="cpu") -> dict[str, torch.Tensor]:
     """Soft targets for the student's batch: `soft_index` (N, 2) [row, position] of every position whose next token
     is an action token, `soft_logprobs` (N, A) the teacher's log-probabilities over the action bins there (at
-    `temperature`), and, with `head_from_teacher`, `head_targets` (S, H, D) the teacher's expected chunks."""
+    `temperature`), and, given the bin `centres` (D, A), `head_targets` (S, H, D) the teacher's expected chunks."""
     layout = shards.layout
     action = layout.segment("action")
     sequences = []
@@ -51,9 +51,9 @@ def distill_targets(teacher, shards, batch: Batch, temperature: float = 1.0, hea
         raise UnifiedError(f"distillation: the student's batch has {len(index)} action positions, the teacher's "
                            f"sequences {len(logprobs)}; the two do not read the same samples")
     out = {"soft_index": index.to(device), "soft_logprobs": logprobs}
-    if head_from_teacher and len(batch.head_index):
+    if centres is not None and len(batch.head_index):
         per_chunk = batch.head_targets.shape[1] * batch.head_targets.shape[2]
-        chunks = expected_actions(logprobs).reshape(-1, per_chunk)
+        chunks = expected_actions(logprobs, centres).reshape(-1, per_chunk)
         if len(chunks) != len(batch.head_index):
             raise UnifiedError(f"distillation: {len(chunks)} teacher chunks for {len(batch.head_index)} samples")
         out["head_targets"] = chunks.reshape(batch.head_targets.shape).to(device)

@@ -167,10 +167,13 @@ def train(recipe: str, overrides: list[str], resume: bool = False) -> list[float
             raise UnifiedError("distillation trains an action-only student: set data.tasks to {policy: 1.0}")
         from unified.policy import load_model
 
-        teacher, _, _ = load_model(config.distill.teacher, device=str(device))
+        teacher, teacher_tokenizers, _ = load_model(config.distill.teacher, device=str(device))
         if teacher.layout != layout:
             raise UnifiedError(f"distill.teacher {config.distill.teacher}: its layout differs from the data's")
         teacher.requires_grad_(False)
+        # The continuous head, if any, learns the teacher's expected chunk (or the recorded one).
+        head_from_teacher = config.model.action_head and config.distill.head_target == "teacher"
+        centres = torch.from_numpy(teacher_tokenizers.action.centres()) if head_from_teacher else None
 
     # recipes/deepspeed/ beside the recipe, else the repository's.
     ds_dir = Path(recipe).resolve().parent if (Path(recipe).resolve().parent / "deepspeed").is_dir() else RECIPES
@@ -207,7 +210,7 @@ def train(recipe: str, overrides: list[str], resume: bool = False) -> list[float
             tensors = batch.to_torch(device)
             if teacher is not None:
                 d = config.distill
-                tensors |= distill_targets(teacher, shards, batch, d.temperature, d.head_target == "teacher", device)
+                tensors |= distill_targets(teacher, shards, batch, d.temperature, centres, device)
                 tensors["distill"] = torch.tensor([d.ce_weight, d.kl_weight, d.temperature])
             loss, metrics = engine(tensors)
             bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=device)
