@@ -71,3 +71,23 @@ def test_weighted_round_robin_follows_weights_and_is_stable():
     # Interleaved, not in blocks: no run of "a" longer than 3.
     assert "aaaa" not in "".join(picks)
     assert picks == [suite.scenario_for_episode(i).name for i in range(400)]
+
+
+def test_demonstrations_start_off_the_lane_and_the_expert_brings_the_car_back(tmp_path):
+    from unified.sim.drivers import ExpertDriver
+    from unified.sim.rollout import run_episode
+
+    suite = load_suite(write(tmp_path, "start_jitter: [0.6, 0.03]\nscenarios:\n  highway:\n    env: highway-v0\n"
+                                       "    config: {lanes_count: 3, vehicles_count: 5}\n    max_steps: 30\n"))
+    offsets = []
+    for seed in range(4):
+        jittered = run_episode(suite, suite.scenarios["highway"], ExpertDriver(), seed, render=False, jitter=True)
+        plain = run_episode(suite, suite.scenarios["highway"], ExpertDriver(), seed, render=False)
+        assert abs(plain.states[0, 1]) < 1e-6 and abs(plain.states[0, 2]) < 1e-6  # evaluation starts on the lane
+        assert abs(jittered.states[0, 1]) <= 0.03 + 1e-6 and abs(jittered.states[0, 2]) <= 0.6 + 1e-6
+        assert jittered.summary.success
+        offsets.append(abs(jittered.states[0, 2]))
+        assert abs(jittered.states[-1, 2]) < 0.05  # within 6 s the expert has brought the car back to a lane centre
+    assert max(offsets) > 0.1
+    with pytest.raises(UnifiedError, match="start_jitter"):
+        load_suite(write(tmp_path, "start_jitter: [-1, 0]\nscenarios:\n  h:\n    env: highway-v0\n"))

@@ -51,7 +51,7 @@ class _Worker:
             cls.envs[scenario.name] = make_env(cls.suite, scenario, render=True)
         episode = run_episode(
             cls.suite, scenario, ExpertDriver(), episode_seed(cls.seed, index), index=index,
-            env=cls.envs[scenario.name],
+            env=cls.envs[scenario.name], jitter=True,
         )
         cls.store.write_episode(episode)
         return index, episode.summary.steps

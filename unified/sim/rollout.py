@@ -59,12 +59,24 @@ def goal_reached(env) -> bool | None:
     return None
 
 
+def jitter_start(env, offset_m: float, heading_rad: float, rng: np.random.Generator) -> None:
+    """Move the ego up to `offset_m` off its lane centre and turn it up to `heading_rad` off the lane, uniformly."""
+    ego = env.unwrapped.vehicle
+    longitudinal, lateral = ego.lane.local_coordinates(ego.position)
+    ego.position = ego.lane.position(longitudinal, lateral + rng.uniform(-offset_m, offset_m))
+    ego.heading = ego.lane.heading_at(longitudinal) + rng.uniform(-heading_rad, heading_rad)
+
+
 def run_episode(
-    suite: Suite, scenario: Scenario, driver, seed: int, index: int = 0, render: bool = True, env=None
+    suite: Suite, scenario: Scenario, driver, seed: int, index: int = 0, render: bool = True, env=None,
+    jitter: bool = False,
 ) -> Episode:
-    """Drive one episode of `scenario` with `driver`; `env` may be reused across episodes of the same scenario."""
+    """Drive one episode of `scenario` with `driver`; `env` may be reused across episodes of the same scenario.
+    `jitter` starts the ego off its lane by up to the suite's `start_jitter` (expert demonstrations)."""
     env = env if env is not None else make_env(suite, scenario, render=render)
     env.reset(seed=seed)
+    if jitter and any(suite.start_jitter):
+        jitter_start(env, *suite.start_jitter, np.random.default_rng([seed, 1]))
     driver.reset(env, scenario, seed)
     instruction = pick_instruction(scenario, np.random.default_rng(seed))
     ego = env.unwrapped.vehicle

@@ -53,6 +53,10 @@ class Suite:
     policy_frequency: int = 5  # decisions per second (Hz); the simulator steps at its own frequency
     view_m: float = 50.0  # metres of road across the frame's width
     centering: tuple[float, float] = (0.3, 0.5)  # where the ego sits in the frame (fraction of width, height)
+    # Expert demonstrations (`data generate`, not evaluation) start the ego up to this far off its lane centre
+    # (metres) and off the lane's direction (radians), uniformly: the expert's corrections are in the data, so
+    # that a policy learns to come back from the small drifts its own errors cause.
+    start_jitter: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self):
         if not self.scenarios:
@@ -62,6 +66,8 @@ class Suite:
             raise ValueError(f"image_size must be at least 16x16, got {h}x{w}")
         if self.policy_frequency < 1:
             raise ValueError(f"policy_frequency must be at least 1 Hz, got {self.policy_frequency}")
+        if min(self.start_jitter) < 0:
+            raise ValueError(f"start_jitter (metres, radians) must not be negative, got {self.start_jitter}")
 
     @property
     def hash(self) -> str:
