@@ -7,7 +7,7 @@ SOURCES := pyproject.toml $(sort $(shell find unified tokenizers eval -name '*.p
 DEMO_DIR ?= runs/demo
 WORKERS ?= 2
 
-.PHONY: test demo lint clean
+.PHONY: test demo operators lint clean
 
 $(VENV)/.installed: $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,32 +23,31 @@ lint: $(VENV)/.installed
 test: lint
 	$(BIN)/python -m pytest -q
 
-# The demo's expensive stages are file targets: rerunning `make demo` skips what is already there.
+# The demo's expensive stages are file targets or resumable: rerunning `make demo` skips what is already there.
 D := $(DEMO_DIR)
 demo: $(VENV)/.installed
-	@echo "== demo 1/6: driving data (expert episodes, in distribution and out of distribution)"
+	@echo "== $$(date +%T) demo 1/6: driving data (expert episodes, in distribution and out of distribution)"
 	$(BIN)/unified data generate --suite recipes/data/train.yaml --episodes 200 --out $(D)/data/train --workers $(WORKERS)
 	$(BIN)/unified data generate --suite recipes/data/ood.yaml --episodes 50 --out $(D)/data/ood --workers $(WORKERS)
 	$(BIN)/unified data info $(D)/data/train
 	$(BIN)/unified data info $(D)/data/ood
-	@echo "== demo 2/6: operator (multi-hop reasoning) data"
+	@echo "== $$(date +%T) demo 2/6: operator (multi-hop reasoning) data"
 	$(BIN)/unified data operators --out $(D)/data/operators --hops 2-6 --scratchpad inductive --n 2000
-	@echo "== demo 3/6: tokenizers (image FSQ autoencoder, sentencepiece text, action bins and FAST) and token shards"
+	@echo "== $$(date +%T) demo 3/6: tokenizers (image FSQ autoencoder, sentencepiece text, action bins and FAST) and token shards"
 	$(MAKE) --no-print-directory $(D)/tokenizers/layout.json $(D)/shards/meta.json
 	$(BIN)/unified tokenizer eval --tokenizer $(D)/tokenizers --data $(D)/data/train
 	$(BIN)/unified tokenizer eval --tokenizer $(D)/tokenizers --data $(D)/data/ood
 	$(BIN)/unified data inspect $(D)/shards --dump 0
-	@echo "== demo 4/6: joint training through the DeepSpeed launcher on 2 ranks"
+	@echo "== $$(date +%T) demo 4/6: the reasoning teacher: joint training through the DeepSpeed launcher on 2 ranks"
 	$(MAKE) --no-print-directory $(D)/joint/checkpoints/latest
 	$(BIN)/unified eval plot-training $(D)/joint --out $(D)/joint/loss.png
-	$(BIN)/unified export --checkpoint $(D)/joint --out $(D)/export/joint
-	@echo "== demo 5/6: baselines in closed loop (expert, random, constant speed)"
-	for model in expert random constant; do for suite in train ood; do \
-		$(BIN)/unified eval closed-loop --model $$model --scenarios recipes/data/$$suite.yaml --episodes 20 \
-			--workers $(WORKERS) --json $(D)/eval/$${model}_$$suite.json || exit 1; done; done
-	$(BIN)/unified eval compare $(foreach s,train ood,$(foreach m,expert random constant,$(D)/eval/$(m)_$(s).json))
-	@echo "== demo 6/6: done. Data in $(D)/data, tokenizers in $(D)/tokenizers, the joint run in $(D)/joint \
-	(loss plot $(D)/joint/loss.png, export $(D)/export/joint), baseline reports in $(D)/eval"
+	@echo "== $$(date +%T) demo 5/6: the distillation study: action-only students, closed loop in and out of distribution, report"
+	$(BIN)/unified eval distill --study recipes/study.yaml --out $(D)/study teacher.run_dir=$(D)/joint \
+		data=$(D)/shards stores.in_distribution=$(D)/data/train stores.out_of_distribution=$(D)/data/ood \
+		workers=$(WORKERS)
+	@echo "== $$(date +%T) demo 6/6: done. Data in $(D)/data, tokenizers in $(D)/tokenizers, the teacher's run in $(D)/joint \
+	(loss plot $(D)/joint/loss.png); the report: $(D)/study/report.md"
+	@sed -n 's/^\*\*Answer.\*\* //p' $(D)/study/report.md
 
 $(D)/tokenizers/layout.json:
 	$(BIN)/unified tokenizer fit --data $(D)/data/train --operators $(D)/data/operators --out $(D)/tokenizers
@@ -62,3 +61,22 @@ $(D)/joint/checkpoints/latest: $(D)/shards/meta.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs
+
+# Length generalisation on the operator data set: one small model per scratchpad (none, full, inductive), each
+# trained on 2-4 hops through the DeepSpeed launcher and tested on 2-8 hops. Reads the demo's store and tokenizers.
+O := $(D)/operators
+operators: $(VENV)/.installed
+	@test -f $(D)/tokenizers/layout.json || { echo "make operators reads the demo's data and tokenizers: run make demo first"; exit 1; }
+	$(BIN)/unified data operators --out $(O)/test --hops 2-8 --n 100 --seed 1
+	for pad in none full inductive; do \
+		$(BIN)/unified data operators --out $(O)/$$pad/data --hops 2-4 --scratchpad $$pad --n 2000 || exit 1; \
+		test -f $(O)/$$pad/shards/meta.json || $(BIN)/unified data tokenize --data $(D)/data/train \
+			--tokenizer $(D)/tokenizers --out $(O)/$$pad/shards --operators $(O)/$$pad/data --operator-hops 2-4 \
+			--tasks text || exit 1; \
+		test -f $(O)/$$pad/run/checkpoints/latest || $(BIN)/unified train --recipe recipes/operators.yaml --ranks 2 \
+			run_dir=$(O)/$$pad/run data=$(O)/$$pad/shards || exit 1; \
+		$(BIN)/unified export --checkpoint $(O)/$$pad/run --out $(O)/$$pad/model || exit 1; \
+		$(BIN)/unified eval operators --model $(O)/$$pad/model --data $(O)/test --json $(O)/$$pad.json || exit 1; \
+	done
+	$(BIN)/unified eval plot-operators $(O)/none.json $(O)/full.json $(O)/inductive.json \
+		--labels "no scratchpad" "full scratchpad" "inductive scratchpad" --out $(O)/accuracy_by_hops.png

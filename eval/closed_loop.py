@@ -7,6 +7,7 @@ import json as jsonlib
 import math
 import multiprocessing as mp
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,7 +18,7 @@ from unified.errors import UnifiedError
 from unified.sim.drivers import DRIVERS
 from unified.sim.env import make_env
 from unified.sim.rollout import run_episode
-from unified.sim.suite import Suite, load_suite
+from unified.sim.suite import load_suite
 
 EVAL_SEED = 1000  # evaluation episodes use seeds that data generation (default seed 0) never does
 Z95 = 1.959964
@@ -45,58 +46,64 @@ def mean_interval(values: np.ndarray) -> tuple[float, float]:
     return (float(np.mean(values)) - half, float(np.mean(values)) + half)
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """One driver on one suite: a scripted driver's name or an exported model directory with its mode."""
+
+    model: str
+    suite: str  # path of the suite YAML
+    mode: str = "reason"  # for a model: reason, direct or continuous
+    replan_every: int | None = None  # for a model: steps between decisions (default: its chunk length)
+
+    @property
+    def learned(self) -> bool:
+        return self.model not in DRIVERS
+
+
 class _Worker:
-    suite: Suite
-    envs: dict
-    policy = None
+    """One process of the pool: suites, environments and models are loaded on first use and kept."""
 
-    setup_error: Exception | None = None
+    suites: dict = {}
+    envs: dict = {}
+    policies: dict = {}
 
-    @classmethod
-    def setup(cls, suite_path: str, model: str | None = None, mode: str = "reason",
-              replan_every: int | None = None) -> None:
+    @staticmethod
+    def setup() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        # A pool whose initializer raises restarts workers forever: keep the error and raise it from run().
-        try:
-            cls.suite = load_suite(suite_path)
-            cls.envs = {}
-            if model is not None and model not in DRIVERS:
-                import torch
+        import torch
 
-                from unified.policy import Policy
-
-                torch.set_num_threads(1)  # one thread per worker: workers are the parallelism
-                cls.policy = Policy.from_pretrained(model)
-                cls.mode, cls.replan_every = mode, replan_every
-        except Exception as e:  # noqa: BLE001 - re-raised in run()
-            cls.setup_error = e
+        torch.set_num_threads(1)  # one thread per worker: workers are the parallelism
 
     @classmethod
-    def run(cls, job: tuple[str, str, int, int]) -> dict[str, Any]:
-        if cls.setup_error is not None:
-            raise cls.setup_error
-        driver_name, scenario_name, index, seed = job
-        scenario = cls.suite.scenarios[scenario_name]
-        learned = driver_name not in DRIVERS
-        if scenario_name not in cls.envs:
-            cls.envs[scenario_name] = make_env(cls.suite, scenario, render=learned)
-        if learned:
+    def run(cls, job: tuple[Evaluation, str, int, int]) -> dict[str, Any]:
+        evaluation, scenario_name, index, seed = job
+        if evaluation.suite not in cls.suites:
+            cls.suites[evaluation.suite] = load_suite(evaluation.suite)
+        suite = cls.suites[evaluation.suite]
+        scenario = suite.scenarios[scenario_name]
+        key = (evaluation.suite, scenario_name, evaluation.learned)
+        if key not in cls.envs:
+            cls.envs[key] = make_env(suite, scenario, render=evaluation.learned)
+        if evaluation.learned:
             from unified.eval.model_driver import ModelDriver
 
-            driver = ModelDriver(cls.policy, cls.mode, cls.replan_every)
+            from unified.policy import Policy
+
+            if evaluation.model not in cls.policies:
+                cls.policies[evaluation.model] = Policy.from_pretrained(evaluation.model)
+            driver = ModelDriver(cls.policies[evaluation.model], evaluation.mode, evaluation.replan_every)
         else:
-            driver = DRIVERS[driver_name]()
-        episode = run_episode(
-            cls.suite, scenario, driver, seed, index=index, render=False, env=cls.envs[scenario_name]
-        )
+            driver = DRIVERS[evaluation.model]()
+        episode = run_episode(suite, scenario, driver, seed, index=index, render=False, env=cls.envs[key])
         decisions = getattr(driver, "decisions", None)
         s = episode.summary
         # Jerk of the commanded acceleration, m/s^3: a comfort measure a passenger would feel.
-        jerk = np.abs(np.diff(episode.actions[:, 0])) * cls.suite.policy_frequency
+        jerk = np.abs(np.diff(episode.actions[:, 0])) * suite.policy_frequency
         return {
-            "scenario": scenario_name, "index": index, "seed": seed, "success": s.success, "collision": s.collision,
-            "offroad": s.offroad, "end": s.end, "steps": s.steps, "progress_m": s.progress_m,
-            "mean_speed": s.mean_speed, "mean_jerk": float(jerk.mean()) if len(jerk) else 0.0,
+            "evaluation": evaluation, "scenario": scenario_name, "index": index, "seed": seed,
+            "success": s.success, "collision": s.collision, "offroad": s.offroad, "end": s.end, "steps": s.steps,
+            "progress_m": s.progress_m, "mean_speed": s.mean_speed,
+            "mean_jerk": float(jerk.mean()) if len(jerk) else 0.0,
             # A learned policy decides once per chunk; the scripted drivers at every step.
             "latencies_ms": [d["latency_ms"] for d in decisions] if decisions is not None
             else episode.latencies_ms.tolist(),
@@ -134,53 +141,90 @@ def closed_loop(
     directory, or the scripted expert, random or constant driver) and return (and with `json`, write) the
     report. A model reasons before acting (`mode reason`), acts directly (`direct`) or reads its continuous
     head (`continuous`), and re-plans every `replan_every` steps (default: its chunk length)."""
-    if model not in DRIVERS and not (Path(model) / "unified.json").is_file():
-        raise UnifiedError(f"--model: {model!r} is neither an exported model directory (with unified.json) nor a "
-                           f"driver ({', '.join(DRIVERS)})")
-    if episodes < 1 or workers < 1:
-        raise UnifiedError(f"--episodes and --workers must be at least 1, got {episodes} and {workers}")
-    suite = load_suite(scenarios)
-    jobs = [
-        (model, name, i, int(np.random.SeedSequence([seed, s, i]).generate_state(1)[0] & 0x7FFFFFFF))
-        for s, name in enumerate(suite.scenarios) for i in range(episodes)
-    ]
-    records = _run(str(scenarios), jobs, workers, progress, f"{Path(model).name} on {suite.name}",
-                   (model, mode, replan_every))
-    report = {
-        "model": model if model in DRIVERS else f"{Path(model).name} ({mode})",
-        "model_path": None if model in DRIVERS else str(model),
-        "mode": None if model in DRIVERS else mode,
-        "suite": suite.name,
-        "suite_path": str(scenarios),
-        "suite_hash": suite.hash,
-        "episodes_per_scenario": episodes,
-        "seed": seed,
-        "scenarios": {
-            name: summarise([r for r in records if r["scenario"] == name]) for name in suite.scenarios
-        },
-        "overall": summarise(records),
-    }
+    evaluation = Evaluation(model, str(scenarios), mode, replan_every)
+    report = evaluate([evaluation], episodes, workers, seed, progress)[evaluation]
     print(format_table(report), flush=True)
     if json is not None:
-        Path(json).parent.mkdir(parents=True, exist_ok=True)
-        Path(json).write_text(jsonlib.dumps(report, indent=2) + "\n")
-        print(f"wrote {json}", flush=True)
+        write_report(report, Path(json))
     return report
 
 
-def _run(suite_path: str, jobs: list, workers: int, progress: bool, desc: str, model_args: tuple) -> list[dict]:
+def write_report(report: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(jsonlib.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}", flush=True)
+
+
+def evaluate(evaluations: list[Evaluation], episodes: int, workers: int = 1, seed: int = EVAL_SEED,
+             progress: bool = True) -> dict[Evaluation, dict[str, Any]]:
+    """The closed-loop report of every evaluation, their episodes driven by one pool of `workers` processes
+    (each loads a suite, an environment or a model once). Episode i of a scenario has the same seed whoever
+    drives it, so every driver meets the same traffic."""
+    for e in evaluations:
+        if e.learned and not (Path(e.model) / "unified.json").is_file():
+            raise UnifiedError(f"--model: {e.model!r} is neither an exported model directory (with unified.json) "
+                               f"nor a driver ({', '.join(DRIVERS)})")
+        if e.mode not in ("reason", "direct", "continuous"):
+            raise UnifiedError(f"--mode: {e.mode!r} is not reason, direct or continuous")
+    if episodes < 1 or workers < 1:
+        raise UnifiedError(f"--episodes and --workers must be at least 1, got {episodes} and {workers}")
+    suites = {path: load_suite(path) for path in dict.fromkeys(e.suite for e in evaluations)}
+    jobs = [
+        (e, name, i, int(np.random.SeedSequence([seed, s, i]).generate_state(1)[0] & 0x7FFFFFFF))
+        for e in evaluations for s, name in enumerate(suites[e.suite].scenarios) for i in range(episodes)
+    ]
+    first = evaluations[0]
+    desc = f"{Path(first.model).name} on {suites[first.suite].name}" if len(evaluations) == 1 else \
+        f"{len(evaluations)} drivers x suites"
+    records = _run(jobs, workers, progress, desc)
+    reports = {}
+    for e in evaluations:
+        suite = suites[e.suite]
+        mine = [r for r in records if r["evaluation"] == e]
+        reports[e] = {
+            "model": e.model if not e.learned else f"{Path(e.model).name} ({e.mode})",
+            "model_path": str(e.model) if e.learned else None,
+            "mode": e.mode if e.learned else None,
+            "fingerprint": _fingerprint(e.model) if e.learned else None,
+            "suite": suite.name,
+            "suite_path": e.suite,
+            "suite_hash": suite.hash,
+            "episodes_per_scenario": episodes,
+            "seed": seed,
+            "scenarios": {name: summarise([r for r in mine if r["scenario"] == name]) for name in suite.scenarios},
+            "overall": summarise(mine),
+        }
+    return reports
+
+
+def _fingerprint(model: str) -> str:
+    from unified.policy import weights_fingerprint  # torch: only where a learned model is evaluated
+
+    return weights_fingerprint(model)
+
+
+def _run(jobs: list, workers: int, progress: bool, desc: str) -> list[dict]:
     records = []
     bar = tqdm(total=len(jobs), desc=desc, unit="ep", disable=not progress, dynamic_ncols=True)
     try:
         if workers == 1:
-            _Worker.setup(suite_path, *model_args)
+            import torch
+
+            threads = torch.get_num_threads()
+            _Worker.suites, _Worker.envs, _Worker.policies = {}, {}, {}  # nothing from an earlier call
+            _Worker.setup()
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            for job in jobs:
-                records.append(_Worker.run(job))
-                bar.update(1)
+            try:
+                for job in jobs:
+                    records.append(_Worker.run(job))
+                    bar.update(1)
+            finally:
+                torch.set_num_threads(threads)
         else:
-            with mp.get_context("spawn").Pool(workers, _Worker.setup, (suite_path, *model_args)) as pool:
-                for record in pool.imap_unordered(_Worker.run, jobs):
+            with mp.get_context("spawn").Pool(workers, _Worker.setup) as pool:
+                # Longest first (a reasoning model's episodes), so that no worker is left with them at the end.
+                order = sorted(jobs, key=lambda j: (j[0].learned, j[0].mode == "reason"), reverse=True)
+                for record in pool.imap_unordered(_Worker.run, order):
                     records.append(record)
                     bar.update(1)
     finally:

@@ -35,9 +35,12 @@ class ModelDriver:
         self.where = f"scenario {scenario.name!r}, seed {seed}"
 
     def act(self, env):
-        frame = render_frame(env, f"{self.where}, step {self.step}")
-        self.frames = (self.frames + [frame])[-self.policy.config.history:]
-        if self.step % self.replan_every == 0 or not self.queue:
+        replan = self.step % self.replan_every == 0 or not self.queue
+        history = self.policy.config.history
+        if replan or history > 1:  # a policy that sees one frame needs none between its decisions
+            frame = render_frame(env, f"{self.where}, step {self.step}")
+            self.frames = (self.frames + [frame])[-history:]
+        if replan:
             start = time.perf_counter()
             state = ego_state(env.unwrapped.vehicle)
             result = self.policy.act(np.stack(self.frames), self.instruction, state=state,

@@ -67,7 +67,7 @@ def reasoning(*, model: Path, data: Path, json: Path | None = None, episodes: in
     from unified.tokenizers.fit import is_held_out
 
     from unified.data.store import EpisodeStore
-    from unified.policy import Policy
+    from unified.policy import Policy, weights_fingerprint
 
     policy = Policy.from_pretrained(model)
     store = EpisodeStore(data)
@@ -87,7 +87,8 @@ def reasoning(*, model: Path, data: Path, json: Path | None = None, episodes: in
                 examples.append({"episode": index, "step": t, "generated": result.reasoning,
                                  "truth": episode.causation[t].text, **verdict})
     rate = {k: float(np.mean([v[k] for v in verdicts])) for k in ("parsed", "decision", "cause", "agent", "all")}
-    report = {"model": str(model), "data": str(data), "explanations": len(verdicts),
+    report = {"model": str(model), "fingerprint": weights_fingerprint(model), "data": str(data),
+              "episodes_asked": episodes, "episodes": len(indices), "explanations": len(verdicts),
               "reasoning_accuracy": rate["all"], "decision_accuracy": rate["decision"],
               "cause_accuracy": rate["cause"], "agent_accuracy": rate["agent"], "parsed_rate": rate["parsed"],
               "examples": examples}

@@ -1,10 +1,31 @@
-"""`unified eval plot-training`: loss curves per task from a run's TensorBoard event files, as a PNG."""
+"""`unified eval plot-training`: loss curves per task from a run's TensorBoard event files, as a PNG; and the two
+matplotlib helpers every plot of `unified.eval` uses."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from unified.errors import UnifiedError
+
+
+def subplots(*args, **kwargs):
+    """matplotlib's `subplots` on the file-only Agg backend (no display is needed or used)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
 
 
 def read_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
@@ -26,12 +47,7 @@ def read_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
 
 def plot_training(runs: list[Path], *, out: Path) -> Path:
     """Loss per task (and the total) against the step for each run, one panel per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
+    fig, axes = subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
     for ax, run in zip(axes[0], runs):
         scalars = read_scalars(run)
         for tag in ["train/loss"] + sorted(t for t in scalars if t.startswith("loss/")):
@@ -45,9 +61,6 @@ def plot_training(runs: list[Path], *, out: Path) -> Path:
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out)
     print(f"wrote {out}")
     return Path(out)

@@ -34,7 +34,11 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "eval closed-loop": ("unified.eval.closed_loop", "closed_loop", "drive a suite with a driver and report success"),
     "eval world-model": ("unified.eval.world_model", "world_model", "imagined vs real frames: PSNR, SSIM, accuracy"),
     "eval reasoning": ("unified.eval.reasoning", "reasoning", "generated explanations vs the simulator's causes"),
+    "eval operators": ("unified.eval.operators", "operators_eval", "multi-hop comparison accuracy by number of hops"),
+    "eval plot-operators": ("unified.eval.operators", "plot_operators", "accuracy against hops of operator reports"),
     "eval plot-training": ("unified.eval.training_plot", "plot_training", "loss curves per task of runs, as a PNG"),
+    "eval distill": ("unified.eval.study", "distill", "teacher vs action-only students: the distillation study"),
+    "bench latency": ("unified.eval.latency", "latency", "decision latency of models on the same observations"),
     "eval compare": ("unified.eval.closed_loop", "compare", "a Markdown table of closed-loop reports (--json files)"),
 }
 HIDDEN = {"progress"}  # parameters for Python callers only

@@ -1,0 +1,97 @@
+"""`unified bench latency`: decision latency of policies on the same observations, measured interleaved in one
+process so that the ratios between them hold on a noisy machine.
+
+Each round asks every (model, mode) once for the same held-out observation, in a shuffled order; a model's
+figure is the median (and p95) over the rounds, and each ratio is taken against the first model.
+"""
+
+from __future__ import annotations
+
+import json as jsonlib
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from unified.errors import UnifiedError
+
+MODES = ("reason", "direct", "continuous")
+
+
+def parse_entry(entry: str) -> tuple[str, str]:
+    """'DIR:MODE' -> (DIR, MODE); a bare DIR means `direct`."""
+    path, sep, mode = entry.rpartition(":")
+    if not sep or mode not in MODES:
+        path, mode = entry, "direct"
+    if not (Path(path) / "unified.json").is_file():
+        raise UnifiedError(f"--models {entry}: {path} is not an exported model directory (no unified.json)")
+    return path, mode
+
+
+def observations(data: Path, count: int, history: int) -> list[tuple[np.ndarray, str, np.ndarray]]:
+    """`count` (frames, instruction, state) observations spread over the held-out episodes of a store."""
+    from unified.tokenizers.fit import is_held_out
+
+    from unified.data.store import EpisodeStore
+
+    store = EpisodeStore(data)
+    indices = [i for i in store.indices() if is_held_out(i)] or store.indices()
+    if not indices:
+        raise UnifiedError(f"{data}: the store holds no episodes")
+    out: list[tuple[np.ndarray, str, np.ndarray]] = []
+    per_episode = max(1, -(-count // len(indices)))
+    for index in indices:
+        episode = store.read_episode(index)
+        for t in np.linspace(0, len(episode.actions) - 1, per_episode).astype(int):
+            out.append((episode.frames[max(0, t - history + 1):t + 1], episode.instruction, episode.states[t]))
+        if len(out) >= count:
+            break
+    return out[:count]
+
+
+def latency(*, models: list[str], data: Path, decisions: int = 40, threads: int = 1, json: Path | None = None,
+            progress: bool = True) -> dict:
+    """Time `decisions` decisions of every `DIR:MODE` in `models` (mode reason, direct or continuous) on the same
+    observations from `data`, interleaved, with `threads` torch threads; print medians, p95 and the ratios."""
+    import torch
+
+    from unified.policy import Policy
+
+    if decisions < 1:
+        raise UnifiedError(f"--decisions must be at least 1, got {decisions}")
+    entries = [parse_entry(e) for e in models]
+    torch.set_num_threads(threads)
+    policies = {path: Policy.from_pretrained(path) for path in dict.fromkeys(p for p, _ in entries)}
+    history = max(p.config.history for p in policies.values())
+    seen = observations(data, decisions, history)
+    times: dict[int, list[float]] = {k: [] for k in range(len(entries))}
+    tokens: dict[int, list[int]] = {k: [] for k in range(len(entries))}
+    for path, mode in entries:  # one untimed decision each: first-call allocations
+        frames, instruction, state = seen[0]
+        policies[path].act(frames, instruction, state=state, reason=mode == "reason", continuous=mode == "continuous")
+    rng = np.random.default_rng(0)
+    for frames, instruction, state in tqdm(seen, desc="latency", unit="round", disable=not progress):
+        for k in rng.permutation(len(entries)):
+            path, mode = entries[k]
+            start = time.perf_counter()
+            result = policies[path].act(frames, instruction, state=state, reason=mode == "reason",
+                                        continuous=mode == "continuous")
+            times[k].append(1000 * (time.perf_counter() - start))
+            tokens[k].append(result.tokens_generated)
+    rows = []
+    for k, (path, mode) in enumerate(entries):
+        rows.append({"model": path, "mode": mode, "median_ms": float(np.median(times[k])),
+                     "p95_ms": float(np.percentile(times[k], 95)), "tokens_per_decision": float(np.mean(tokens[k]))})
+    for row in rows:
+        row["speedup_vs_first"] = rows[0]["median_ms"] / row["median_ms"]
+    report = {"data": str(data), "decisions": len(seen), "threads": threads, "models": rows}
+    print(f"decision latency over {len(seen)} observations, interleaved, {threads} thread(s)")
+    for row in rows:
+        print(f"  {Path(row['model']).name} ({row['mode']}): median {row['median_ms']:.1f} ms, p95 "
+              f"{row['p95_ms']:.1f} ms, {row['tokens_per_decision']:.1f} tokens, "
+              f"{row['speedup_vs_first']:.2f}x the first")
+    if json is not None:
+        Path(json).parent.mkdir(parents=True, exist_ok=True)
+        Path(json).write_text(jsonlib.dumps(report, indent=2) + "\n")
+    return report

@@ -1,0 +1,212 @@
+"""The distillation study's report: `report.json` (every figure), `report.md` (the table, the answer in two plain
+sentences, the plots) and two PNG plots (success in and out of distribution per driver; decision latency)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from unified.eval.training_plot import save_figure, subplots
+
+MIN_TEACHER_SUCCESSES = 5  # below this many teacher successes in a suite, no share of them is reported
+QUESTION = ("Does a policy that reasons before it acts keep its performance when distilled to emit actions "
+            "directly, and how much faster is it then?")
+
+
+def _label(name: str, mode: str | None) -> str:
+    if mode is None:
+        return f"{name} (scripted)"
+    if name == "teacher":
+        return "teacher, reasoning first" if mode == "reason" else "teacher, reasoning skipped"
+    return f"student {name} ({'continuous head' if mode == 'continuous' else 'action tokens'})"
+
+
+def _rate(summary: dict, key: str) -> dict:
+    return {"mean": summary[key]["mean"], "ci95": summary[key]["ci95"]}
+
+
+def _answer(student: dict, teacher: dict, suites: list[str], aim_ratio: float, aim_speedup: float) -> tuple[dict, str]:
+    """The figures that answer the question, and the answer in two plain sentences."""
+    ratios, parts = {}, []
+    for suite in suites:
+        s, t = student["suites"][suite]["success_rate"]["mean"], teacher["suites"][suite]["success_rate"]["mean"]
+        where = suite.replace("_", " ")
+        # A share of a handful of successes is noise (1 against 4 would read as 400%): too few to take a share of.
+        episodes = teacher["suites"][suite]["episodes"]
+        wins = round(t * episodes)
+        ratios[suite] = s / t if wins >= MIN_TEACHER_SUCCESSES else None
+        if ratios[suite] is not None:
+            parts.append(f"{ratios[suite]:.0%} {where} ({s:.2f} against {t:.2f})")
+        else:
+            parts.append(f"no measurable share {where}, where the teacher succeeds in only {wins} of {episodes} "
+                         f"episodes ({s:.2f} against {t:.2f})")
+    measured = [r for r in ratios.values() if r is not None]
+    kept = bool(measured) and all(r >= aim_ratio for r in measured)
+    lat, teacher_lat = student["latency"], teacher["latency"]
+    speedup = lat["speedup_vs_teacher"]
+    fast = "at or above" if speedup >= aim_speedup else "below"
+    verdict = "at or above" if kept else "short of"
+    first = (f"Distilled to emit actions directly, the student keeps this share of the reasoning teacher's success "
+             f"rate: {' and '.join(parts)}; that is {verdict} the aim of {aim_ratio:.0%}.")
+    second = (f"It decides {speedup:.1f}x faster (median {lat['median_ms']:.0f} ms against "
+              f"{teacher_lat['median_ms']:.0f} ms per decision, {lat['tokens_per_decision']:.0f} tokens generated "
+              f"against {teacher_lat['tokens_per_decision']:.0f}), {fast} the aim of {aim_speedup:g}x.")
+    # Whether the two success rates' 95% intervals overlap, suite by suite: if they do, the data cannot tell
+    # the two apart, whatever the ratio says.
+    overlap = {}
+    for suite in suites:
+        (a, b), (c, d) = (student["suites"][suite]["success_rate"]["ci95"],
+                          teacher["suites"][suite]["success_rate"]["ci95"])
+        overlap[suite] = a <= d and c <= b
+    figures = {"student": student["label"], "success_ratio": ratios, "speedup": speedup,
+               "meets_success_aim": kept, "meets_speed_aim": speedup >= aim_speedup, "intervals_overlap": overlap}
+    return figures, f"{first} {second}"
+
+
+def write_study_report(config, out: Path, models: dict, closed: dict, explained: dict, timing: dict, study: str,
+                       overrides: list[str]) -> dict:
+    """Assemble the figures of a finished study into OUT/report.{json,md} and the PNG plots."""
+    from unified.config import to_dict
+
+    suites = list(config.suites)
+    bench = {(r["model"], r["mode"]): r for r in timing["models"]}
+    teacher_ms = bench[(str(models["teacher"]), "reason")]["median_ms"]
+    rows = []
+    for (name, mode), by_suite in closed.items():
+        row = {"label": _label(name, mode), "name": name, "mode": mode,
+               "kind": "baseline" if mode is None else ("teacher" if name == "teacher" else "student"),
+               "model_path": str(models[name]) if mode is not None else None, "suites": {}}
+        for suite, report in by_suite.items():
+            o = report["overall"]
+            row["suites"][suite] = {
+                "success_rate": _rate(o, "success_rate"), "collision_rate": _rate(o, "collision_rate"),
+                "offroad_rate": _rate(o, "offroad_rate"), "mean_progress_m": o["mean_progress"]["mean"],
+                "mean_jerk": o["mean_jerk"]["mean"], "episodes": o["episodes"],
+                "decision_latency_ms": o["decision_latency_ms"], "tokens_per_decision": o["tokens_per_decision"],
+                "per_scenario_success": {k: v["success_rate"]["mean"] for k, v in report["scenarios"].items()},
+            }
+        if mode is not None:
+            b = bench[(str(models[name]), mode)]
+            row["latency"] = {"median_ms": b["median_ms"], "p95_ms": b["p95_ms"],
+                              "tokens_per_decision": b["tokens_per_decision"],
+                              "speedup_vs_teacher": teacher_ms / b["median_ms"]}
+        if name == "teacher" and mode == "reason":
+            row["reasoning_accuracy"] = {suite: r["reasoning_accuracy"] for suite, r in explained.items()}
+        rows.append(row)
+    teacher = next(r for r in rows if r["name"] == "teacher" and r["mode"] == "reason")
+    headline = config.students[config.export_student].modes[0]
+    student = next(r for r in rows if r["name"] == config.export_student and r["mode"] == headline)
+    figures, answer = _answer(student, teacher, suites, config.aim_success_ratio, config.aim_speedup)
+    report = {
+        "question": QUESTION, "answer": answer, "figures": figures, "study": study, "overrides": overrides,
+        "config": to_dict(config), "latency_benchmark": timing, "models": rows,
+        "reasoning": {suite: {k: r[k] for k in ("reasoning_accuracy", "decision_accuracy", "cause_accuracy",
+                                                 "agent_accuracy", "parsed_rate", "explanations", "examples")}
+                      for suite, r in explained.items()},
+        "student_action_only": str(out / "student_action_only"),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_success(rows, suites, out / "success.png")
+    plot_latency([r for r in rows if r["mode"] is not None], out / "latency.png")
+    (out / "report.md").write_text(markdown(report, suites))
+    return report
+
+
+def markdown(report: dict, suites: list[str]) -> str:
+    """The report as Markdown: the question, the answer, one table with the baselines, the plots, provenance."""
+    config = report["config"]
+    overlap = report["figures"]["intervals_overlap"]
+    noise = ("the 95% intervals of the student's and the teacher's success overlap " +
+             " and ".join(s.replace("_", " ") for s in suites if overlap[s]) +
+             ": with this many episodes the two cannot be told apart there") if any(overlap.values()) else \
+        "the 95% intervals of the student's and the teacher's success do not overlap"
+    lines = [f"# {config['name']}", "", f"**Question.** {report['question']}", "", f"**Answer.** {report['answer']}",
+             "", f"**Uncertainty.** {noise[0].upper() + noise[1:]}.", "",
+             f"Closed loop: {config['episodes']} episodes per scenario of each suite "
+             f"({', '.join(f'{k}: `{v}`' for k, v in config['suites'].items())}); success = no collision, still on "
+             "the road, destination reached; [95% Wilson interval]. Latency: median per decision over "
+             f"{report['latency_benchmark']['decisions']} held-out observations, all drivers interleaved in one "
+             "process on one thread (`unified bench latency`).", ""]
+    shown = [s.replace("_", " ") for s in suites]
+    header = ["driver"] + [f"success {s}" for s in shown] + [f"collision {s}" for s in shown] + \
+        ["latency ms (p95)", "speed-up", "tokens / decision", "reasoning accuracy"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in report["models"]:
+        cells = [row["label"]]
+        for s in suites:
+            r = row["suites"][s]["success_rate"]
+            cells.append(f"{r['mean']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]")
+        cells += [f"{row['suites'][s]['collision_rate']['mean']:.2f}" for s in suites]
+        if "latency" in row:
+            lat = row["latency"]
+            cells += [f"{lat['median_ms']:.1f} ({lat['p95_ms']:.1f})", f"{lat['speedup_vs_teacher']:.1f}x",
+                      f"{lat['tokens_per_decision']:.0f}"]
+        else:
+            cells += ["-", "-", "-"]
+        accuracy = row.get("reasoning_accuracy")
+        cells.append(", ".join(f"{v:.2f} {k.replace('_', ' ')}" for k, v in accuracy.items()) if accuracy else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "![success in and out of distribution](success.png)", "", "![decision latency](latency.png)", ""]
+    lines += ["## Reasoning", "", "The teacher's explanations, read back with the grammar of the simulator's "
+              "causation records and compared with the record of the same step (decision, cause, critical agent):",
+              ""]
+    for suite, r in report["reasoning"].items():
+        lines.append(f"- {suite.replace('_', ' ')}: {r['reasoning_accuracy']:.1%} of {r['explanations']} explanations "
+                     "all correct "
+                     f"(decision {r['decision_accuracy']:.1%}, cause {r['cause_accuracy']:.1%}, critical agent "
+                     f"{r['agent_accuracy']:.1%}, well-formed {r['parsed_rate']:.1%})")
+        for example in r["examples"][:2]:
+            lines.append(f"  - generated: \"{example['generated']}\" / simulator: \"{example['truth']}\"")
+    lines += ["", "## Per scenario (success rate)", ""]
+    for s in suites:
+        names = list(report["models"][0]["suites"][s]["per_scenario_success"])
+        lines += [f"**{s.replace('_', ' ')}**", "", "| driver | " + " | ".join(names) + " |",
+                  "|---|" + "---|" * len(names)]
+        for row in report["models"]:
+            per = row["suites"][s]["per_scenario_success"]
+            lines.append(f"| {row['label']} | " + " | ".join(f"{per[n]:.2f}" for n in names) + " |")
+        lines.append("")
+    command = f"unified eval distill --study {report['study']} --out OUT " + " ".join(report["overrides"])
+    lines += ["## How this was made", "", f"`{command.strip()}`; every figure above is in `report.json`, every "
+              "closed-loop report in `eval/`. The distilled student, exported action-only: "
+              f"`{report['student_action_only']}`.", ""]
+    return "\n".join(lines)
+
+
+def plot_success(rows: list[dict], suites: list[str], path: Path) -> None:
+    """Grouped bars: success rate per driver, one bar per suite, with 95% intervals."""
+    fig, ax = subplots(figsize=(max(7, 1.3 * len(rows)), 4.2))
+    x = np.arange(len(rows))
+    width = 0.8 / len(suites)
+    for k, suite in enumerate(suites):
+        means = np.array([r["suites"][suite]["success_rate"]["mean"] for r in rows])
+        ci = np.array([r["suites"][suite]["success_rate"]["ci95"] for r in rows])
+        ax.bar(x + (k - (len(suites) - 1) / 2) * width, means, width, label=suite.replace("_", " "),
+               yerr=[means - ci[:, 0], ci[:, 1] - means], capsize=3)
+    ax.set_xticks(x, [r["label"].replace(", ", ",\n").replace(" (", "\n(") for r in rows], fontsize=7)
+    ax.set_ylabel("success rate")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("closed-loop success in and out of distribution (95% intervals)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    save_figure(fig, path)
+
+
+def plot_latency(rows: list[dict], path: Path) -> None:
+    """Bars of the median decision latency per learned driver, p95 whiskers, tokens per decision on top."""
+    fig, ax = subplots(figsize=(max(6, 1.4 * len(rows)), 4))
+    medians = np.array([r["latency"]["median_ms"] for r in rows])
+    p95 = np.array([r["latency"]["p95_ms"] for r in rows])
+    x = np.arange(len(rows))
+    ax.bar(x, medians, 0.6, yerr=[np.zeros_like(medians), p95 - medians], capsize=4, color="tab:gray")
+    for k, r in enumerate(rows):
+        ax.text(k, p95[k], f"{r['latency']['tokens_per_decision']:.0f} tokens\n"
+                f"{r['latency']['speedup_vs_teacher']:.1f}x", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, [r["label"].replace(", ", ",\n").replace(" (", "\n(") for r in rows], fontsize=7)
+    ax.set_ylabel("ms per decision (median, p95)")
+    ax.set_ylim(0, p95.max() * 1.3)
+    ax.set_title("decision latency (speed-up against the teacher reasoning first)")
+    ax.grid(axis="y", alpha=0.3)
+    save_figure(fig, path)

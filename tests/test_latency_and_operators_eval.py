@@ -1,0 +1,62 @@
+"""`unified bench latency` and `unified eval operators` on tiny exported models."""
+
+import json
+
+import pytest
+import torch
+from unified.eval.latency import latency, parse_entry
+from unified.eval.operators import operators_eval, plot_operators
+from unified.tokenizers.fit import Tokenizers
+
+from unified.data.operators import operators
+from unified.errors import UnifiedError
+from unified.model import ModelConfig, UnifiedModel
+from unified.policy import save_model
+
+TINY = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, max_position_embeddings=256, horizon=4)
+
+
+@pytest.fixture(scope="module")
+def exported(model_data, tmp_path_factory):
+    tokenizers = Tokenizers.from_pretrained(model_data / "tok")
+    torch.manual_seed(0)
+    model = UnifiedModel(ModelConfig(**TINY, action_head=True, max_reason_tokens=6), tokenizers.layout)
+    directory = tmp_path_factory.mktemp("exported") / "model"
+    save_model(model, tokenizers, directory)
+    return directory
+
+
+def test_latency_of_the_three_ways_to_act(exported, model_data, tmp_path):
+    report = latency(models=[f"{exported}:reason", f"{exported}:direct", f"{exported}:continuous"],
+                     data=model_data / "store", decisions=3, json=tmp_path / "latency.json", progress=False)
+    reason, direct, continuous = report["models"]
+    assert report["decisions"] == 3 and reason["speedup_vs_first"] == 1.0
+    assert reason["tokens_per_decision"] > direct["tokens_per_decision"] == 4 * 2  # reasoning costs tokens
+    assert continuous["tokens_per_decision"] == 0  # one forward pass, nothing generated
+    assert all(0 < r["median_ms"] <= r["p95_ms"] for r in report["models"])
+    assert json.loads((tmp_path / "latency.json").read_text())["models"][2]["mode"] == "continuous"
+    # A bare directory means acting directly; anything else is refused with the path named.
+    assert parse_entry(str(exported)) == (str(exported), "direct")
+    with pytest.raises(UnifiedError, match="not an exported model directory"):
+        parse_entry(f"{tmp_path}:reason")
+
+
+def test_operators_eval_by_hops_and_the_plot(exported, tmp_path):
+    operators(out=tmp_path / "ops", hops="2-3", n=3, seed=5, progress=False)
+    report = operators_eval(model=exported, data=tmp_path / "ops", n=2, json=tmp_path / "a.json", progress=False)
+    assert set(report["accuracy_by_hops"]) == {"2", "3"}
+    assert all(0.0 <= a <= 1.0 for a in report["accuracy_by_hops"].values())
+    assert all(t > 0 for t in report["tokens_by_hops"].values())
+    assert {e["hops"] for e in report["examples"]} == {2, 3} and report["examples"][0]["expected"]
+    with pytest.raises(UnifiedError, match=r"no examples with \[5\] hops"):
+        operators_eval(model=exported, data=tmp_path / "ops", hops="5", progress=False)
+    with pytest.raises(UnifiedError, match="not an operator data set"):
+        operators_eval(model=exported, data=tmp_path, progress=False)
+    (tmp_path / "b.json").write_text(json.dumps({"accuracy_by_hops": {"2": 1.0, "4": 0.5}}))
+    table = plot_operators([tmp_path / "a.json", tmp_path / "b.json"], out=tmp_path / "ops.png",
+                           labels=["tiny", "other"])
+    assert table.splitlines()[0] == "| model | 2 hops | 3 hops | 4 hops |"
+    assert table.splitlines()[3] == "| other | 1.00 | - | 0.50 |"
+    assert (tmp_path / "ops.png").stat().st_size > 0
+    with pytest.raises(UnifiedError, match="2 labels for 1 reports"):
+        plot_operators([tmp_path / "a.json"], out=tmp_path / "x.png", labels=["a", "b"])

@@ -1,0 +1,127 @@
+"""The distillation study: its config, reuse of finished runs, and the whole study on tiny settings (students
+trained through the DeepSpeed launcher, closed loop in and out of distribution, reasoning, latency, report)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from unified.eval.study import load_study, train_run
+
+from unified.errors import UnifiedError
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = ROOT / "recipes" / "study.yaml"
+TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.intermediate_size=128",
+        "model.max_position_embeddings=256", "model.horizon=4", "data.seq_len=256", "data.batch_size=2",
+        "steps=2", "save_every=2"]
+OOD_SUITE = """\
+name: tiny-ood
+image_size: [32, 32]
+scenarios:
+  merge:
+    env: merge-v0
+    max_steps: 16
+"""
+
+
+def test_the_shipped_study_maps_onto_its_config():
+    config = load_study(STUDY, ["episodes=3", "students.distilled.modes=[direct]", "teacher.run_dir=runs/x"])
+    assert config.episodes == 3 and config.students["distilled"].modes == ["direct"]
+    assert config.teacher.run_dir == "runs/x" and config.export_student in config.students
+    assert set(config.stores) <= set(config.suites)
+    with pytest.raises(UnifiedError, match=r"unknown key 'episode'.*valid keys: name, data, ranks"):
+        load_study(STUDY, ["episode=3"])
+    with pytest.raises(UnifiedError, match="export_student 'nobody' is not a student"):
+        load_study(STUDY, ["export_student=nobody"])
+    with pytest.raises(UnifiedError, match=r"students.distilled: unknown key\(s\) 'mode'"):
+        load_study(STUDY, ["students.distilled.mode=direct"])
+
+
+def test_a_run_trained_with_another_configuration_is_refused(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step_0000002\n")
+    from unified.config import to_dict
+    from unified.train_config import load_recipe
+
+    saved = to_dict(load_recipe(ROOT / "recipes" / "debug.yaml", ["steps=5", f"run_dir={run}"]))
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(UnifiedError, match=r"trained with another configuration \(steps: 5 then, 4 now\)"):
+        train_run(str(ROOT / "recipes" / "debug.yaml"), [], run, ranks=1)
+
+
+@pytest.mark.slow
+def test_the_study_end_to_end_on_tiny_settings(model_data, tmp_path, capsys):
+    from unified.eval.study import distill
+    from unified.tokenizers.fit import Tokenizers
+
+    from unified.model import ModelConfig, UnifiedModel
+    from unified.policy import WorldModel, save_model
+
+    tokenizers = Tokenizers.from_pretrained(model_data / "tok")
+    torch.manual_seed(0)
+    teacher = UnifiedModel(ModelConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                                       max_position_embeddings=256, horizon=4, max_reason_tokens=8), tokenizers.layout)
+    save_model(teacher, tokenizers, tmp_path / "teacher")
+    (tmp_path / "ood.yaml").write_text(OOD_SUITE)
+    study = {
+        "name": "tiny", "data": str(model_data / "shards"), "ranks": 1, "teacher_model": str(tmp_path / "teacher"),
+        "students": {
+            "ground_truth": {"recipe": str(ROOT / "recipes" / "action_only.yaml"), "overrides": TINY,
+                             "init_from_teacher": True, "modes": ["direct"]},
+            "distilled": {"recipe": str(ROOT / "recipes" / "distill_action_only.yaml"),
+                          "overrides": [*TINY, "model.action_head=true"], "distill": True,
+                          "modes": ["continuous", "direct"]},
+        },
+        "suites": {"in_distribution": str(model_data / "suite.yaml"),
+                   "out_of_distribution": str(tmp_path / "ood.yaml")},
+        "stores": {"in_distribution": str(model_data / "store")},
+        "episodes": 2, "workers": 1, "reasoning_episodes": 1, "latency_decisions": 2,
+    }
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    out = tmp_path / "out"
+    report = distill(study=tmp_path / "study.yaml", out=out)
+
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["answer"] == report["answer"] and saved["answer"].count(". ") == 1 and saved["answer"].endswith(".")
+    rows = {(r["name"], r["mode"]): r for r in saved["models"]}
+    assert set(rows) == {("teacher", "reason"), ("teacher", "direct"), ("ground_truth", "direct"),
+                         ("distilled", "continuous"), ("distilled", "direct"), ("expert", None), ("random", None),
+                         ("constant", None)}
+    for row in rows.values():
+        assert set(row["suites"]) == {"in_distribution", "out_of_distribution"}
+        for figures in row["suites"].values():
+            lo, hi = figures["success_rate"]["ci95"]
+            assert 0 <= lo <= figures["success_rate"]["mean"] <= hi <= 1 and figures["episodes"] == 2
+    # The baselines differ: the expert drives, random driving leaves the road.
+    assert rows[("expert", None)]["suites"]["in_distribution"]["success_rate"]["mean"] > \
+        rows[("random", None)]["suites"]["in_distribution"]["success_rate"]["mean"]
+    # Reasoning costs tokens; the continuous head generates none.
+    tokens = {k: r["latency"]["tokens_per_decision"] for k, r in rows.items() if "latency" in r}
+    assert tokens[("teacher", "reason")] > tokens[("teacher", "direct")] == 8 > tokens[("distilled", "continuous")] == 0
+    assert rows[("teacher", "reason")]["latency"]["speedup_vs_teacher"] == 1.0
+    assert set(rows[("teacher", "reason")]["reasoning_accuracy"]) == {"in_distribution"}
+    assert saved["figures"]["student"] == rows[("distilled", "continuous")]["label"]
+    assert set(saved["figures"]["success_ratio"]) == {"in_distribution", "out_of_distribution"}
+    markdown = (out / "report.md").read_text()
+    assert f"**Answer.** {saved['answer']}" in markdown and "| expert (scripted) |" in markdown
+    assert "![success in and out of distribution](success.png)" in markdown
+    for png in ("success.png", "latency.png"):
+        assert Image.open(out / png).size[0] > 300
+    # The distilled student, exported action-only: a policy without an image decoder.
+    assert json.loads((out / "student_action_only" / "unified.json").read_text())["action_only"] is True
+    with pytest.raises(UnifiedError, match="action-only"):
+        WorldModel.from_pretrained(out / "student_action_only")
+
+    # A rerun trains nothing and drives nothing again: finished runs and matching reports are reused.
+    checkpoint = out / "runs" / "distilled" / "checkpoints" / "step_0000002" / "model.safetensors"
+    before = checkpoint.stat().st_mtime_ns
+    capsys.readouterr()
+    again = distill(study=tmp_path / "study.yaml", out=out)
+    printed = capsys.readouterr().out
+    assert printed.count("finished (2 steps), reused") == 2 and printed.count(".json: reused") == 17
+    assert checkpoint.stat().st_mtime_ns == before
+    assert again["figures"]["success_ratio"] == saved["figures"]["success_ratio"]
