@@ -23,7 +23,9 @@ class ImageFitConfig:
     eval_every: int = 250  # steps between held-out evaluations (and early-stopping checks)
     patience: int = 2  # evaluations without an improvement of min_delta_db before stopping
     min_delta_db: float = 0.1
-    entropy_weight: float = 0.05  # weight of FSQ.entropy_loss: spreads the frames over the whole codebook
+    # Weight of FSQ.entropy_loss, which spreads the frames over the whole codebook. 0.02 against 0.05: 31.4 against
+    # 29.5 dB held out on the demo data at 90% against 98% codebook usage (700 steps, same seed).
+    entropy_weight: float = 0.02
     seed: int = 0
 
 
