@@ -98,13 +98,15 @@ def train_run(recipe: str, overrides: list[str], run_dir: Path, ranks: int) -> N
 
     from unified import checkpoint
     from unified.cli import train
-    from unified.train_config import load_recipe
+    from unified.train_config import TrainConfig, load_recipe
 
     overrides = [*overrides, f"run_dir={run_dir}"]
     wanted = to_dict(load_recipe(recipe, overrides))
     resume = (run_dir / "checkpoints" / "latest").is_file()
     if resume:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+        # Read back through the config class, so that a field added since (at its default) is no difference.
+        saved = to_dict(from_dict(TrainConfig, saved or {}, str(run_dir / "config.yaml")))
         differs = _differences(saved, wanted)
         if differs:
             raise UnifiedError(f"{run_dir} was trained with another configuration ({', '.join(differs[:4])}); "

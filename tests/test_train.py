@@ -40,7 +40,8 @@ def shards(model_data):
     return model_data / "shards"
 
 
-@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("recipe", sorted(p for p in (ROOT / "recipes").glob("*.yaml") if p.name != "study.yaml"),
+                         ids=lambda p: p.name)  # study.yaml configures `unified eval distill` (tests/test_study.py)
 def test_every_recipe_maps_onto_the_config(recipe):
     for gpu in (False, True):
         config = load_recipe(recipe, gpu=gpu)
@@ -156,7 +157,7 @@ def test_finetune_and_distill_recipes_run(shards, tmp_path):
     tiny = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.intermediate_size=128",
             "model.max_position_embeddings=256", "model.horizon=4", "data.seq_len=256", "data.batch_size=2",
             "steps=3", "save_every=3", "sample_every=0"]
-    for recipe, extra in (("finetune.yaml", [f"init_from={tmp_path / 'teacher_export'}"]),
+    for recipe, extra in (("finetune.yaml", [f"init_from={tmp_path / 'teacher_export'}", "lora.enabled=true"]),
                           ("distill_action_only.yaml", [f"distill.teacher={tmp_path / 'teacher_export'}"])):
         run = tmp_path / recipe.split(".")[0]
         result = subprocess.run(
@@ -164,6 +165,8 @@ def test_finetune_and_distill_recipes_run(shards, tmp_path):
              f"run_dir={run}", f"data={shards}", *tiny, *extra], capture_output=True, text=True, timeout=600, cwd=ROOT)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert len(losses(run)) == 3 and all(np.isfinite(losses(run)))
+        if recipe == "finetune.yaml":
+            assert "LoRA r=8" in result.stdout + result.stderr
     from unified.train import initial_weights  # fine-tuning really started from the teacher's weights
 
     config = load_recipe(ROOT / "recipes" / "finetune.yaml", [f"init_from={tmp_path / 'teacher_export'}"], gpu=False)
@@ -173,3 +176,47 @@ def test_finetune_and_distill_recipes_run(shards, tmp_path):
     start = initial_weights(config, teacher.layout)
     torch.testing.assert_close(start["backbone.model.embed_tokens.weight"],
                                teacher.backbone.model.embed_tokens.weight)
+    # The fine-tune trained LoRA adapters: its checkpoint is a plain model (merged weights, no adapter keys) in
+    # which only the adapted projections moved; the frozen embeddings are still the teacher's.
+    tuned, _ = load_training_checkpoint(tmp_path / "finetune")
+    before, after = teacher.state_dict(), tuned.state_dict()
+    assert set(after) == set(before)
+    adapted = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    for key in before:
+        assert (not torch.equal(before[key], after[key])) == any(f".{m}." in key for m in adapted), key
+
+
+
+def test_merged_lora_weights_give_the_adapted_models_logits(model_data):
+    """Checkpoints of a LoRA run hold merged weights (W + alpha/r * B @ A): exact, and a plain model's keys."""
+    from unified.tokenizers.fit import Tokenizers
+
+    from unified.checkpoint import merge_lora
+    from unified.config import from_dict
+    from unified.model import ModelConfig, UnifiedModel
+    from unified.train import add_lora
+    from unified.train_config import LoraConfig
+
+    layout = Tokenizers.from_pretrained(model_data / "tok").layout
+    config = ModelConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, max_position_embeddings=64)
+    torch.manual_seed(0)
+    adapted, plain = UnifiedModel(config, layout), UnifiedModel(config, layout)
+    plain.load_state_dict(adapted.state_dict())
+    note = add_lora(adapted, from_dict(LoraConfig, {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}, "t"))
+    assert "r=4" in note and "trainable" in note
+    trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n and ("q_proj" in n or "v_proj" in n) for n in trainable)
+    for name, parameter in adapted.named_parameters():
+        if ".lora_B." in name:
+            parameter.data.normal_(0, 0.05)  # peft starts B at zero: make the adapters do something
+    merged = merge_lora(adapted.state_dict(), 8 / 4)
+    assert set(merged) == set(plain.state_dict())
+    plain.load_state_dict(merged)
+    ids = torch.randint(0, layout.vocab_size, (1, 12))
+    adapted.eval(), plain.eval()
+    with torch.no_grad():
+        a, b = adapted.backbone(input_ids=ids).logits, plain.backbone(input_ids=ids).logits
+        assert not torch.allclose(a, UnifiedModel(config, layout).backbone(input_ids=ids).logits)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(UnifiedError, match="lora.target_modules"):
+        add_lora(UnifiedModel(config, layout), from_dict(LoraConfig, {"target_modules": ["nothing_here"]}, "t"))

@@ -31,19 +31,37 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def consolidated_state(engine) -> dict[str, torch.Tensor] | None:
-    """The full model weights on rank 0 (None elsewhere). Collective under ZeRO-3: call on every rank."""
+def consolidated_state(engine, lora_scaling: float | None = None) -> dict[str, torch.Tensor] | None:
+    """The full model weights on rank 0 (None elsewhere), LoRA adapters merged when `lora_scaling` is given.
+    Collective under ZeRO-3: call on every rank."""
     if engine.zero_optimization_stage() == 3:
         state = engine._zero3_consolidated_16bit_state_dict()
     else:
         state = engine.module.state_dict()
     if torch.distributed.get_rank() != 0:
         return None
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    return merge_lora(state, lora_scaling) if lora_scaling is not None else state
 
 
-def save(engine, run_dir: Path, step: int, client_state: dict, info: dict) -> Path:
-    """Save on every rank; returns the checkpoint directory."""
+def merge_lora(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """A state dict with peft LoRA layers (`X.base_layer.weight`, `X.lora_A.default.weight`, ...) -> the plain
+    model's (`X.weight` = W + scaling * B @ A). Works on the consolidated dict, so under ZeRO-3 too."""
+    merged = {}
+    for key, value in state.items():
+        if ".lora_" in key:
+            continue
+        if key.endswith(".base_layer.weight"):
+            prefix = key[: -len(".base_layer.weight")]
+            a, b = state[f"{prefix}.lora_A.default.weight"], state[f"{prefix}.lora_B.default.weight"]
+            merged[f"{prefix}.weight"] = (value.float() + scaling * (b.float() @ a.float())).to(value.dtype)
+        else:
+            merged[key.replace(".base_layer.", ".")] = value
+    return merged
+
+
+def save(engine, run_dir: Path, step: int, client_state: dict, info: dict, lora_scaling: float | None = None) -> Path:
+    """Save on every rank; returns the checkpoint directory. `model.safetensors` holds the merged weights."""
     import torch.distributed as dist
 
     root = Path(run_dir) / "checkpoints"
@@ -53,7 +71,7 @@ def save(engine, run_dir: Path, step: int, client_state: dict, info: dict) -> Pa
         shutil.rmtree(root / temporary, ignore_errors=True)
     dist.barrier()
     engine.save_checkpoint(str(root), tag=temporary, client_state=client_state, save_latest=False)
-    state = consolidated_state(engine)
+    state = consolidated_state(engine, lora_scaling)
     dist.barrier()
     if dist.get_rank() == 0:
         directory = root / temporary

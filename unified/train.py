@@ -60,6 +60,24 @@ def prepare_data(config, run_dir: Path, progress: bool) -> Path:
     raise UnifiedError(f"data={path}: neither token shards (meta.json) nor an episode store (meta/info.json)")
 
 
+def add_lora(model, lora) -> str:
+    """Inject peft LoRA adapters into the backbone's `lora.target_modules`; freeze the rest of the backbone (its
+    embeddings included). A continuous action head, outside the backbone, still trains. Returns a summary."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    try:
+        inject_adapter_in_model(LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                           target_modules=list(lora.target_modules)), model.backbone)
+    except ValueError as e:  # peft names the modules it could not find
+        raise UnifiedError(f"lora.target_modules {lora.target_modules}: {e}") from None
+    for name, parameter in model.backbone.named_parameters():
+        parameter.requires_grad_(".lora_" in name)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for n, p in model.named_parameters() if ".lora_" not in n)
+    return (f"LoRA r={lora.r} alpha={lora.alpha:g} on {', '.join(lora.target_modules)}: {trainable:,} trainable "
+            f"parameters ({trainable / total:.1%} of the model's {total:,}); checkpoints hold the merged weights")
+
+
 def initial_weights(config, layout):
     """Weights to start from: a checkpoint or an exported model directory (fine-tuning), else None."""
     from unified import checkpoint
@@ -161,6 +179,10 @@ def train(recipe: str, overrides: list[str], resume: bool = False) -> list[float
         if unexpected or [k for k in missing if not k.startswith("action_head.")]:
             raise UnifiedError(f"initial weights do not fit the model config (missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]})")
+    if config.lora.enabled:
+        note = add_lora(model, config.lora)
+        if main_rank:
+            print(note, flush=True)
     teacher = None
     if config.distill.teacher:
         if set(t for t, w in config.data.tasks.items() if w > 0) != {"policy"}:
@@ -178,7 +200,8 @@ def train(recipe: str, overrides: list[str], resume: bool = False) -> list[float
     # recipes/deepspeed/ beside the recipe, else the repository's.
     ds_dir = Path(recipe).resolve().parent if (Path(recipe).resolve().parent / "deepspeed").is_dir() else RECIPES
     ds_config = deepspeed_config(config, world, bf16, ds_dir)
-    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
     client: dict = {}
     if resume_dir is not None and same_world:
         _, client = engine.load_checkpoint(str(resume_dir.parent), tag=resume_dir.name)
@@ -258,7 +281,8 @@ def train(recipe: str, overrides: list[str], resume: bool = False) -> list[float
         if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
             client_state = {"step": step + 1, "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
                                                       "torch": torch.get_rng_state()}}
-            checkpoint.save(engine, run_dir, step + 1, client_state, info)
+            checkpoint.save(engine, run_dir, step + 1, client_state, info,
+                            config.lora.scaling if config.lora.enabled else None)
     bar.close()
     if writer is not None:
         writer.close()

@@ -60,11 +60,34 @@ class DistillConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters (peft) on the backbone's linear layers: only they (and a continuous head, if any) train.
+    Checkpoints and exports hold the merged weights, so everything downstream sees a plain model."""
+
+    enabled: bool = False
+    r: int = 8
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+    def __post_init__(self):
+        if self.r < 1 or not self.target_modules:
+            raise UnifiedError(f"lora: r must be at least 1 and target_modules non-empty, got r={self.r}, "
+                               f"target_modules={self.target_modules}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     name: str = "run"
     run_dir: str = "runs/train"
     steps: int = 100  # optimizer steps
