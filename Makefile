@@ -21,7 +21,7 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=10
 
 # The demo's expensive stages are file targets or resumable: rerunning `make demo` skips what is already there.
 D := $(DEMO_DIR)

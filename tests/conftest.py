@@ -68,7 +68,7 @@ def model_data(tmp_path_factory) -> Path:
     (root / "suite.yaml").write_text(MODEL_SUITE)
     generate(suite=root / "suite.yaml", episodes=10, out=root / "store", progress=False)
     operators(out=root / "operators", hops="2-3", n=20, progress=False)
-    fit(data=root / "store", out=root / "tok", operators=root / "operators", image_steps=400, image_batch=32,
+    fit(data=root / "store", out=root / "tok", operators=root / "operators", image_steps=200, image_batch=32,
         horizon=MODEL_HORIZON, text_vocab=400, fast_vocab=600, progress=False)
     tokenize(data=root / "store", tokenizer=root / "tok", out=root / "shards", horizon=MODEL_HORIZON,
              operators=root / "operators", operator_hops="2-3", progress=False)

@@ -186,7 +186,7 @@ def psnr(x: np.ndarray, truth: np.ndarray) -> float:
 
 @pytest.mark.slow
 def test_a_small_model_overfits_a_handful_of_episodes(shards, tokenizers, data):
-    """A plain loop (the DeepSpeed recipes are another issue): greedy actions within a bin of the expert's, and
+    """A plain loop (the DeepSpeed recipes are another issue): greedy actions in the expert's bins, and
     an imagined next frame closer to the truth than copying the current frame."""
     from unified.data.store import EpisodeStore
 
@@ -199,7 +199,7 @@ def test_a_small_model_overfits_a_handful_of_episodes(shards, tokenizers, data):
     built += [build(shards.sample("world", int(r)), shards.layout, image_weight=1.0) for r in world_rows]
     data_batches = [b.to_torch() for b in pack(built, 256, 8, shards.layout)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    for step in range(300):
+    for step in range(400):
         loss, _ = model(data_batches[step % len(data_batches)])
         optimizer.zero_grad()
         loss.backward()
@@ -208,18 +208,22 @@ def test_a_small_model_overfits_a_handful_of_episodes(shards, tokenizers, data):
     store = EpisodeStore(data / "store")
     policy, world = Policy(model, tokenizers), WorldModel(model, tokenizers)
     width = tokenizers.action.bin_width
-    errors, gains = [], []
+    gains, same, near = [], [], []
     for e in episodes:
         episode = store.read_episode(e)
         for t in (0, 5, 10):
             result = policy.act(episode.frames[t], episode.instruction, state=episode.states[t], reason=False)
             expert = np.clip(episode.actions[t:t + H], tokenizers.action.q01, tokenizers.action.q99)
-            errors.append(np.abs(result.actions - expert) <= width / 2 + 1e-6)
+            # The expert's own bin: its action encoded and decoded (edge bins absorb what lies beyond q01/q99).
+            own = tokenizers.action.decode(tokenizers.action.encode(expert[None]))[0]
+            same.append(np.isclose(result.actions, own, atol=1e-6))
+            near.append(np.abs(result.actions - expert) <= width + 1e-6)
             imagined = world.imagine(episode.frames[t], episode.actions[t:t + H])[0]
             truth = episode.frames[t + H]
             gains.append(psnr(imagined, truth) - psnr(episode.frames[t], truth))
-    print(f"within a bin: {np.mean(errors):.3f}, PSNR gain over copying: {np.mean(gains):.2f} dB")
-    assert np.mean(errors) >= 0.9, np.mean(errors)
+    print(f"the expert's bin: {np.mean(same):.3f}, within a bin width of the expert's action: {np.mean(near):.3f}, "
+          f"PSNR gain over copying: {np.mean(gains):.2f} dB")
+    assert np.mean(same) >= 0.9 and np.mean(near) >= 0.9, (np.mean(same), np.mean(near))
     assert np.mean(gains) > 0, gains
 
 

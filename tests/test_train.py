@@ -40,6 +40,18 @@ def shards(model_data):
     return model_data / "shards"
 
 
+STEPS = ["steps=10", "save_every=2", "sample_every=0"]
+
+
+@pytest.fixture(scope="module")
+def whole_run(shards, tmp_path_factory) -> Path:
+    """A finished 10-step run on 2 ranks, checkpointed every 2 steps (tests copy it before changing it)."""
+    run = tmp_path_factory.mktemp("whole") / "run"
+    result = launch(2, run, shards, *STEPS)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run
+
+
 @pytest.mark.parametrize("recipe", sorted(p for p in (ROOT / "recipes").glob("*.yaml") if p.name != "study.yaml"),
                          ids=lambda p: p.name)  # study.yaml configures `unified eval distill` (tests/test_study.py)
 def test_every_recipe_maps_onto_the_config(recipe):
@@ -94,10 +106,8 @@ def test_zero_stages_train_with_falling_loss(shards, tmp_path, stage):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_matches_the_uninterrupted_run(shards, tmp_path):
-    steps = ["steps=10", "save_every=2", "sample_every=0"]
-    whole = tmp_path / "whole"
-    assert launch(2, whole, shards, *steps).returncode == 0
+def test_sigkill_then_resume_matches_the_uninterrupted_run(shards, whole_run, tmp_path):
+    steps, whole = STEPS, whole_run
     killed = tmp_path / "killed"
     process = launch(2, killed, shards, *steps, wait=False)
     latest = killed / "checkpoints" / "latest"
@@ -124,9 +134,10 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_damaged_checkpoint_is_detected(shards, tmp_path):
+def test_damaged_checkpoint_is_detected(shards, whole_run, tmp_path):
     run = tmp_path / "run"
-    assert launch(2, run, shards, "steps=2", "save_every=2").returncode == 0
+    shutil.copytree(whole_run, run)
+    (run / "checkpoints" / "latest").write_text("step_0000002\n")
     weights = run / "checkpoints" / "step_0000002" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -148,12 +159,17 @@ def test_non_finite_loss_stops_and_names_the_step(shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_finetune_and_distill_recipes_run(shards, tmp_path):
-    teacher_run = tmp_path / "teacher"
-    assert launch(2, teacher_run, shards, "steps=2", "save_every=2").returncode == 0
-    from unified.export import export
+def test_finetune_and_distill_recipes_run(shards, model_data, tmp_path):
+    from unified.tokenizers.fit import Tokenizers
 
-    export(checkpoint=teacher_run, out=tmp_path / "teacher_export")
+    from unified.model import ModelConfig, UnifiedModel
+    from unified.policy import save_model
+
+    # The teacher: a tiny model saved as an export (what it learned does not matter here, where it starts does).
+    torch.manual_seed(0)
+    teacher = UnifiedModel(ModelConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                                       max_position_embeddings=256, horizon=4), shards_layout(model_data))
+    save_model(teacher, Tokenizers.from_pretrained(model_data / "tok"), tmp_path / "teacher_export")
     tiny = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.intermediate_size=128",
             "model.max_position_embeddings=256", "model.horizon=4", "data.seq_len=256", "data.batch_size=2",
             "steps=3", "save_every=3", "sample_every=0"]
@@ -172,7 +188,6 @@ def test_finetune_and_distill_recipes_run(shards, tmp_path):
     config = load_recipe(ROOT / "recipes" / "finetune.yaml", [f"init_from={tmp_path / 'teacher_export'}"], gpu=False)
     from unified.export import load_training_checkpoint
 
-    teacher, _ = load_training_checkpoint(teacher_run)
     start = initial_weights(config, teacher.layout)
     torch.testing.assert_close(start["backbone.model.embed_tokens.weight"],
                                teacher.backbone.model.embed_tokens.weight)
@@ -185,6 +200,12 @@ def test_finetune_and_distill_recipes_run(shards, tmp_path):
     for key in before:
         assert (not torch.equal(before[key], after[key])) == any(f".{m}." in key for m in adapted), key
 
+
+
+def shards_layout(model_data):
+    from unified.tokenizers.fit import Tokenizers
+
+    return Tokenizers.from_pretrained(model_data / "tok").layout
 
 
 def test_merged_lora_weights_give_the_adapted_models_logits(model_data):
