@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json as jsonlib
 import math
-import multiprocessing as mp
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from unified.sim.drivers import DRIVERS
 from unified.sim.env import make_env
 from unified.sim.rollout import run_episode
 from unified.sim.suite import load_suite
+from unified.workers import spawn_pool
 
 EVAL_SEED = 1000  # evaluation episodes use seeds that data generation (default seed 0) never does
 Z95 = 1.959964
@@ -221,7 +221,7 @@ def _run(jobs: list, workers: int, progress: bool, desc: str) -> list[dict]:
             finally:
                 torch.set_num_threads(threads)
         else:
-            with mp.get_context("spawn").Pool(workers, _Worker.setup) as pool:
+            with spawn_pool(workers, _Worker.setup) as pool:
                 # Longest first (a reasoning model's episodes), so that no worker is left with them at the end.
                 order = sorted(jobs, key=lambda j: (j[0].learned, j[0].mode == "reason"), reverse=True)
                 for record in pool.imap_unordered(_Worker.run, order):

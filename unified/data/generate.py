@@ -6,7 +6,6 @@ run leaves only complete episodes behind.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import signal
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from unified.sim.drivers import ExpertDriver
 from unified.sim.env import make_env
 from unified.sim.rollout import run_episode
 from unified.sim.suite import Suite, load_suite
+from unified.workers import spawn_pool
 
 
 def episode_seed(seed: int, index: int) -> int:
@@ -112,8 +112,7 @@ def _run(store: EpisodeStore, seed: int, todo: list[int], workers: int, progress
             for index in todo:
                 advance(_Worker.run(index)[1])
         else:
-            context = mp.get_context("spawn")  # fork would copy pygame and torch state into workers
-            pool = context.Pool(workers, initializer=_Worker.setup, initargs=(str(store.root), seed))
+            pool = spawn_pool(workers, _Worker.setup, (str(store.root), seed))
             try:
                 for _, n in pool.imap_unordered(_Worker.run, todo):
                     advance(n)
