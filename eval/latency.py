@@ -67,16 +67,17 @@ def latency(*, models: list[str], data: Path, decisions: int = 40, threads: int 
     seen = observations(data, decisions, history)
     times: dict[int, list[float]] = {k: [] for k in range(len(entries))}
     tokens: dict[int, list[int]] = {k: [] for k in range(len(entries))}
+    def act(path: str, mode: str, frames, instruction: str, state):
+        return policies[path].act(frames, instruction, state=state, reason=mode == "reason",
+                                  continuous=mode == "continuous")
+
     for path, mode in entries:  # one untimed decision each: first-call allocations
-        frames, instruction, state = seen[0]
-        policies[path].act(frames, instruction, state=state, reason=mode == "reason", continuous=mode == "continuous")
+        act(path, mode, *seen[0])
     rng = np.random.default_rng(0)
-    for frames, instruction, state in tqdm(seen, desc="latency", unit="round", disable=not progress):
+    for observation in tqdm(seen, desc="latency", unit="round", disable=not progress):
         for k in rng.permutation(len(entries)):
-            path, mode = entries[k]
             start = time.perf_counter()
-            result = policies[path].act(frames, instruction, state=state, reason=mode == "reason",
-                                        continuous=mode == "continuous")
+            result = act(*entries[k], *observation)
             times[k].append(1000 * (time.perf_counter() - start))
             tokens[k].append(result.tokens_generated)
     rows = []

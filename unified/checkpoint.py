@@ -23,7 +23,7 @@ from unified.errors import UnifiedError
 FORMAT = "unified-checkpoint"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -79,7 +79,7 @@ def save(engine, run_dir: Path, step: int, client_state: dict, info: dict, lora_
         (directory / "checkpoint.json").write_text(json.dumps(
             {"format": FORMAT, "step": step, "world_size": dist.get_world_size(), **info}, indent=2) + "\n")
         files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != "manifest.json")
-        manifest = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+        manifest = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
         (directory / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         shutil.rmtree(root / tag, ignore_errors=True)
         os.replace(directory, root / tag)
@@ -114,7 +114,7 @@ def verify(directory: Path) -> None:
         path = directory / name
         if not path.is_file():
             raise UnifiedError(f"{path}: missing from the checkpoint (damaged); resume from an earlier step")
-        if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
+        if path.stat().st_size != expected["bytes"] or sha256_file(path) != expected["sha256"]:
             raise UnifiedError(f"{path}: damaged (its size or checksum differs from manifest.json); "
                                "resume from an earlier step")
 

@@ -64,15 +64,14 @@ def save_model(
 
 
 def weights_fingerprint(directory: str | Path) -> str:
-    """SHA-256 over a model directory's weight files: what a cached evaluation is keyed on."""
+    """SHA-256 over a model directory's weight files (names and digests): what a cached evaluation is keyed on."""
     import hashlib
+
+    from unified.checkpoint import sha256_file
 
     h = hashlib.sha256()
     for path in sorted(Path(directory).glob("*.safetensors")):
-        h.update(path.name.encode())
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        h.update(path.name.encode() + sha256_file(path).encode())
     return h.hexdigest()
 
 
