@@ -28,7 +28,8 @@ D := $(DEMO_DIR)
 demo: $(VENV)/.installed
 	@echo "== $$(date +%T) demo 1/6: driving data (expert episodes, in distribution and out of distribution)"
 	$(BIN)/unified data generate --suite recipes/data/train.yaml --episodes 200 --out $(D)/data/train --workers $(WORKERS)
-	$(BIN)/unified data generate --suite recipes/data/ood.yaml --episodes 50 --out $(D)/data/ood --workers $(WORKERS)
+	$(BIN)/unified data generate --suite recipes/data/ood.yaml --episodes 50 --out $(D)/data/ood --workers $(WORKERS) \
+		--held-out-every 1
 	$(BIN)/unified data info $(D)/data/train
 	$(BIN)/unified data info $(D)/data/ood
 	@echo "== $$(date +%T) demo 2/6: operator (multi-hop reasoning) data"

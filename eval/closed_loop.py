@@ -4,7 +4,6 @@ success, collisions, progress, speed and jerk with 95% confidence intervals, and
 from __future__ import annotations
 
 import json as jsonlib
-import math
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,38 +11,18 @@ from typing import Any, Literal
 
 import numpy as np
 from tqdm import tqdm
+from unified.eval.stats import compare_paired, mean_interval, wilson_interval
 
 from unified.errors import UnifiedError
 from unified.sim.drivers import DRIVERS
 from unified.sim.env import make_env
 from unified.sim.rollout import run_episode
+from unified.sim.seeds import evaluation_seed
 from unified.sim.suite import load_suite
 from unified.workers import spawn_pool
 
-EVAL_SEED = 1000  # evaluation episodes use seeds that data generation (default seed 0) never does
-Z95 = 1.959964
-
-
-def wilson_interval(successes: int, n: int) -> tuple[float, float]:
-    """95% Wilson score interval of a rate; sound at 0 and 1, unlike the normal approximation."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = successes / n
-    denominator = 1 + Z95**2 / n
-    centre = (p + Z95**2 / (2 * n)) / denominator
-    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / denominator
-    # At 0 and n the bound is exact; computed, it would miss by a rounding error.
-    low = 0.0 if successes == 0 else max(0.0, centre - half)
-    high = 1.0 if successes == n else min(1.0, centre + half)
-    return (low, high)
-
-
-def mean_interval(values: np.ndarray) -> tuple[float, float]:
-    """95% normal-approximation interval of a mean."""
-    if len(values) < 2:
-        return (float(np.mean(values)), float(np.mean(values))) if len(values) else (0.0, 0.0)
-    half = Z95 * float(np.std(values, ddof=1)) / math.sqrt(len(values))
-    return (float(np.mean(values)) - half, float(np.mean(values)) + half)
+REPORT_VERSION = 2  # 2: per-episode rows, evaluation seeds disjoint from data seeds
+EVAL_SEED = 1000  # any value: evaluation seeds lie in a range data generation never draws from (unified.sim.seeds)
 
 
 @dataclass(frozen=True)
@@ -135,18 +114,35 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
 def closed_loop(
     *, model: str, scenarios: Path, episodes: int = 20, workers: int = 1, seed: int = EVAL_SEED,
     json: Path | None = None, mode: Literal["reason", "direct", "continuous"] = "reason",
-    replan_every: int | None = None, progress: bool = True,
+    replan_every: int | None = None, train_store: list[Path] = (), progress: bool = True,
 ) -> dict[str, Any]:
     """Drive `episodes` episodes of every scenario in the suite `scenarios` with `model` (an exported model
     directory, or the scripted expert, random or constant driver) and return (and with `json`, write) the
     report. A model reasons before acting (`mode reason`), acts directly (`direct`) or reads its continuous
-    head (`continuous`), and re-plans every `replan_every` steps (default: its chunk length)."""
+    head (`continuous`), and re-plans every `replan_every` steps (default: its chunk length). `train_store`
+    (one or more episode stores a model trained on): refuse evaluation episodes that share a simulator seed with
+    their training episodes, and report those whose traffic is a near-replay of one."""
     evaluation = Evaluation(model, str(scenarios), mode, replan_every)
     report = evaluate([evaluation], episodes, workers, seed, progress)[evaluation]
+    if train_store:
+        report["overlap"] = overlap_of(report, list(train_store), progress)
     print(format_table(report), flush=True)
+    if train_store:
+        o = report["overlap"]
+        print(f"against {', '.join(o['stores'])}: {o['evaluation_episodes']} evaluation episodes, "
+              f"{len(o['shared_seeds'])} share a seed and {len(o['near_replays'])} replay the traffic of any of "
+              f"{o['training_episodes']} training episodes", flush=True)
     if json is not None:
         write_report(report, Path(json))
     return report
+
+
+def overlap_of(report: dict[str, Any], stores: list[Path], progress: bool = True) -> dict:
+    """The evaluation episodes of a report checked against training stores (`eval.overlap.check_overlap`)."""
+    from unified.eval.overlap import check_overlap
+
+    suite = load_suite(report["suite_path"])
+    return check_overlap([(suite, e["scenario"], e["seed"]) for e in report["episodes"]], stores, progress)
 
 
 def write_report(report: dict[str, Any], path: Path) -> None:
@@ -170,7 +166,7 @@ def evaluate(evaluations: list[Evaluation], episodes: int, workers: int = 1, see
         raise UnifiedError(f"--episodes and --workers must be at least 1, got {episodes} and {workers}")
     suites = {path: load_suite(path) for path in dict.fromkeys(e.suite for e in evaluations)}
     jobs = [
-        (e, name, i, int(np.random.SeedSequence([seed, s, i]).generate_state(1)[0] & 0x7FFFFFFF))
+        (e, name, i, evaluation_seed(seed, s, i))
         for e in evaluations for s, name in enumerate(suites[e.suite].scenarios) for i in range(episodes)
     ]
     first = evaluations[0]
@@ -182,6 +178,7 @@ def evaluate(evaluations: list[Evaluation], episodes: int, workers: int = 1, see
         suite = suites[e.suite]
         mine = [r for r in records if r["evaluation"] == e]
         reports[e] = {
+            "report_version": REPORT_VERSION,
             "model": e.model if not e.learned else f"{Path(e.model).name} ({e.mode})",
             "model_path": str(e.model) if e.learned else None,
             "mode": e.mode if e.learned else None,
@@ -193,8 +190,13 @@ def evaluate(evaluations: list[Evaluation], episodes: int, workers: int = 1, see
             "seed": seed,
             "scenarios": {name: summarise([r for r in mine if r["scenario"] == name]) for name in suite.scenarios},
             "overall": summarise(mine),
+            # One row per episode, so that drivers evaluated on the same seeds can be compared pair by pair.
+            "episodes": [{k: r[k] for k in EPISODE_FIELDS} for r in mine],
         }
     return reports
+
+
+EPISODE_FIELDS = ("scenario", "index", "seed", "success", "collision", "offroad", "end", "steps", "progress_m")
 
 
 def _fingerprint(model: str) -> str:
@@ -277,6 +279,21 @@ def compare(reports: list[Path]) -> str:
                 cells.append("-" if rates is None else " / ".join(f"{v:.2f}" for v in rates))
             label = f"**{name}**" if name == "overall" else name
             lines.append(f"| {suite} | {label} | " + " | ".join(cells) + " |")
+    paired = []
+    for suite in dict.fromkeys(r["suite"] for r in loaded):
+        same = [r for r in loaded if r["suite"] == suite]
+        for other in same[1:]:
+            comparison = compare_paired(same[0], other)
+            if comparison is not None:
+                d, m = comparison["difference"], comparison["mcnemar"]
+                paired.append(f"| {suite} | {other['model']} - {same[0]['model']} | {comparison['pairs']} | "
+                              f"{d['difference']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] | "
+                              f"{m['only_second']} / {m['only_first']} | {m['p_value']:.3g} |")
     table = "\n".join(lines)
+    if paired:
+        table += ("\n\npaired against the first model on the same episodes (success)\n"
+                  "| suite | difference | pairs | success difference [95% paired bootstrap] | "
+                  "discordant pairs (first only / other only) | McNemar p |\n|---|---|---|---|---|---|\n"
+                  + "\n".join(paired))
     print("success / collision / off-road rate per model\n" + table, flush=True)
     return table

@@ -30,15 +30,14 @@ def parse_entry(entry: str) -> tuple[str, str]:
 
 
 def observations(data: Path, count: int, history: int) -> list[tuple[np.ndarray, str, np.ndarray]]:
-    """`count` (frames, instruction, state) observations spread over the held-out episodes of a store."""
-    from unified.tokenizers.fit import is_held_out
-
+    """`count` (frames, instruction, state) observations spread over the held-out episodes of a store (round robin
+    over its scenarios)."""
     from unified.data.store import EpisodeStore
 
     store = EpisodeStore(data)
-    indices = [i for i in store.indices() if is_held_out(i)] or store.indices()
+    indices = store.held_out_indices(stratified=True)
     if not indices:
-        raise UnifiedError(f"{data}: the store holds no episodes")
+        raise UnifiedError(f"{data}: the store holds no held-out episodes ({store.rule.description})")
     out: list[tuple[np.ndarray, str, np.ndarray]] = []
     per_episode = max(1, -(-count // len(indices)))
     for index in indices:

@@ -63,17 +63,16 @@ def judge(generated: str, truth) -> dict[str, bool]:
 
 def reasoning(*, model: Path, data: Path, json: Path | None = None, episodes: int = 10, every: int = 10,
               progress: bool = True) -> dict:
-    """Generate the explanation at every `every`-th step of up to `episodes` held-out episodes of `data`."""
-    from unified.tokenizers.fit import is_held_out
-
+    """Generate the explanation at every `every`-th step of up to `episodes` held-out episodes of `data`, taken
+    round robin over its scenarios."""
     from unified.data.store import EpisodeStore
     from unified.policy import Policy, weights_fingerprint
 
     policy = Policy.from_pretrained(model)
     store = EpisodeStore(data)
-    indices = ([i for i in store.indices() if is_held_out(i)] or store.indices())[:episodes]
+    indices = store.held_out_indices(stratified=True)[:episodes]
     if not indices:
-        raise UnifiedError(f"{data}: no episodes")
+        raise UnifiedError(f"{data}: no held-out episodes ({store.rule.description})")
     verdicts, examples = [], []
     for index in tqdm(indices, desc="reasoning", unit="ep", disable=not progress):
         episode = store.read_episode(index)
@@ -88,7 +87,9 @@ def reasoning(*, model: Path, data: Path, json: Path | None = None, episodes: in
                                  "truth": episode.causation[t].text, **verdict})
     rate = {k: float(np.mean([v[k] for v in verdicts])) for k in ("parsed", "decision", "cause", "agent", "all")}
     report = {"model": str(model), "fingerprint": weights_fingerprint(model), "data": str(data),
-              "episodes_asked": episodes, "episodes": len(indices), "explanations": len(verdicts),
+              "episodes_asked": episodes, "episodes": len(indices), "episode_indices": indices,
+              "scenarios": sorted({store.suite.scenario_for_episode(i).name for i in indices}),
+              "held_out": store.rule.description, "explanations": len(verdicts),
               "reasoning_accuracy": rate["all"], "decision_accuracy": rate["decision"],
               "cause_accuracy": rate["cause"], "agent_accuracy": rate["agent"], "parsed_rate": rate["parsed"],
               "examples": examples}

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from unified.eval import stats
 from unified.eval.training_plot import save_figure, subplots
 
 MIN_TEACHER_SUCCESSES = 5  # below this many teacher successes in a suite, no share of them is reported
@@ -27,45 +28,46 @@ def _rate(summary: dict, key: str) -> dict:
 
 
 def _answer(student: dict, teacher: dict, suites: list[str], aim_ratio: float, aim_speedup: float) -> tuple[dict, str]:
-    """The figures that answer the question, and the answer in two plain sentences."""
-    ratios, parts = {}, []
+    """The figures that answer the question, and the answer in two plain sentences: the share of the teacher's
+    success the student keeps (its point estimate) and what the paired test on the same episodes says of it."""
+    ratios, kept, parts = {}, {}, []
     for suite in suites:
         s, t = student["suites"][suite]["success_rate"]["mean"], teacher["suites"][suite]["success_rate"]["mean"]
         where = suite.replace("_", " ")
+        paired = student["paired_vs_teacher"][suite]
         # A share of a handful of successes is noise (1 against 4 would read as 400%): too few to take a share of.
         episodes = teacher["suites"][suite]["episodes"]
         wins = round(t * episodes)
         ratios[suite] = s / t if wins >= MIN_TEACHER_SUCCESSES else None
+        kept[suite] = None if ratios[suite] is None else stats.non_inferior(paired, t, aim_ratio)
+        d = paired["difference"]
+        test = (f"paired difference {d['difference']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}], "
+                f"McNemar p = {paired['mcnemar']['p_value']:.2f}")
         if ratios[suite] is not None:
-            parts.append(f"{ratios[suite]:.0%} {where} ({s:.2f} against {t:.2f})")
+            parts.append(f"{ratios[suite]:.0%} {where} ({s:.2f} against {t:.2f}; {test})")
         else:
             parts.append(f"no measurable share {where}, where the teacher succeeds in only {wins} of {episodes} "
-                         f"episodes ({s:.2f} against {t:.2f})")
-    measured = [r for r in ratios.values() if r is not None]
-    kept = bool(measured) and all(r >= aim_ratio for r in measured)
+                         f"episodes ({s:.2f} against {t:.2f}; {test})")
+    measured = [k for k in kept.values() if k is not None]
+    meets = bool(measured) and all(measured)
     lat, teacher_lat = student["latency"], teacher["latency"]
     speedup = lat["speedup_vs_teacher"]
     fast = "at or above" if speedup >= aim_speedup else "below"
-    verdict = "at or above" if kept else "short of"
+    verdict = ("and the paired intervals show it keeps at least" if meets else
+               "and the paired intervals cannot show that it keeps")
     first = (f"Distilled to emit actions directly, the student keeps this share of the reasoning teacher's success "
-             f"rate: {' and '.join(parts)}; that is {verdict} the aim of {aim_ratio:.0%}.")
+             f"rate: {' and '.join(parts)}; {verdict} {aim_ratio:.0%} of it.")
     second = (f"It decides {speedup:.1f}x faster (median {lat['median_ms']:.0f} ms against "
               f"{teacher_lat['median_ms']:.0f} ms per decision, {lat['tokens_per_decision']:.0f} tokens generated "
               f"against {teacher_lat['tokens_per_decision']:.0f}), {fast} the aim of {aim_speedup:g}x.")
-    # Whether the two success rates' 95% intervals overlap, suite by suite: if they do, the data cannot tell
-    # the two apart, whatever the ratio says.
-    overlap = {}
-    for suite in suites:
-        (a, b), (c, d) = (student["suites"][suite]["success_rate"]["ci95"],
-                          teacher["suites"][suite]["success_rate"]["ci95"])
-        overlap[suite] = a <= d and c <= b
-    figures = {"student": student["label"], "success_ratio": ratios, "speedup": speedup,
-               "meets_success_aim": kept, "meets_speed_aim": speedup >= aim_speedup, "intervals_overlap": overlap}
+    figures = {"student": student["label"], "success_ratio": ratios, "keeps_aim_paired": kept, "speedup": speedup,
+               "meets_success_aim": meets, "meets_speed_aim": speedup >= aim_speedup,
+               "paired_vs_teacher": student["paired_vs_teacher"]}
     return figures, f"{first} {second}"
 
 
 def write_study_report(config, out: Path, models: dict, closed: dict, explained: dict, timing: dict, study: str,
-                       overrides: list[str]) -> dict:
+                       overrides: list[str], teacher_reasoning: str, overlap: dict) -> dict:
     """Assemble the figures of a finished study into OUT/report.{json,md} and the PNG plots."""
     from unified.config import to_dict
 
@@ -93,6 +95,10 @@ def write_study_report(config, out: Path, models: dict, closed: dict, explained:
                               "speedup_vs_teacher": teacher_ms / b["median_ms"]}
         if name == "teacher" and mode == "reason":
             row["reasoning_accuracy"] = {suite: r["reasoning_accuracy"] for suite, r in explained.items()}
+        else:  # paired against the teacher reasoning first, on the same episodes (scenario, seed)
+            row["paired_vs_teacher"] = {
+                suite: stats.compare_paired(closed[("teacher", "reason")][suite], report)
+                for suite, report in by_suite.items()}
         rows.append(row)
     teacher = next(r for r in rows if r["name"] == "teacher" and r["mode"] == "reason")
     headline = config.students[config.export_student].modes[0]
@@ -100,6 +106,7 @@ def write_study_report(config, out: Path, models: dict, closed: dict, explained:
     figures, answer = _answer(student, teacher, suites, config.aim_success_ratio, config.aim_speedup)
     report = {
         "question": QUESTION, "answer": answer, "figures": figures, "study": study, "overrides": overrides,
+        "teacher_reasoning": teacher_reasoning, "overlap_with_training": overlap,
         "config": to_dict(config), "latency_benchmark": timing, "models": rows,
         "reasoning": {suite: {k: r[k] for k in ("reasoning_accuracy", "decision_accuracy", "cause_accuracy",
                                                  "agent_accuracy", "parsed_rate", "explanations", "examples")}
@@ -117,20 +124,30 @@ def write_study_report(config, out: Path, models: dict, closed: dict, explained:
 def markdown(report: dict, suites: list[str]) -> str:
     """The report as Markdown: the question, the answer, one table with the baselines, the plots, provenance."""
     config = report["config"]
-    overlap = report["figures"]["intervals_overlap"]
-    noise = ("the 95% intervals of the student's and the teacher's success overlap " +
-             " and ".join(s.replace("_", " ") for s in suites if overlap[s]) +
-             ": with this many episodes the two cannot be told apart there") if any(overlap.values()) else \
-        "the 95% intervals of the student's and the teacher's success do not overlap"
+    student = report["figures"]["student"]
+    tests = "; ".join(
+        f"{s.replace('_', ' ')}: " + stats.describe(report["figures"]["paired_vs_teacher"][s], "the teacher",
+                                                     "the student")
+        for s in suites)
+    overlap = report["overlap_with_training"]
     lines = [f"# {config['name']}", "", f"**Question.** {report['question']}", "", f"**Answer.** {report['answer']}",
-             "", f"**Uncertainty.** {noise[0].upper() + noise[1:]}.", "",
+             "", f"**Paired test** ({student} against the teacher reasoning first, the same episodes): {tests}.", "",
              f"Closed loop: {config['episodes']} episodes per scenario of each suite "
              f"({', '.join(f'{k}: `{v}`' for k, v in config['suites'].items())}); success = no collision, still on "
-             "the road, destination reached; [95% Wilson interval]. Latency: median per decision over "
+             "the road, the instruction's destination reached and, on open road, the scenario's distance covered; "
+             "[95% Wilson interval]. Every driver meets the same traffic (the same simulator seeds), so drivers are "
+             "compared pair by pair: McNemar's exact test on the episodes where exactly one of the two succeeded, and "
+             "a 95% paired bootstrap interval of the difference in success. The evaluation seeds share none with the "
+             f"training store{'s' if len(overlap['stores']) > 1 else ''} ({', '.join(overlap['stores'])}), and "
+             f"{len(overlap['near_replays'])} of {overlap['evaluation_episodes']} evaluation starts replay a training "
+             "episode's traffic (every vehicle within 3 m and 1.5 m/s). The teacher distilled from reads its "
+             f"{'own generated' if report['teacher_reasoning'] == 'generated' else 'recorded (simulator)'} reasoning "
+             f"(`teacher_reasoning: {report['teacher_reasoning']}`). Latency: median per decision over "
              f"{report['latency_benchmark']['decisions']} held-out observations, all drivers interleaved in one "
              "process on one thread (`unified bench latency`).", ""]
     shown = [s.replace("_", " ") for s in suites]
     header = ["driver"] + [f"success {s}" for s in shown] + [f"collision {s}" for s in shown] + \
+        [f"vs teacher {s}: difference [95%], p" for s in shown] + \
         ["latency ms (p95)", "speed-up", "tokens / decision", "reasoning accuracy"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in report["models"]:
@@ -139,6 +156,14 @@ def markdown(report: dict, suites: list[str]) -> str:
             r = row["suites"][s]["success_rate"]
             cells.append(f"{r['mean']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]")
         cells += [f"{row['suites'][s]['collision_rate']['mean']:.2f}" for s in suites]
+        for s in suites:
+            paired = (row.get("paired_vs_teacher") or {}).get(s)
+            if paired is None:
+                cells.append("-")
+            else:
+                d = paired["difference"]
+                cells.append(f"{d['difference']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}], "
+                             f"p = {paired['mcnemar']['p_value']:.2f}")
         if "latency" in row:
             lat = row["latency"]
             cells += [f"{lat['median_ms']:.1f} ({lat['p95_ms']:.1f})", f"{lat['speedup_vs_teacher']:.1f}x",

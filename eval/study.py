@@ -57,6 +57,9 @@ class StudyConfig:
     # Held-out episodes per suite (same keys as suites): reasoning accuracy and the observations timed.
     stores: dict[str, str] = field(default_factory=lambda: {
         "in_distribution": "runs/demo/data/train", "out_of_distribution": "runs/demo/data/ood"})
+    # The stores every run trained on: no evaluation episode may share a simulator seed with one of theirs, and
+    # those whose traffic replays one of theirs are counted in the report.
+    train_stores: list[str] = field(default_factory=lambda: ["runs/demo/data/train"])
     reasoning_episodes: int = 5
     latency_decisions: int = 40
     aim_success_ratio: float = 0.9  # the student should keep this fraction of the teacher's success
@@ -168,6 +171,7 @@ def distill(overrides: list[str] = (), *, study: Path, out: Path) -> dict:
     _stage(3, stages, f"closed loop: {len(entries)} learned drivers and {len(config.baselines)} baselines, "
                       f"{config.episodes} episodes per scenario of {', '.join(config.suites)}", started)
     closed = _closed_loop(config, out, entries + [(b, None) for b in config.baselines], models, prints)
+    overlap = _overlap(config, closed)
     _stage(4, stages, "reasoning: the teacher's explanations against the simulator's causation records", started)
     explained = _reasoning(config, out, teacher, prints["teacher"])
     _stage(5, stages, "decision latency, every learned driver on the same observations, interleaved", started)
@@ -175,11 +179,37 @@ def distill(overrides: list[str] = (), *, study: Path, out: Path) -> dict:
                      data=Path(next(iter(config.stores.values()))), decisions=config.latency_decisions,
                      json=out / "eval" / "latency.json")
     _stage(6, stages, "report", started)
+    distilled = [n for n, spec in config.students.items() if spec.distill]
     report = write_study_report(config, out, models, closed, explained, timing, study=str(study),
-                                overrides=list(overrides))
+                                overrides=list(overrides), teacher_reasoning=_teacher_reasoning(config, distilled),
+                                overlap=overlap)
     print(f"report: {out / 'report.md'} (and report.json, success.png, latency.png); the distilled student, "
           f"action-only: {out / 'student_action_only'}", flush=True)
     return report
+
+
+def _teacher_reasoning(config: StudyConfig, distilled: list[str]) -> str:
+    """What the distilled students' teacher read before its chunks: `generated` (its own) or `recorded`."""
+    from unified.train_config import load_recipe
+
+    used = {load_recipe(config.students[n].recipe, config.students[n].overrides).distill.teacher_reasoning
+            for n in distilled}
+    return "/".join(sorted(used)) if used else "none (no distilled student)"
+
+
+def _overlap(config: StudyConfig, closed: dict) -> dict:
+    """The evaluation episodes (the same seeds for every driver) checked once against the training stores."""
+    from unified.eval.overlap import check_overlap
+
+    from unified.sim.suite import load_suite
+
+    reports = next(iter(closed.values()))
+    episodes = [(load_suite(config.suites[label]), e["scenario"], e["seed"])
+                for label, report in reports.items() for e in report["episodes"]]
+    found = check_overlap(episodes, [Path(s) for s in config.train_stores])
+    print(f"evaluation against training: {found['evaluation_episodes']} episodes, {len(found['shared_seeds'])} share "
+          f"a seed, {len(found['near_replays'])} replay a training episode's traffic", flush=True)
+    return found
 
 
 def _teacher(config: StudyConfig, out: Path) -> Path:
@@ -201,7 +231,7 @@ def _closed_loop(config: StudyConfig, out: Path, drivers: list[tuple[str, str | 
                  prints: dict[str, str]) -> dict[tuple[str, str | None], dict[str, dict]]:
     """(driver, mode) -> suite label -> closed-loop report. Reports on disk that match (the same weights, suite
     and episode count) are reused; all the others are driven by one worker pool."""
-    from unified.eval.closed_loop import Evaluation, evaluate, write_report
+    from unified.eval.closed_loop import REPORT_VERSION, Evaluation, evaluate, write_report
 
     from unified.sim.suite import load_suite
 
@@ -212,6 +242,7 @@ def _closed_loop(config: StudyConfig, out: Path, drivers: list[tuple[str, str | 
             learned = mode is not None
             evaluation = Evaluation(str(models[name]) if learned else name, str(suite_path), mode or "reason")
             expected = {"suite_hash": suite_hash, "episodes_per_scenario": config.episodes,
+                        "report_version": REPORT_VERSION,
                         **({"mode": mode, "fingerprint": prints[name]} if learned else {"model": name})}
             path = out / "eval" / f"{name}_{mode or 'scripted'}_{label}.json"
             wanted[(name, mode, label)] = (evaluation, path, _cached(path, **expected))

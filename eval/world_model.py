@@ -48,19 +48,18 @@ def world_model(
     strip: Path | None = None, progress: bool = True,
 ) -> dict:
     """Roll the world model out `horizon` chunks from the start of up to `episodes` held-out episodes of
-    `data` and compare with what really happened."""
-    from unified.tokenizers.fit import is_held_out
-
+    `data` (taken round robin over its scenarios) and compare with what really happened."""
     from unified.data.store import EpisodeStore
     from unified.policy import WorldModel
 
     world = WorldModel.from_pretrained(model)
     h, history = world.config.horizon, world.config.history
     store = EpisodeStore(data)
-    indices = [i for i in store.indices() if is_held_out(i)] or store.indices()
+    indices = store.held_out_indices(stratified=True)
     chosen = [i for i in indices if store.episode_meta(i)["summary"]["steps"] > horizon * h + history][:episodes]
     if not chosen:
-        raise UnifiedError(f"{data}: no episode is long enough for {horizon} chunks of {h} steps")
+        raise UnifiedError(f"{data}: no held-out episode is long enough for {horizon} chunks of {h} steps "
+                           f"({len(indices)} held out: {store.rule.description})")
     psnr, structural, copy_psnr, rows = [], [], [], []
     tf_frames, tf_actions, tf_next = [], [], []
     for index in tqdm(chosen, desc="world model", unit="ep", disable=not progress):
@@ -77,7 +76,9 @@ def world_model(
             tf_actions.append(episode.actions[s:s + h])
             tf_next.append(episode.frames[s + h])
     report = {
-        "model": str(model), "data": str(data), "episodes": len(chosen), "chunk_steps": h,
+        "model": str(model), "data": str(data), "episodes": len(chosen), "episode_indices": chosen,
+        "scenarios": sorted({store.suite.scenario_for_episode(i).name for i in chosen}),
+        "held_out": store.rule.description, "chunk_steps": h,
         "horizon_chunks": horizon,
         "psnr_db": np.mean(psnr, 0).tolist(), "ssim": np.mean(structural, 0).tolist(),
         "copy_current_frame_psnr_db": np.mean(copy_psnr, 0).tolist(),

@@ -1,24 +1,10 @@
 import json
 
-import numpy as np
 import pytest
-from unified.eval.closed_loop import closed_loop, compare, mean_interval, wilson_interval
+from unified.eval.closed_loop import closed_loop, compare
 
 from unified.errors import UnifiedError
-
-
-def test_wilson_interval_contains_the_rate_and_shrinks_with_n():
-    for k, n in [(0, 10), (3, 10), (10, 10), (30, 100)]:
-        lo, hi = wilson_interval(k, n)
-        assert 0.0 <= lo <= k / n <= hi <= 1.0
-    assert np.diff(wilson_interval(30, 100)) < np.diff(wilson_interval(3, 10))
-    lo, hi = wilson_interval(10, 10)
-    assert hi == 1.0 and lo == pytest.approx(0.7225, abs=1e-3)  # the textbook value for 10/10
-
-
-def test_mean_interval():
-    lo, hi = mean_interval(np.array([1.0, 2.0, 3.0, 4.0]))
-    assert lo < 2.5 < hi and hi - lo == pytest.approx(2 * 1.96 * np.std([1, 2, 3, 4], ddof=1) / 2, rel=1e-3)
+from unified.sim.seeds import is_evaluation_seed
 
 
 @pytest.mark.slow
@@ -32,6 +18,10 @@ def test_expert_beats_random_and_constant_speed(tmp_path):
         m: closed_loop(model=m, scenarios=suite, episodes=6, workers=2, json=tmp_path / f"{m}.json", progress=False)
         for m in ("expert", "random", "constant")
     }
+    # Every driver met the same traffic: the same simulator seeds, episode by episode, all in the evaluation range.
+    seeds = {m: [(e["scenario"], e["seed"]) for e in r["episodes"]] for m, r in reports.items()}
+    assert seeds["expert"] == seeds["random"] == seeds["constant"] and len(seeds["expert"]) == 6
+    assert all(is_evaluation_seed(seed) for _, seed in seeds["expert"])
     success = {m: r["overall"]["success_rate"]["mean"] for m, r in reports.items()}
     assert success["expert"] >= 5 / 6
     assert success["expert"] - max(success["random"], success["constant"]) >= 0.5
@@ -44,6 +34,10 @@ def test_expert_beats_random_and_constant_speed(tmp_path):
     assert table.splitlines()[0] == "| suite | scenario | expert | random | constant |"
     overall = next(line for line in table.splitlines() if "**overall**" in line)
     assert overall.split(" | ")[2].startswith(f"{success['expert']:.2f} / ")
+    # Paired against the first model on the same episodes: McNemar and the difference interval.
+    paired = next(line for line in table.splitlines() if line.startswith("| suite | random - expert |"))
+    wins = sum(e["success"] for e in reports["expert"]["episodes"])  # random driving never succeeds
+    assert f"| 6 | {-wins / 6:+.2f} [" in paired and f"| {wins} / 0 | {2 * 0.5 ** wins:.3g} |" in paired
 
 
 def test_compare_names_a_file_that_is_not_a_report(tmp_path):
@@ -82,3 +76,29 @@ def test_a_trained_model_drives_in_closed_loop(model_data, tmp_path):
     with pytest.raises(UnifiedError, match="layout.json"):
         closed_loop(model=str(tmp_path / "model"), scenarios=model_data / "suite.yaml", episodes=2, workers=2,
                     progress=False)
+
+
+@pytest.mark.slow
+def test_evaluation_against_a_training_store(tmp_path):
+    """--train-store: no evaluation episode shares a seed with a training episode, near-replays are counted, and an
+    episode list that does share a seed is refused."""
+    from unified.eval.overlap import check_overlap
+
+    from unified.data.generate import generate
+    from unified.data.store import EpisodeStore
+    from unified.sim.suite import load_suite
+
+    suite = tmp_path / "s.yaml"
+    suite.write_text("name: s\nscenarios:\n  merge:\n    env: merge-v0\n    max_steps: 4\n")
+    generate(suite=suite, episodes=20, out=tmp_path / "train", progress=False)
+    report = closed_loop(model="constant", scenarios=suite, episodes=20, train_store=[tmp_path / "train"],
+                         json=tmp_path / "c.json", progress=False)
+    overlap = report["overlap"]
+    assert overlap["training_episodes"] == 18 and overlap["evaluation_episodes"] == 20  # 2 of 20 held out
+    assert overlap["shared_seeds"] == []
+    # merge-v0 without traffic jitter places its cars almost the same way whatever the seed: replays are found.
+    assert overlap["near_replays"] and overlap["near_replays"][0]["store"] == str(tmp_path / "train")
+    store = EpisodeStore(tmp_path / "train")
+    seed = store.episode_meta(0)["seed"]
+    with pytest.raises(UnifiedError, match="use a simulator seed of a training episode"):
+        check_overlap([(load_suite(suite), "merge", seed)], [tmp_path / "train"], progress=False)

@@ -97,3 +97,68 @@ def test_a_student_with_a_continuous_head_learns_the_teachers_expected_chunk(sha
     ground_truth |= {k: tensors[k] for k in ("soft_index", "soft_logprobs")}
     other, _ = student(ground_truth)
     assert float(other) != pytest.approx(float(loss))  # the head's target really is the teacher's
+
+
+def test_batched_reasoning_decodes_each_prompt_as_it_would_alone(shards):
+    """Left-padded batch decoding (the teacher's reasoning for distillation) equals one prompt at a time."""
+    from unified.distill import _prompt, reason_batch
+    from unified.generation import Decoder
+
+    teacher = tiny(shards.layout, seed=2, max_reason_tokens=6)
+    layout = shards.layout
+    rows = [int(r) for r in shards.index("policy")[::7][:5]]
+    prompts = [_prompt(shards, r) for r in rows]
+    prompts[1] = prompts[1][:-5]  # prompts of different lengths: the batch pads them
+    batched = reason_batch(teacher, prompts)
+    for prompt, got in zip(prompts, batched):
+        decoder = Decoder(teacher)
+        decoder.feed(prompt + [layout.special("<reason>")])
+        alone = decoder.generate(layout.mask("text"), stop=layout.special("</reason>"), max_tokens=6)
+        assert got == alone
+    assert any(batched)
+
+
+@pytest.mark.slow
+def test_the_teacher_reads_its_own_reasoning_generated_once_and_cached(shards, model_data, tmp_path, monkeypatch):
+    from unified.tokenizers.fit import Tokenizers
+
+    import unified.workers
+    from unified.data.store import EpisodeStore
+    from unified.distill import student_rows, teacher_reasoning
+    from unified.policy import Policy, save_model
+
+    tokenizers = Tokenizers.from_pretrained(model_data / "tok")
+    teacher = tiny(shards.layout, seed=3, max_reason_tokens=6)
+    save_model(teacher, tokenizers, tmp_path / "teacher")
+    batches = MixtureBatches(shards, {"policy": 1.0}, 256, 2, seed=0)
+    rows = student_rows(batches, steps=3, grad_accum=1, world=2)  # every state the run will train on
+    seen = {sample_row_of(shards, i) for s in range(3) for r in range(2) for row in batches.batch(s, 0, r).sample_ids
+            for i in row}
+    assert set(rows) == seen
+    reasoning = teacher_reasoning(tmp_path / "teacher", shards, rows, workers=2, progress=False)
+    assert set(reasoning) == set(rows) and list((tmp_path / "teacher" / "cache").glob("reasoning-*.npz"))
+    # What was generated is what the teacher says when it drives: Policy.act on the same observation.
+    policy = Policy.from_pretrained(tmp_path / "teacher")
+    store = EpisodeStore(model_data / "store")
+    for row in rows[:3]:
+        episode = store.read_episode(int(shards.arrays["episode"][row]))
+        t = int(shards.arrays["step"][row])
+        said = policy.act(episode.frames[t:t + 1], episode.instruction, state=episode.states[t], reason=True)
+        text = tokenizers.text.decode([shards.layout.to_local("text", reasoning[row])])[0] if len(reasoning[row]) \
+            else ""
+        assert said.reasoning == text
+    # A second run of the same teacher generates nothing: the cache answers.
+    monkeypatch.setattr(unified.workers, "spawn_pool", lambda *a, **k: pytest.fail("generated again"))
+    again = teacher_reasoning(tmp_path / "teacher", shards, rows, workers=2, progress=False)
+    assert all(np.array_equal(again[r], reasoning[r]) for r in rows)
+    # The targets follow the reasoning the teacher read: its own and the recorded sentence give different ones.
+    batch = batches.batch(0, 0, 0)
+    own = distill_targets(teacher, shards, batch, reasoning=reasoning)["soft_logprobs"]
+    recorded = distill_targets(teacher, shards, batch)["soft_logprobs"]
+    assert own.shape == recorded.shape and not torch.allclose(own, recorded, atol=1e-4)
+
+
+def sample_row_of(shards, sample_id):
+    from unified.distill import sample_row
+
+    return sample_row(shards, sample_id)

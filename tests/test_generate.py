@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from unified.data.generate import episode_seed, generate
+from unified.data.generate import generate
 from unified.data.store import EpisodeStore
 from unified.errors import UnifiedError
 from unified.sim import env as sim_env
+from unified.sim.seeds import data_seed
 
 UNIFIED = str(Path(sys.executable).parent / "unified")
 
@@ -42,7 +43,7 @@ def check_complete(out: Path, episodes: int) -> None:
     assert store.info["episodes"] == episodes
     for index in store.indices():
         episode = store.read_episode(index, frames=False)  # every file complete and readable
-        assert episode.index == index and episode.seed == episode_seed(0, index)
+        assert episode.index == index and episode.seed == data_seed(0, index)
 
 
 @pytest.mark.slow

@@ -51,7 +51,8 @@ def batches(shards, tasks, seq_len=256, batch_size=4, rows=None):
 def test_shards_hold_every_step(shards, data):
     meta = json.loads((data / "shards" / "meta.json").read_text())
     assert shards.arrays["image"].shape == (meta["steps"], 16)
-    assert len(shards.index("world")) == sum(e["steps"] - H for e in meta["episodes"])
+    assert len(shards.index("world")) == sum(e["steps"] - H for e in meta["episodes"] if not e["held_out"])
+    assert len(shards.index("world", "held_out")) == sum(e["steps"] - H for e in meta["episodes"] if e["held_out"]) > 0
     sample = shards.sample("policy_reason", int(shards.index("policy_reason")[5]))
     assert sample.actions.shape == (H, 2) and shards.layout.mask("action")[sample.actions].all()
 

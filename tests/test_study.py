@@ -79,6 +79,7 @@ def test_the_study_end_to_end_on_tiny_settings(model_data, tmp_path, capsys):
         "suites": {"in_distribution": str(model_data / "suite.yaml"),
                    "out_of_distribution": str(tmp_path / "ood.yaml")},
         "stores": {"in_distribution": str(model_data / "store")},
+        "train_stores": [str(model_data / "store")],
         "episodes": 2, "workers": 1, "reasoning_episodes": 1, "latency_decisions": 2,
     }
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
@@ -106,8 +107,21 @@ def test_the_study_end_to_end_on_tiny_settings(model_data, tmp_path, capsys):
     assert set(rows[("teacher", "reason")]["reasoning_accuracy"]) == {"in_distribution"}
     assert saved["figures"]["student"] == rows[("distilled", "continuous")]["label"]
     assert set(saved["figures"]["success_ratio"]) == {"in_distribution", "out_of_distribution"}
+    # The distilled student learned from the teacher reading its own reasoning, and the report says so.
+    assert saved["teacher_reasoning"] == "generated"
+    assert list((tmp_path / "teacher" / "cache").glob("reasoning-*.npz"))
+    # Every learned driver and baseline is compared with the teacher pair by pair, on the same episodes.
+    for key, row in rows.items():
+        if key != ("teacher", "reason"):
+            for suite, paired in row["paired_vs_teacher"].items():
+                assert paired["pairs"] == 2 and 0 <= paired["mcnemar"]["p_value"] <= 1, (key, suite)
+                lo, hi = paired["difference"]["ci95"]
+                assert lo <= paired["difference"]["difference"] <= hi
+    assert saved["overlap_with_training"]["shared_seeds"] == [] and \
+        saved["overlap_with_training"]["evaluation_episodes"] == 4
     markdown = (out / "report.md").read_text()
     assert f"**Answer.** {saved['answer']}" in markdown and "| expert (scripted) |" in markdown
+    assert "**Paired test**" in markdown and "McNemar p =" in markdown
     assert "![success in and out of distribution](success.png)" in markdown
     for png in ("success.png", "latency.png"):
         assert Image.open(out / png).size[0] > 300

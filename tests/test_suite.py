@@ -91,3 +91,60 @@ def test_demonstrations_start_off_the_lane_and_the_expert_brings_the_car_back(tm
     assert max(offsets) > 0.1
     with pytest.raises(UnifiedError, match="start_jitter"):
         load_suite(write(tmp_path, "start_jitter: [-1, 0]\nscenarios:\n  h:\n    env: highway-v0\n"))
+
+
+def test_an_unknown_destination_is_refused_naming_the_road_nodes(tmp_path):
+    path = write(tmp_path, "scenarios:\n  a:\n    env: intersection-v0\n    destination: o9\n")
+    with pytest.raises(UnifiedError, match=r"scenarios\.a\.destination: 'o9' is not a node.*nodes: .*o1"):
+        load_suite(path)
+
+
+def test_a_destination_must_be_named_to_the_driver(tmp_path):
+    # ir1 is a node of the intersection, but no default instruction names it: the suite must give its own.
+    path = write(tmp_path, "scenarios:\n  a:\n    env: intersection-v0\n    destination: il2\n")
+    with pytest.raises(UnifiedError, match="has no default instructions; give `instructions:` that name the goal"):
+        load_suite(path)
+    path = write(tmp_path, "scenarios:\n  a:\n    env: intersection-v0\n    destination: il2\n"
+                           "    instructions: [Drive onto the far side of the junction.]\n")
+    assert load_suite(path).scenarios["a"].destination == "il2"
+
+
+def test_the_instructions_of_a_destination_name_it(tmp_path):
+    from unified.sim.language import instructions_for
+
+    suite = load_suite(ROOT / "recipes" / "data" / "ood.yaml")
+    for scenario in suite.scenarios.values():
+        if scenario.destination is None:
+            continue
+        words = {"o1": "left", "o2": "straight", "o3": "right", "exs": "first", "nxs": "second", "wxs": "third"}
+        assert all(words[scenario.destination] in text for text in instructions_for(scenario)), scenario.name
+
+
+def starts(suite, scenario, seeds):
+    from unified.sim.env import make_env
+    from unified.sim.rollout import start_episode
+    from unified.sim.traffic import initial_traffic
+
+    env = make_env(suite, scenario, render=False)
+    out = []
+    for seed in seeds:
+        start_episode(env, suite, scenario, seed)
+        out.append(initial_traffic(env))
+    return out
+
+
+def test_merge_v0_replays_its_traffic_without_jitter_and_not_with_it(tmp_path):
+    from unified.sim.seeds import data_seed
+    from unified.sim.traffic import same_traffic
+
+    seeds = [data_seed(0, i) for i in range(40)]
+    plain = load_suite_text(tmp_path, "scenarios:\n  merge:\n    env: merge-v0\n")
+    shipped = load_suite(ROOT / "recipes" / "data" / "train.yaml")
+    for suite, expect_replays in ((plain, True), (shipped, False)):
+        s = starts(suite, suite.scenarios["merge"], seeds)
+        replays = sum(same_traffic(s[i], s[j]) for i in range(40) for j in range(i + 1, 40))
+        assert (replays > 0) == expect_replays, replays
+
+
+def load_suite_text(tmp_path, text):
+    return load_suite(write(tmp_path, text))

@@ -22,7 +22,8 @@ def store(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("fit")
     (root / "tiny.yaml").write_text(TINY_SUITE)
-    generate(suite=root / "tiny.yaml", episodes=10, out=root / "data", progress=False)
+    # 5 episodes of each of the 2 scenarios, every 5th of each held out: episodes 8 (highway) and 9 (merge).
+    generate(suite=root / "tiny.yaml", episodes=10, out=root / "data", held_out_every=5, progress=False)
     return root / "data"
 
 
@@ -39,8 +40,9 @@ def test_fit_writes_a_complete_directory(tokdir, store):
         assert (tokdir / name).is_file(), name
     assert list((tokdir / "logs").glob("events.out.tfevents.*"))  # TensorBoard
     info = json.loads((tokdir / "fit.json").read_text())
-    assert info["held_out_episodes"] == 1 and info["fit_episodes"] == 9
+    assert info["held_out_episodes"] == 2 and info["fit_episodes"] == 8 and info["held_out_indices"] == [8, 9]
     assert info["image"]["history"] and info["image"]["heldout_psnr_db"] > 10
+    assert info["image"]["validation_psnr_db"] > 10  # weights chosen on frames of training episodes set aside
     tokenizers = Tokenizers.from_pretrained(tokdir)
     assert tokenizers.layout == TokenLayout.load(tokdir / "layout.json")
     assert tokenizers.layout.segment("image").size == 1024
@@ -73,7 +75,8 @@ def test_a_layout_that_does_not_match_is_refused(tokdir, tmp_path):
 
 
 def test_fit_needs_held_out_episodes(tiny_store, tmp_path):
-    with pytest.raises(UnifiedError, match="at least 10"):
+    # 4 episodes, 2 per scenario: the default rule (every 10th of each scenario) holds none out.
+    with pytest.raises(UnifiedError, match="4 training and 0 held-out episode.*fitting needs both"):
         fit(data=tiny_store, out=tmp_path / "t", progress=False)
 
 

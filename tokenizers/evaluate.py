@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from unified.tokenizers.fit import Tokenizers, action_chunks, frames_of, is_held_out
+from unified.tokenizers.fit import Tokenizers, action_chunks, frames_of
 from unified.tokenizers.image_training import codebook_usage, psnr_db
 
 from unified.data.store import EpisodeStore
@@ -29,13 +29,15 @@ def encode_throughput(tokenizer, frames: np.ndarray, repeats: int = 3) -> float:
 
 
 def evaluate(*, tokenizer: Path, data: Path, json: bool = False, max_frames: int = 2000) -> dict:
-    """Figures of the tokenizers in `tokenizer` on the held-out episodes of `data` (all episodes if it has none
-    held out, e.g. a store the tokenizers never saw)."""
+    """Figures of the tokenizers in `tokenizer` on the held-out episodes of `data` (no training step saw them;
+    an evaluation-only store holds out all of its episodes)."""
     tokenizers = Tokenizers.from_pretrained(tokenizer)
     if tokenizers.action_fast is None or tokenizers.image.encoder_only:
         raise UnifiedError(f"{tokenizer}: an action-only export (no image decoder, no FAST): nothing to evaluate")
     store = EpisodeStore(data)
-    indices = [i for i in store.indices() if is_held_out(i)] or store.indices()
+    indices = store.held_out_indices()
+    if not indices:
+        raise UnifiedError(f"{data}: no held-out episodes to evaluate on ({store.rule.description})")
     frames = frames_of(store, indices, max_frames, seed=0)
     codes = tokenizers.image.encode(frames)
     reconstruction = tokenizers.image.decode(codes)
@@ -48,6 +50,8 @@ def evaluate(*, tokenizer: Path, data: Path, json: bool = False, max_frames: int
     report = {
         "data": str(data),
         "episodes": len(indices),
+        "held_out": store.rule.description,
+        "scenarios": sorted({store.suite.scenario_for_episode(i).name for i in indices}),
         "frames": int(len(frames)),
         "image_psnr_db": psnr_db(frames, reconstruction),
         "image_codebook_usage": codebook_usage(codes, tokenizers.image.config.codebook_size),

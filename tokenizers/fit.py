@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from unified.tokenizers.action import BinActionTokenizer, FastActionTokenizer
 from unified.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
-from unified.tokenizers.image_training import ImageFitConfig, fit_image
+from unified.tokenizers.image_training import ImageFitConfig, fit_image, psnr_db
 from unified.tokenizers.text import PretrainedTextTokenizer, TextTokenizer
 
 from unified.data.store import EpisodeStore
@@ -21,11 +21,6 @@ from unified.layout import TokenLayout
 
 FORMAT = "unified-tokenizers"
 FORMAT_VERSION = 1
-HELD_OUT_EVERY = 10  # episodes with index % 10 == 9 are never fitted on: they measure generalisation
-
-
-def is_held_out(index: int) -> bool:
-    return index % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
 
 
 @dataclass
@@ -75,9 +70,10 @@ class Tokenizers:
 
 
 def texts_of(store: EpisodeStore, operators: Path | None) -> list[str]:
-    """Instructions and causation sentences of the store, and operator prompts and targets if given."""
+    """Instructions and causation sentences of the store's training episodes, and operator prompts and targets if
+    given."""
     texts = set()
-    for index in store.indices():
+    for index in store.train_indices():
         table = store.read_columns(index, ["instruction", "reason"])
         texts.update(table.column("instruction").unique().to_pylist())
         texts.update(table.column("reason").unique().to_pylist())
@@ -133,12 +129,11 @@ def fit(
     pretrained LM directory instead of training one. `horizon` is the action chunk length FAST is fitted for.
     """
     store = EpisodeStore(data)
-    indices = store.indices()
-    fit_on = [i for i in indices if not is_held_out(i)]
-    held_out = [i for i in indices if is_held_out(i)]
+    fit_on, held_out = store.train_indices(), store.held_out_indices()
     if not fit_on or not held_out:
         raise UnifiedError(
-            f"{data}: {len(indices)} episode(s); fitting needs at least {HELD_OUT_EVERY} so that some are held out"
+            f"{data}: {len(fit_on)} training and {len(held_out)} held-out episode(s); fitting needs both (the store "
+            f"holds out {store.rule.description}): generate more episodes"
         )
     if store.info["action_stats"] is None:
         raise UnifiedError(f"{data}: meta/info.json has no action statistics; rerun `unified data generate`")
@@ -151,15 +146,21 @@ def fit(
     say(f"tokenizer fit: {len(fit_on)} episodes to fit on, {len(held_out)} held out", flush=True)
     h, w = store.info["image_shape"][:2]
     image_config = ImageTokenizerConfig(image_size=(h, w), codebook_size=codebook_size, downsample=downsample)
-    train_frames = frames_of(store, fit_on, max_frames, seed)
-    test_frames = frames_of(store, held_out, max(512, max_frames // 10), seed)
+    # Weights are chosen on frames of the training episodes set aside (1 in 20); the held-out episodes are only
+    # measured, once, at the end.
+    frames = frames_of(store, fit_on, max_frames, seed)
+    aside = np.zeros(len(frames), bool)
+    aside[np.random.default_rng(seed).permutation(len(frames))[:min(1024, max(1, len(frames) // 20))]] = True
+    train_frames, validation = frames[~aside], frames[aside]
     image, image_log = fit_image(
-        train_frames, test_frames, image_config,
+        train_frames, validation, image_config,
         ImageFitConfig(max_steps=image_steps, batch_size=image_batch, seed=seed),
         log_dir=staging / "logs", progress=progress,
     )
-    say(f"image: held-out PSNR {image_log['heldout_psnr_db']:.2f} dB, codebook usage "
-        f"{image_log['codebook_usage']:.0%} after {image_log['steps']} steps", flush=True)
+    test_frames = frames_of(store, held_out, max(512, max_frames // 10), seed)
+    image_log["heldout_psnr_db"] = psnr_db(test_frames, image.decode(image.encode(test_frames)))
+    say(f"image: held-out PSNR {image_log['heldout_psnr_db']:.2f} dB (validation {image_log['validation_psnr_db']:.2f}"
+        f" dB), codebook usage {image_log['codebook_usage']:.0%} after {image_log['steps']} steps", flush=True)
 
     if text_from is not None:
         text = PretrainedTextTokenizer.from_lm(text_from)
@@ -179,7 +180,7 @@ def fit(
     tokenizers.save_pretrained(staging)
     fit_info = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "data": str(data), "suite_hash": store.info["suite_hash"],
-        "held_out": f"episodes with index % {HELD_OUT_EVERY} == {HELD_OUT_EVERY - 1}",
+        "held_out": store.rule.description, "held_out_indices": held_out,
         "fit_episodes": len(fit_on), "held_out_episodes": len(held_out), "train_frames": int(len(train_frames)),
         "image": image_log, "options": {
             "codebook_size": codebook_size, "downsample": downsample, "image_steps": image_steps,

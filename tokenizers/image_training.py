@@ -49,10 +49,12 @@ def _autocast_dtype() -> torch.dtype | None:
 
 
 def fit_image(
-    train_frames: np.ndarray, held_out: np.ndarray, config: ImageTokenizerConfig, fit: ImageFitConfig,
+    train_frames: np.ndarray, validation: np.ndarray, config: ImageTokenizerConfig, fit: ImageFitConfig,
     log_dir: Path | None = None, progress: bool = True,
 ) -> tuple[ImageTokenizer, dict]:
-    """Train on (N, H, W, 3) uint8 frames; keep the weights with the best held-out PSNR. Returns them and a log."""
+    """Train on (N, H, W, 3) uint8 frames; keep the weights with the best PSNR on `validation` (frames of the
+    training episodes set aside for this, never the held-out episodes: choosing weights on them would make their
+    figure optimistic). Returns the weights and a log."""
     from torch.utils.tensorboard import SummaryWriter
 
     torch.manual_seed(fit.seed)
@@ -93,18 +95,18 @@ def fit_image(
             writer.add_scalar("image/learning_rate", scheduler.get_last_lr()[0], step)
         if step % fit.eval_every == 0 or step == fit.max_steps:
             tokenizer.eval()
-            codes = tokenizer.encode(held_out)
-            psnr = psnr_db(held_out, tokenizer.decode(codes))
+            codes = tokenizer.encode(validation)
+            psnr = psnr_db(validation, tokenizer.decode(codes))
             usage = codebook_usage(codes, config.codebook_size)
             tokenizer.train()
             seconds = time.perf_counter() - start
             history.append({"step": step, "psnr_db": psnr, "codebook_usage": usage, "seconds": seconds})
-            bar.set_postfix_str(f"held-out PSNR {psnr:.2f} dB, usage {usage:.0%}")
+            bar.set_postfix_str(f"validation PSNR {psnr:.2f} dB, usage {usage:.0%}")
             if writer is not None:
-                writer.add_scalar("image/heldout_psnr_db", psnr, step)
+                writer.add_scalar("image/validation_psnr_db", psnr, step)
                 writer.add_scalar("image/codebook_usage", usage, step)
-                if len(held_out):
-                    pair = np.concatenate([held_out[:8], tokenizer.decode(codes[:8])], axis=1)  # real over recon
+                if len(validation):
+                    pair = np.concatenate([validation[:8], tokenizer.decode(codes[:8])], axis=1)  # real over recon
                     writer.add_images("image/real_vs_reconstruction", pair, step, dataformats="NHWC")
             if psnr > best["psnr_db"] + fit.min_delta_db:
                 best = {"psnr_db": psnr, "step": step, "state": copy.deepcopy(tokenizer.state_dict()), "usage": usage}
@@ -119,7 +121,7 @@ def fit_image(
     if best["state"] is not None:
         tokenizer.load_state_dict(best["state"])
     log = {
-        "steps": step, "best_step": best["step"], "heldout_psnr_db": best["psnr_db"],
+        "steps": step, "best_step": best["step"], "validation_psnr_db": best["psnr_db"],
         "codebook_usage": best["usage"], "seconds": time.perf_counter() - start,
         "stopped_early": step < fit.max_steps, "precision": "bf16" if dtype else "fp32", "history": history,
     }

@@ -58,9 +58,10 @@ def data_info(data: Path, *, json: bool = False) -> dict:
     shape = "x".join(map(str, info["image_shape"]))
     print(f"{data}: {info['episodes']} episodes, {info['steps']} steps at {info['fps']} Hz, "
           f"frames {shape} ({info['image_encoding']}), suite {info['suite']['name']!r}")
-    print(f"{'scenario':<16}{'episodes':>9}{'steps':>8}{'expert success':>16}{'expert collision':>18}")
+    print(f"held out: {info['split']['description']}; statistics over {info.get('stats_over', 'all episodes')}")
+    print(f"{'scenario':<24}{'episodes':>9}{'held out':>9}{'steps':>8}{'expert success':>16}{'expert collision':>18}")
     for name, s in info["scenarios"].items():
-        print(f"{name:<16}{s['episodes']:>9}{s['steps']:>8}{s['expert_success_rate']:>16.2f}"
+        print(f"{name:<24}{s['episodes']:>9}{s.get('held_out', 0):>9}{s['steps']:>8}{s['expert_success_rate']:>16.2f}"
               f"{s['expert_collision_rate']:>18.2f}")
     for key in ("action_stats", "state_stats"):
         stats = info.get(key)

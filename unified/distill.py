@@ -1,18 +1,30 @@
 """Distillation targets: what a frozen reasoning teacher says about the action chunks of a student's batch.
 
-For every policy sample of the student's packed batch the teacher reads the same observation followed by its
-own reasoning (the `policy_reason` sequence of the same step). Its distribution over each action token becomes
-the student's soft target, and the expected action under it the target of the student's continuous head.
+For every policy sample of the student's packed batch the teacher reads the same observation followed by
+reasoning, then the action chunk (the `policy_reason` sequence of the same step). Its distribution over each action
+token becomes the student's soft target, and the expected action under it the target of the student's continuous
+head. The reasoning is, by default, the teacher's own: generated greedily once for every state the student will
+train on (`teacher_reasoning`), so that the student learns from the same model that drives reasoning first in
+closed loop. `distill.teacher_reasoning: recorded` uses the simulator's recorded sentence instead (an oracle the
+teacher never has when it drives).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from unified.errors import UnifiedError
 from unified.packing import Batch, collate
 from unified.sequences import build
+
+CHUNK = 32  # prompts decoded together by one worker
 
 
 def expected_actions(logprobs: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
@@ -22,23 +34,133 @@ def expected_actions(logprobs: torch.Tensor, centres: torch.Tensor) -> torch.Ten
     return (logprobs.float().exp() * centres.to(logprobs.device, torch.float32)[dims]).sum(-1)
 
 
+def sample_row(shards, sample_id: str) -> int:
+    """'episode E step S' -> its global row in the shards."""
+    parts = sample_id.split()
+    if parts[0] != "episode":
+        raise UnifiedError(f"distillation: sample {sample_id!r} is not a policy sample; an action-only "
+                           "student trains on data.tasks {policy: 1.0}")
+    return shards.episode_start[int(parts[1])] + int(parts[3])
+
+
+def student_rows(batches, steps: int, grad_accum: int, world: int) -> list[int]:
+    """Every shard row a run will train on: batches are a function of (step, micro step, rank), so the states a
+    student sees are known before it starts."""
+    rows = set()
+    for step in range(steps):
+        for micro in range(grad_accum):
+            for rank in range(world):
+                batch = batches.batch(step, micro, rank)
+                rows.update(sample_row(batches.shards, i) for ids in batch.sample_ids for i in ids)
+    return sorted(rows)
+
+
+def _prompt(shards, row: int) -> list[int]:
+    """The policy prompt of a row, up to (not including) where reasoning or actions begin."""
+    built = build(shards.sample("policy", row), shards.layout)
+    return built.ids[:built.spans["actions"][0]].tolist()
+
+
+def _key(prompt: list[int]) -> str:
+    return hashlib.sha256(np.asarray(prompt, np.int64).tobytes()).hexdigest()[:32]
+
+
+class _Worker:
+    model = None
+
+    @classmethod
+    def setup(cls, teacher: str) -> None:
+        import signal
+
+        from unified.policy import load_model
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        torch.set_num_threads(1)
+        cls.model = load_model(teacher)[0]
+
+    @classmethod
+    def run(cls, prompts: list[list[int]]) -> list[list[int]]:
+        return reason_batch(cls.model, prompts)
+
+
+def reason_batch(model, prompts: list[list[int]]) -> list[list[int]]:
+    """The model's greedy reasoning (global text ids, without the markers) after each prompt + `<reason>`."""
+    from unified.generation import generate_batch
+
+    layout = model.layout
+    return generate_batch(model, [p + [layout.special("<reason>")] for p in prompts], layout.mask("text"),
+                          layout.special("</reason>"), model.config.max_reason_tokens)
+
+
+def teacher_reasoning(teacher: str | Path, shards, rows: list[int], workers: int = 1,
+                      progress: bool = True) -> dict[int, np.ndarray]:
+    """The teacher's own explanation (global text ids) for each shard row, generated once by `workers` processes
+    and cached in TEACHER/cache/, keyed by the teacher's weights and the prompt, so that a rerun (or another
+    student of the same teacher) generates nothing again."""
+    from unified.policy import weights_fingerprint
+    from unified.workers import spawn_pool
+
+    teacher = Path(teacher)
+    path = teacher / "cache" / f"reasoning-{weights_fingerprint(teacher)[:16]}.npz"
+    cached: dict[str, np.ndarray] = {}
+    if path.is_file():
+        with np.load(path) as f:
+            offsets = f["offsets"]
+            cached = {k: f["ids"][offsets[i]:offsets[i + 1]] for i, k in enumerate(f["keys"].tolist())}
+    prompts = {row: _prompt(shards, row) for row in rows}
+    keys = {row: _key(p) for row, p in prompts.items()}
+    todo = sorted({keys[r]: r for r in rows if keys[r] not in cached}.values())
+    if todo:
+        chunks = [todo[i:i + CHUNK] for i in range(0, len(todo), CHUNK)]
+        bar = tqdm(total=len(todo), desc="teacher reasoning", unit="state", disable=not progress, dynamic_ncols=True)
+        pool = spawn_pool(max(1, min(workers, len(chunks))), _Worker.setup, (str(teacher),))
+        try:
+            for chunk, texts in zip(chunks, pool.imap(_Worker.run, [[prompts[r] for r in c] for c in chunks])):
+                for row, text in zip(chunk, texts):
+                    cached[keys[row]] = np.asarray(text, np.int64)
+                bar.update(len(chunk))
+            pool.close()
+        except BaseException:
+            pool.terminate()
+            raise
+        finally:
+            pool.join()
+            bar.close()
+        _save_cache(path, cached)
+    return {row: cached[keys[row]] for row in rows}
+
+
+def _save_cache(path: Path, cached: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(cached)
+    offsets = np.cumsum([0] + [len(cached[k]) for k in names]).astype(np.int64)
+    ids = np.concatenate([cached[k] for k in names]).astype(np.int64) if names else np.zeros(0, np.int64)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
+    np.savez(temporary, keys=np.array(names), offsets=offsets, ids=ids)
+    os.replace(temporary, path)
+
+
 @torch.no_grad()
 def distill_targets(teacher, shards, batch: Batch, temperature: float = 1.0, centres: torch.Tensor | None = None,
-                    device="cpu") -> dict[str, torch.Tensor]:
+                    device="cpu", reasoning: dict[int, np.ndarray] | None = None) -> dict[str, torch.Tensor]:
     """Soft targets for the student's batch: `soft_index` (N, 2) [row, position] of every position whose next token
     is an action token, `soft_logprobs` (N, A) the teacher's log-probabilities over the action bins there (at
-    `temperature`), and, given the bin `centres` (D, A), `head_targets` (S, H, D) the teacher's expected chunks."""
+    `temperature`), and, given the bin `centres` (D, A), `head_targets` (S, H, D) the teacher's expected chunks.
+    The teacher reads `reasoning[row]` (its own, see `teacher_reasoning`) before the chunk, or the recorded
+    sentence when `reasoning` is None."""
     layout = shards.layout
     action = layout.segment("action")
     sequences = []
     for ids in batch.sample_ids:
         for sample_id in ids:
-            parts = sample_id.split()  # "episode E step S"
-            if parts[0] != "episode":
-                raise UnifiedError(f"distillation: sample {sample_id!r} is not a policy sample; an action-only "
-                                   "student trains on data.tasks {policy: 1.0}")
-            row = shards.episode_start[int(parts[1])] + int(parts[3])
-            sequences.append(build(shards.sample("policy_reason", row), layout))
+            row = sample_row(shards, sample_id)
+            sample = shards.sample("policy_reason", row)
+            if reasoning is not None:
+                if row not in reasoning:
+                    raise UnifiedError(f"distillation: no teacher reasoning for {sample_id!r} (row {row}); the "
+                                       "states a run trains on are generated before it starts")
+                sample.reason = reasoning[row]
+            sequences.append(build(sample, layout))
     tensors = collate([[s] for s in sequences], max(len(s) for s in sequences), layout).to_torch(device)
     logits, _ = teacher.logits(tensors["input_ids"], tensors["attention_mask"], tensors["position_ids"])
     targets = tensors["targets"]

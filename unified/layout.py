@@ -65,7 +65,7 @@ class TokenLayout:
 
     @classmethod
     def build(cls, text: int, image: int, action: int, state: int = 0) -> TokenLayout:
-        """Consecutive segments in the order of DESIGN.md, from each tokenizer's vocabulary size."""
+        """Consecutive segments in the order of docs/design.md, from each tokenizer's vocabulary size."""
         sizes = {"special": len(SPECIALS), "text": text, "image": image, "action": action, "state": state}
         segments, start = [], 0
         for name in MODALITIES:

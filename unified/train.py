@@ -183,7 +183,9 @@ def train(recipe: str, overrides: list[str], resume: bool = False) -> list[float
         note = add_lora(model, config.lora)
         if main_rank:
             print(note, flush=True)
-    teacher = None
+    batches = MixtureBatches(shards, config.data.tasks, config.data.seq_len, config.data.batch_size, config.seed,
+                             config.model.image_loss_weight, config.model.task_weights, config.data.with_state)
+    teacher, reasoning = None, None
     if config.distill.teacher:
         if set(t for t, w in config.data.tasks.items() if w > 0) != {"policy"}:
             raise UnifiedError("distillation trains an action-only student: set data.tasks to {policy: 1.0}")
@@ -196,6 +198,14 @@ def train(recipe: str, overrides: list[str], resume: bool = False) -> list[float
         # The continuous head, if any, learns the teacher's expected chunk (or the recorded one).
         head_from_teacher = config.model.action_head and config.distill.head_target == "teacher"
         centres = torch.from_numpy(teacher_tokenizers.action.centres()) if head_from_teacher else None
+        if config.distill.teacher_reasoning == "generated":
+            from unified.distill import student_rows, teacher_reasoning
+
+            rows = student_rows(batches, config.steps, config.optim.grad_accum, world)
+            if main_rank:  # generated once, by worker processes, while the other ranks wait
+                teacher_reasoning(config.distill.teacher, shards, rows, config.distill.workers, progress=True)
+            dist.barrier()
+            reasoning = teacher_reasoning(config.distill.teacher, shards, rows, progress=False)
 
     # recipes/deepspeed/ beside the recipe, else the repository's.
     ds_dir = Path(recipe).resolve().parent if (Path(recipe).resolve().parent / "deepspeed").is_dir() else RECIPES
@@ -214,8 +224,6 @@ def train(recipe: str, overrides: list[str], resume: bool = False) -> list[float
             print(f"resuming at step {start_step} on {world} rank(s) from a {saved['world_size']}-rank checkpoint: "
                   "weights and schedule restored, optimizer moments re-initialised", flush=True)
 
-    batches = MixtureBatches(shards, config.data.tasks, config.data.seq_len, config.data.batch_size, config.seed,
-                             config.model.image_loss_weight, config.model.task_weights, config.data.with_state)
     peak = measure_peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
     flops_per_token = 6 * sum(p.numel() for p in model.parameters())
     writer = SummaryWriter(str(run_dir / "tensorboard")) if main_rank else None
@@ -233,7 +241,7 @@ def train(recipe: str, overrides: list[str], resume: bool = False) -> list[float
             tensors = batch.to_torch(device)
             if teacher is not None:
                 d = config.distill
-                tensors |= distill_targets(teacher, shards, batch, d.temperature, centres, device)
+                tensors |= distill_targets(teacher, shards, batch, d.temperature, centres, device, reasoning)
                 tensors["distill"] = torch.tensor([d.ce_weight, d.kl_weight, d.temperature])
             loss, metrics = engine(tensors)
             bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=device)
@@ -307,7 +315,8 @@ def _world_sample(model, shards, tokenizer_dir: Path, writer, step: int, device)
     from unified.sequences import build
     from unified.tokenizers.image import ImageTokenizer
 
-    index = shards.index("world")
+    index = shards.index("world", "held_out")
+    index = index if len(index) else shards.index("world")
     sample = shards.sample("world", int(index[len(index) // 2]))
     built = build(sample, shards.layout)
     tensors = collate([[built]], len(built), shards.layout).to_torch(device)

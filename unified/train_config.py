@@ -52,6 +52,10 @@ class OptimConfig:
 @dataclass
 class DistillConfig:
     teacher: str | None = None  # an exported model directory (the frozen teacher); None: no distillation
+    # What the teacher reads before the chunk: its own greedy reasoning, generated once for every state the student
+    # trains on (cached beside the teacher), or the simulator's recorded sentence (an oracle it never has driving).
+    teacher_reasoning: Literal["generated", "recorded"] = "generated"
+    workers: int = 2  # processes that generate the teacher's reasoning
     kl_weight: float = 1.0  # KL(teacher || student) on action tokens, teacher reading its reasoning
     ce_weight: float = 0.0  # cross-entropy on the ground-truth action tokens besides
     temperature: float = 1.0

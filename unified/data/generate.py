@@ -10,21 +10,17 @@ import signal
 import time
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
+from unified.data.split import DEFAULT_EVERY
 from unified.data.store import EpisodeStore
 from unified.errors import UnifiedError
 from unified.sim.drivers import ExpertDriver
 from unified.sim.env import make_env
 from unified.sim.rollout import run_episode
+from unified.sim.seeds import data_seed
 from unified.sim.suite import Suite, load_suite
 from unified.workers import spawn_pool
-
-
-def episode_seed(seed: int, index: int) -> int:
-    """The simulator seed of episode `index`: independent of the worker count and of what ran before."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
 class _Worker:
@@ -50,7 +46,7 @@ class _Worker:
         if scenario.name not in cls.envs:
             cls.envs[scenario.name] = make_env(cls.suite, scenario, render=True)
         episode = run_episode(
-            cls.suite, scenario, ExpertDriver(), episode_seed(cls.seed, index), index=index,
+            cls.suite, scenario, ExpertDriver(), data_seed(cls.seed, index), index=index,
             env=cls.envs[scenario.name], jitter=True,
         )
         cls.store.write_episode(episode)
@@ -58,15 +54,21 @@ class _Worker:
 
 
 def generate(
-    *, suite: Path, episodes: int, out: Path, workers: int = 1, seed: int = 0, progress: bool = True
+    *, suite: Path, episodes: int, out: Path, workers: int = 1, seed: int = 0, held_out_every: int = DEFAULT_EVERY,
+    progress: bool = True,
 ) -> dict:
-    """Make episodes 0..episodes-1 of `suite` in `out`, skipping those already there. Returns the store's info."""
+    """Make episodes 0..episodes-1 of `suite` in `out`, skipping those already there. Returns the store's info.
+
+    One episode in `held_out_every` of each scenario is held out from everything that trains (1: all of them,
+    for a store used only to evaluate)."""
     if episodes < 1:
         raise UnifiedError(f"--episodes must be at least 1, got {episodes}")
     if workers < 1:
         raise UnifiedError(f"--workers must be at least 1, got {workers}")
+    if seed < 0:
+        raise UnifiedError(f"--seed must be 0 or more, got {seed}")
     loaded = load_suite(suite)
-    store = EpisodeStore.create(out, loaded, seed)
+    store = EpisodeStore.create(out, loaded, seed, held_out_every)
     lock = store.lock()
     try:
         removed = store.remove_partial_files()
@@ -88,7 +90,9 @@ def generate(
                 f"{len(todo) / elapsed:.2f} episodes/s, {steps / elapsed:.1f} steps/s",
                 flush=True,
             )
-        print(f"{out}: {info['episodes']} episodes, {info['steps']} steps", flush=True)
+        split = info["split"]
+        print(f"{out}: {info['episodes']} episodes ({split['train_episodes']} to train on, "
+              f"{split['held_out_episodes']} held out), {info['steps']} steps", flush=True)
         return info
     finally:
         lock.close()

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from unified.data.split import DEFAULT_EVERY, HeldOutRule
 from unified.errors import UnifiedError
 from unified.sim.causation import Causation
 from unified.sim.env import ACTION_NAMES, ACTION_UNITS, STATE_NAMES, STATE_UNITS
@@ -33,7 +34,7 @@ from unified.sim.rollout import Episode, EpisodeSummary
 from unified.sim.suite import Suite, suite_from_dict
 
 FORMAT = "unified-episodes"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the held-out split in meta/info.json, statistics over training episodes
 EPISODE_FILE = re.compile(r"^episode_(\d{6,})\.parquet$")
 
 SCHEMA = pa.schema([
@@ -81,14 +82,15 @@ class EpisodeStore:
     # -- creating and writing -------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, root: str | Path, suite: Suite, seed: int) -> EpisodeStore:
+    def create(cls, root: str | Path, suite: Suite, seed: int, held_out_every: int = DEFAULT_EVERY) -> EpisodeStore:
         """Open `root` for writing episodes of `suite` with `seed`, creating it if needed.
 
-        An existing store must hold the same suite and seed: mixing them would make a data set no one can
-        reproduce.
+        An existing store must hold the same suite, seed and held-out rule: mixing them would make a data set no
+        one can reproduce, or move episodes between the training and the held-out split.
         """
         root = Path(root)
         info_path = root / "meta" / "info.json"
+        rule = HeldOutRule(held_out_every)
         if info_path.is_file():
             store = cls(root)
             if store.info["suite_hash"] != suite.hash or store.info["seed"] != seed:
@@ -96,6 +98,11 @@ class EpisodeStore:
                     f"{root} holds episodes of suite {store.info['suite']['name']!r} "
                     f"(hash {store.info['suite_hash']}, seed {store.info['seed']}), not of suite {suite.name!r} "
                     f"(hash {suite.hash}, seed {seed}); use another --out or the same suite and seed"
+                )
+            if store.rule != rule:
+                raise UnifiedError(
+                    f"{root} holds out every {store.rule.every}th episode of each scenario, not every "
+                    f"{rule.every}th; use --held-out-every {store.rule.every} or another --out"
                 )
             return store
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
@@ -122,6 +129,7 @@ class EpisodeStore:
             "suite": to_dict(suite),
             "suite_hash": suite.hash,
             "scenarios": {},
+            "split": rule.to_info(suite, []),
             "action_stats": None,
             "state_stats": None,
         }
@@ -200,9 +208,36 @@ class EpisodeStore:
     def __len__(self) -> int:
         return len(self.indices())
 
+    # -- the held-out split (see unified.data.split) ---------------------------------------------------
+
+    @property
+    def rule(self) -> HeldOutRule:
+        return HeldOutRule(self.info["split"]["held_out_every"])
+
+    def is_held_out(self, index: int) -> bool:
+        return self.rule.is_held_out(self.suite, index)
+
+    def train_indices(self) -> list[int]:
+        """The episodes everything that trains may read."""
+        return [i for i in self.indices() if not self.is_held_out(i)]
+
+    def held_out_indices(self, stratified: bool = False) -> list[int]:
+        """The episodes no training step sees; `stratified` orders them round robin over the scenarios, so that
+        the first k of them cover every scenario."""
+        held = [i for i in self.indices() if self.is_held_out(i)]
+        if not stratified:
+            return held
+        by_scenario: dict[str, list[int]] = {}
+        for i in held:
+            by_scenario.setdefault(self.suite.scenario_for_episode(i).name, []).append(i)
+        columns = list(by_scenario.values())
+        return [c[k] for k in range(max(map(len, columns), default=0)) for c in columns if k < len(c)]
+
     @property
     def suite(self) -> Suite:
-        return suite_from_dict(self.info["suite"], f"{self.info_path}: suite")
+        if getattr(self, "_suite", None) is None:
+            self._suite = suite_from_dict(self.info["suite"], f"{self.info_path}: suite")
+        return self._suite
 
     def _parquet(self, index: int) -> pq.ParquetFile:
         path = self.episode_path(index)
@@ -258,17 +293,25 @@ class EpisodeStore:
     # -- metadata -------------------------------------------------------------------------------------
 
     def refresh_info(self) -> dict[str, Any]:
-        """Recompute counts, per-scenario expert figures and statistics from the files on disk."""
+        """Recompute counts, per-scenario expert figures, the split and the statistics from the files on disk.
+
+        The statistics (which normalise actions and states) are computed over the training episodes only, so that
+        nothing of a held-out episode shapes a model; over all episodes when every one is held out."""
         scenarios: dict[str, dict[str, Any]] = {}
         actions, states = [], []
-        for index in self.indices():
+        indices = self.indices()
+        train = set(self.train_indices()) or set(indices)
+        for index in indices:
             meta = self.episode_meta(index)
-            table = self.read_columns(index, ["action", "state"])
-            # Statistics need every value for exact quantiles; actions and states are 20 bytes a step, so a
-            # store of 10 million steps needs 200 MB here while its frames never leave the disk.
-            actions.append(_fixed_list(table.column("action"), 2))
-            states.append(_fixed_list(table.column("state"), 3))
-            s = scenarios.setdefault(meta["scenario"], {"episodes": 0, "steps": 0, "success": 0, "collision": 0})
+            if index in train:
+                table = self.read_columns(index, ["action", "state"])
+                # Statistics need every value for exact quantiles; actions and states are 20 bytes a step, so a
+                # store of 10 million steps needs 200 MB here while its frames never leave the disk.
+                actions.append(_fixed_list(table.column("action"), 2))
+                states.append(_fixed_list(table.column("state"), 3))
+            s = scenarios.setdefault(meta["scenario"], {"episodes": 0, "steps": 0, "success": 0, "collision": 0,
+                                                        "held_out": 0})
+            s["held_out"] += self.is_held_out(index)
             s["episodes"] += 1
             s["steps"] += meta["summary"]["steps"]
             s["success"] += bool(meta["summary"]["success"])
@@ -280,6 +323,8 @@ class EpisodeStore:
         info["episodes"] = sum(s["episodes"] for s in scenarios.values())
         info["steps"] = sum(s["steps"] for s in scenarios.values())
         info["scenarios"] = dict(sorted(scenarios.items()))
+        info["split"] = self.rule.to_info(self.suite, indices)
+        info["stats_over"] = "training episodes" if len(train) < len(indices) or not indices else "all episodes"
         info["action_stats"] = _stats(np.concatenate(actions), ACTION_NAMES) if actions else None
         info["state_stats"] = _stats(np.concatenate(states), STATE_NAMES) if states else None
         _write_json_atomic(self.info_path, info)
@@ -293,12 +338,17 @@ class EpisodeStore:
             raise UnifiedError(f"{self.info_path}: corrupted (not valid JSON: {e})") from None
         if not isinstance(info, dict) or info.get("format") != FORMAT:
             raise UnifiedError(f"{self.info_path}: not an episode store's info (expected \"format\": \"{FORMAT}\")")
+        if info.get("format_version") == 1:
+            raise UnifiedError(
+                f"{self.info_path}: written by an earlier version of unified (format_version 1: no held-out split, "
+                "seeds that evaluation could reuse); generate the store again into a new directory"
+            )
         if info.get("format_version") != FORMAT_VERSION:
             raise UnifiedError(
                 f"{self.info_path}: format_version {info.get('format_version')!r}; this version of unified reads "
                 f"{FORMAT_VERSION}"
             )
-        for key in ("episodes", "steps", "fps", "image_shape", "suite", "suite_hash", "seed", "scenarios"):
+        for key in ("episodes", "steps", "fps", "image_shape", "suite", "suite_hash", "seed", "scenarios", "split"):
             if key not in info:
                 raise UnifiedError(f"{self.info_path}: missing field {key!r}")
         return info

@@ -1,6 +1,9 @@
 """`unified data tokenize`: encode an episode store once into memory-mapped token arrays (training never runs
 the image encoder), and `TokenShards`, which turns them into samples for the sequence builders.
 
+The store's held-out episodes are written too, flagged, so that a run can report a validation loss on them;
+samples for training come only from the training episodes (`TokenShards.index(task, split="train")`).
+
     SHARDS/meta.json       counts, horizon, history, tasks, the source store and tokenizer directory
     SHARDS/layout.json     the token layout all ids below are global in
     SHARDS/*.npy           image (N, 64), action (N, D), action_values (N, D) float32, state (N, S),
@@ -91,7 +94,8 @@ def tokenize(
         columns["step"].append(np.arange(n, dtype=np.int32))
         columns["instruction"].append(np.full(n, table.row(episode.instruction), np.int32))
         columns["reason"].append(np.array([table.row(c.text) for c in episode.causation], np.int32))
-        episodes.append({"index": index, "scenario": episode.scenario, "steps": n})
+        episodes.append({"index": index, "scenario": episode.scenario, "steps": n,
+                         "held_out": store.is_held_out(index)})
     operator_rows = _operators(operators, operator_hops, table) if operators is not None else {}
     text_ids, text_offsets = table.arrays()
     dtype = np.uint16 if layout.vocab_size <= np.iinfo(np.uint16).max else np.int32
@@ -107,7 +111,9 @@ def tokenize(
     layout.save(staging / "layout.json")
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "data": str(data), "tokenizer": str(tokenizer),
-        "suite_hash": store.info["suite_hash"], "horizon": horizon, "history": history, "tasks": wanted,
+        "suite_hash": store.info["suite_hash"], "held_out": store.rule.description,
+        "held_out_episodes": [e["index"] for e in episodes if e["held_out"]], "horizon": horizon,
+        "history": history, "tasks": wanted,
         "steps": int(sum(e["steps"] for e in episodes)), "episodes": episodes,
         "operators": len(operator_rows.get("question", [])), "operator_hops": operator_hops if operators else None,
         "tokens_per_image": tokenizers.image.config.tokens_per_image, "action_dim": tokenizers.action.dim,
@@ -121,7 +127,8 @@ def tokenize(
     shards = TokenShards(out)
     counts = {task: len(shards.index(task)) for task in wanted}
     if progress:
-        print(f"{out}: {meta['steps']} steps of {len(episodes)} episodes; samples per task: "
+        print(f"{out}: {meta['steps']} steps of {len(episodes)} episodes ({len(meta['held_out_episodes'])} held out, "
+              "never in a training batch); training samples per task: "
               + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
     return meta | {"samples": counts}
 
@@ -163,7 +170,7 @@ class TokenShards:
         self.arrays = {p.stem: np.load(p, mmap_mode="r") for p in self.root.glob("*.npy")}
         starts = np.cumsum([0] + [e["steps"] for e in self.meta["episodes"]])
         self.episode_start = {e["index"]: int(s) for e, s in zip(self.meta["episodes"], starts)}
-        self._index: dict[str, np.ndarray] = {}
+        self._index: dict[tuple[str, str], np.ndarray] = {}
         from unified.tokenizers.normalization import QuantileNormalizer
 
         self.action_normalizer = QuantileNormalizer.from_stats(self.meta["action_stats"], f"{meta_path}: action_stats")
@@ -172,20 +179,26 @@ class TokenShards:
         offsets = self.arrays["text_offsets"]
         return np.asarray(self.arrays["text_ids"][offsets[row]:offsets[row + 1]], np.int64)
 
-    def index(self, task: str) -> np.ndarray:
-        """Global step rows (or operator rows for `text`) at which a sample of `task` starts."""
-        if task not in self._index:
+    def index(self, task: str, split: str = "train") -> np.ndarray:
+        """Global step rows (or operator rows for `text`) at which a sample of `task` starts, in the store's
+        training episodes (`split="train"`) or its held-out ones (`"held_out"`, for a validation loss only)."""
+        if split not in ("train", "held_out"):
+            raise UnifiedError(f"split must be 'train' or 'held_out', got {split!r}")
+        if (task, split) not in self._index:
             if task == "text":
-                self._index[task] = np.arange(len(self.arrays.get("operator_question", [])))
+                count = len(self.arrays.get("operator_question", [])) if split == "train" else 0
+                self._index[(task, split)] = np.arange(count)
             else:
                 rows = []
                 for e in self.meta["episodes"]:
+                    if bool(e.get("held_out")) != (split == "held_out"):
+                        continue
                     start, n = self.episode_start[e["index"]], e["steps"]
                     # The world task needs the frame after the chunk; both need a whole chunk of actions.
                     last = n - self.horizon - (1 if task == "world" else 0)
                     rows.append(start + np.arange(0, last + 1))
-                self._index[task] = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-        return self._index[task]
+                self._index[(task, split)] = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        return self._index[(task, split)]
 
     def sample(self, task: str, row: int, with_state: bool = True) -> Sample:
         a = self.arrays
@@ -235,7 +248,10 @@ def inspect_shards(
     if store.meta["operators"] and "text" not in tasks:
         tasks.append("text")
     counts = {task: len(store.index(task)) for task in tasks}
-    print(f"{shards}: " + ", ".join(f"{t} {n} samples" for t, n in counts.items()))
+    held = {task: len(store.index(task, "held_out")) for task in tasks}
+    print(f"{shards}: training samples " + ", ".join(f"{t} {n}" for t, n in counts.items())
+          + f"; held out ({store.meta.get('held_out', 'no rule')}, never trained on): "
+          + ", ".join(f"{t} {n}" for t, n in held.items()))
     text = None
     tokenizer_dir = Path(store.meta["tokenizer"])
     if (tokenizer_dir / "text").is_dir():
@@ -258,4 +274,4 @@ def inspect_shards(
     print("mean sample length: " + ", ".join(f"{t} {v:.0f}" for t, v in lengths.items()))
     print(f"packing efficiency at seq_len {seq_len}: {efficiency:.1%} non-pad over {len(batches)} batches "
           f"of {batch_size} ({len(chosen)} samples)")
-    return {"samples": counts, "packing_efficiency": efficiency, "mean_length": lengths}
+    return {"samples": counts, "held_out_samples": held, "packing_efficiency": efficiency, "mean_length": lengths}

@@ -61,6 +61,8 @@ def make_env(suite: Suite, scenario: Scenario, render: bool = True):
         use_offscreen_rendering()
     h, w = suite.image_size
     config = dict(scenario.config)
+    if scenario.destination is not None and "destination" in env_class(scenario.env).default_config():
+        config["destination"] = scenario.destination  # the env's own route and arrival test agree with ours
     config.update(
         action={
             "type": "ContinuousAction",

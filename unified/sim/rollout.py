@@ -12,6 +12,7 @@ from unified.sim.causation import Causation, VehicleIds, explain
 from unified.sim.env import make_env, max_steps, render_frame, to_env_action
 from unified.sim.language import pick_instruction
 from unified.sim.suite import Scenario, Suite
+from unified.sim.traffic import jitter_traffic
 
 
 @dataclass
@@ -67,6 +68,16 @@ def jitter_start(env, offset_m: float, heading_rad: float, rng: np.random.Genera
     ego.heading = ego.lane.heading_at(longitudinal) + rng.uniform(-heading_rad, heading_rad)
 
 
+def start_episode(env, suite: Suite, scenario: Scenario, seed: int, jitter: bool = False) -> None:
+    """Reset `env` to the start of episode `seed`: the env's traffic, the scenario's traffic jitter and, for
+    demonstrations (`jitter`), the ego started off its lane."""
+    env.reset(seed=seed)
+    if any(scenario.traffic_jitter):
+        jitter_traffic(env, *scenario.traffic_jitter, np.random.default_rng([seed, 2]))
+    if jitter and any(suite.start_jitter):
+        jitter_start(env, *suite.start_jitter, np.random.default_rng([seed, 1]))
+
+
 def run_episode(
     suite: Suite, scenario: Scenario, driver, seed: int, index: int = 0, render: bool = True, env=None,
     jitter: bool = False,
@@ -74,9 +85,7 @@ def run_episode(
     """Drive one episode of `scenario` with `driver`; `env` may be reused across episodes of the same scenario.
     `jitter` starts the ego off its lane by up to the suite's `start_jitter` (expert demonstrations)."""
     env = env if env is not None else make_env(suite, scenario, render=render)
-    env.reset(seed=seed)
-    if jitter and any(suite.start_jitter):
-        jitter_start(env, *suite.start_jitter, np.random.default_rng([seed, 1]))
+    start_episode(env, suite, scenario, seed, jitter)
     driver.reset(env, scenario, seed)
     instruction = pick_instruction(scenario, np.random.default_rng(seed))
     ego = env.unwrapped.vehicle

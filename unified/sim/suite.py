@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,10 @@ class Scenario:
     min_progress_m: float | None = None
     instructions: list[str] = field(default_factory=list)  # paraphrases; empty: defaults for the env family
     weight: float = 1.0  # share of the suite's episodes
+    # Every other vehicle starts up to this far along its lane (metres) and this much faster or slower (m/s) than
+    # the env places it, uniformly, in data and evaluation alike: some envs (merge-v0) place traffic almost the
+    # same way whatever the seed, so that without it two episodes could be near-replays of each other.
+    traffic_jitter: tuple[float, float] = (0.0, 0.0)
     name: str = ""  # filled from the key in `scenarios:`
 
     def __post_init__(self):
@@ -43,6 +48,8 @@ class Scenario:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
         if self.min_progress_m is not None and self.min_progress_m < 0:
             raise ValueError(f"min_progress_m must not be negative, got {self.min_progress_m}")
+        if min(self.traffic_jitter) < 0:
+            raise ValueError(f"traffic_jitter (metres, m/s) must not be negative, got {self.traffic_jitter}")
 
 
 @dataclass
@@ -75,28 +82,36 @@ class Suite:
         blob = json.dumps(to_dict(self), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
+    @cached_property
+    def _cycle(self) -> list[str]:
+        """One period of the smooth weighted round robin: the scenario name of episodes 0..period-1."""
+        names = list(self.scenarios)
+        weights = [self.scenarios[n].weight for n in names]
+        total = sum(weights)
+        period = int(sum(weights)) if all(float(w).is_integer() for w in weights) else 10_000
+        current = [0.0] * len(names)
+        picks = []
+        for _ in range(period):
+            current = [c + w for c, w in zip(current, weights)]
+            pick = max(range(len(names)), key=lambda i: (current[i], -i))
+            current[pick] -= total
+            picks.append(names[pick])
+        return picks
+
     def scenario_for_episode(self, index: int) -> Scenario:
         """Deterministic, weight-balanced scenario of episode `index` (smooth weighted round robin).
 
         Independent of the total number of episodes, so that a store can be extended and resumed.
         """
-        names = list(self.scenarios)
-        weights = [self.scenarios[n].weight for n in names]
-        total = sum(weights)
-        current = [0.0] * len(names)
-        pick = 0
-        for _ in range(index % _cycle_length(weights) + 1):
-            current = [c + w for c, w in zip(current, weights)]
-            pick = max(range(len(names)), key=lambda i: (current[i], -i))
-            current[pick] -= total
-        return self.scenarios[names[pick]]
+        return self.scenarios[self._cycle[index % len(self._cycle)]]
 
-
-def _cycle_length(weights: list[float]) -> int:
-    """Period of the weighted round robin for integer weights; a long horizon for the rest."""
-    if all(float(w).is_integer() for w in weights):
-        return int(sum(weights))
-    return 10_000
+    def scenario_ordinal(self, index: int) -> int:
+        """How many earlier episodes (0..index-1) have the scenario of episode `index`: its rank within its
+        scenario, which the held-out split is defined on (so that every scenario contributes held-out episodes)."""
+        cycle = self._cycle
+        name = cycle[index % len(cycle)]
+        full, rest = divmod(index, len(cycle))
+        return full * cycle.count(name) + cycle[:rest].count(name)
 
 
 def load_suite(path: str | Path) -> Suite:
@@ -148,6 +163,8 @@ def check_scenario(scenario: Scenario, where: str) -> None:
         cls = env_class(scenario.env)
     except UnifiedError as e:
         raise UnifiedError(f"{where}.env: {e}") from None
+    if scenario.destination is not None:
+        check_destination(scenario, cls, where)
     valid = cls.default_config()
     for key in scenario.config:
         if key in SUITE_OWNED_KEYS:
@@ -155,3 +172,33 @@ def check_scenario(scenario: Scenario, where: str) -> None:
         if key not in valid:
             options = ", ".join(k for k in sorted(valid) if k not in SUITE_OWNED_KEYS)
             raise UnifiedError(f"{where}.config: unknown key {key!r} for {scenario.env}; valid keys: {options}")
+
+
+def check_destination(scenario: Scenario, cls: type, where: str) -> None:
+    """A destination must be a node of the env's road network (else every episode would fail silently), and the
+    driver must be told it: by the scenario's instructions, or by the defaults that name it."""
+    from unified.sim.language import DESTINATION_INSTRUCTIONS, family
+
+    nodes = _road_nodes(cls, json.dumps(scenario.config, sort_keys=True))
+    if scenario.destination not in nodes:
+        raise UnifiedError(f"{where}.destination: {scenario.destination!r} is not a node of the {scenario.env} road "
+                           f"network; nodes: {', '.join(sorted(nodes))}")
+    if not scenario.instructions and (family(scenario), scenario.destination) not in DESTINATION_INSTRUCTIONS:
+        raise UnifiedError(
+            f"{where}: destination {scenario.destination!r} has no default instructions; give `instructions:` that "
+            "name the goal (a driver that is not told where to go cannot be asked to get there)"
+        )
+
+
+_NODES: dict[tuple[type, str], set[str]] = {}
+
+
+def _road_nodes(cls: type, config: str) -> set[str]:
+    """The node names of the road network `cls` builds with `config` (JSON), built once per process."""
+    if (cls, config) not in _NODES:
+        env = cls(config=json.loads(config))
+        env.reset(seed=0)
+        graph = env.unwrapped.road.network.graph
+        _NODES[(cls, config)] = set(graph) | {node for ends in graph.values() for node in ends}
+        env.close()
+    return _NODES[(cls, config)]

@@ -1,0 +1,108 @@
+"""Intervals and tests for closed-loop results, in one place: the closed-loop report, `eval compare` and the
+distillation study all call these (scipy computes them).
+
+Drivers compared on the same seeds are a paired design: episode i of a scenario meets the same traffic whoever
+drives it. Comparing them with two independent intervals ("they overlap") throws that away; McNemar's exact test
+on the discordant pairs and a paired bootstrap of the difference use it.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from scipy import stats
+
+CONFIDENCE = 0.95
+BOOTSTRAP_RESAMPLES = 10_000
+
+
+def wilson_interval(successes: int, n: int) -> tuple[float, float]:
+    """95% Wilson score interval of a rate (sound at 0 and 1, unlike the normal approximation); (0, 1) for n = 0."""
+    if n == 0:
+        return (0.0, 1.0)
+    ci = stats.binomtest(int(successes), int(n)).proportion_ci(CONFIDENCE, method="wilson")
+    return (float(ci.low), float(ci.high))
+
+
+def mean_interval(values) -> tuple[float, float]:
+    """95% Student-t interval of a mean; a point for fewer than two values."""
+    values = np.asarray(values, np.float64)
+    if len(values) < 2:
+        mean = float(values.mean()) if len(values) else 0.0
+        return (mean, mean)
+    if np.all(values == values[0]):
+        return (float(values[0]), float(values[0]))
+    low, high = stats.t.interval(CONFIDENCE, len(values) - 1, loc=values.mean(), scale=stats.sem(values))
+    return (float(low), float(high))
+
+
+def mcnemar_exact(a, b) -> dict:
+    """McNemar's exact test of paired successes `a`, `b` (bool arrays over the same episodes): under the null
+    hypothesis the discordant pairs split 50/50. Returns the two counts and the two-sided p-value (1.0 when no
+    pair is discordant)."""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    if a.shape != b.shape:
+        raise ValueError(f"paired outcomes must have the same length, got {a.shape} and {b.shape}")
+    only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    p = 1.0 if only_a + only_b == 0 else float(stats.binomtest(only_a, only_a + only_b, 0.5).pvalue)
+    return {"only_first": only_a, "only_second": only_b, "p_value": min(1.0, p)}
+
+
+def paired_difference(a, b, seed: int = 0) -> dict:
+    """The mean of a - b over paired episodes and its 95% paired bootstrap interval (percentile method,
+    10,000 resamples of the pairs)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or len(a) == 0:
+        raise ValueError(f"paired outcomes must have the same, non-zero length, got {a.shape} and {b.shape}")
+    difference = float(np.mean(a - b))
+    if np.all(a - b == (a - b)[0]):  # no spread: every resample gives the same difference
+        return {"difference": difference, "ci95": [difference, difference]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy warns about degenerate resamples on tiny samples
+        result = stats.bootstrap((a, b), lambda x, y, axis=-1: np.mean(x - y, axis=axis), paired=True,
+                                 n_resamples=BOOTSTRAP_RESAMPLES, confidence_level=CONFIDENCE,
+                                 method="percentile", rng=np.random.default_rng(seed))
+    ci = result.confidence_interval
+    return {"difference": difference, "ci95": [float(ci.low), float(ci.high)]}
+
+
+def paired_outcomes(first: dict, second: dict, key: str = "success") -> tuple[np.ndarray, np.ndarray]:
+    """The per-episode outcomes of two closed-loop reports on the episodes both drove (matched on scenario and
+    simulator seed), in the same order."""
+    def by_episode(report: dict) -> dict:
+        return {(e["scenario"], e["seed"]): bool(e[key]) for e in report.get("episodes", [])}
+
+    a, b = by_episode(first), by_episode(second)
+    common = sorted(set(a) & set(b))
+    return np.array([a[k] for k in common], bool), np.array([b[k] for k in common], bool)
+
+
+def compare_paired(first: dict, second: dict, key: str = "success") -> dict | None:
+    """McNemar's test and the paired difference (second - first) of two closed-loop reports on their common
+    episodes, or None when they share none."""
+    a, b = paired_outcomes(first, second, key)
+    if len(a) == 0:
+        return None
+    return {"pairs": int(len(a)), "first_rate": float(a.mean()), "second_rate": float(b.mean()),
+            "mcnemar": mcnemar_exact(b, a), "difference": paired_difference(b, a)}
+
+
+def non_inferior(comparison: dict, first_rate: float, share: float) -> bool:
+    """Whether the second driver keeps at least `share` of the first's rate by the paired interval: the lower
+    end of the interval of (second - first) is at least -(1 - share) x the first's rate."""
+    return comparison["difference"]["ci95"][0] >= -(1.0 - share) * first_rate
+
+
+def describe(comparison: dict, first: str, second: str) -> str:
+    """One sentence: whether the paired test tells `second` from `first`, with p and the interval."""
+    p = comparison["mcnemar"]["p_value"]
+    d = comparison["difference"]
+    lo, hi = d["ci95"]
+    interval = f"{d['difference']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+    if p >= 0.05:
+        return (f"{second} is not distinguishable from {first} (McNemar p = {p:.2f} over {comparison['pairs']} "
+                f"paired episodes; difference {interval})")
+    direction = "better" if d["difference"] > 0 else "worse"
+    return (f"{second} is {direction} than {first} by {abs(d['difference']):.2f} [{lo:+.2f}, {hi:+.2f}] "
+            f"(McNemar p = {p:.3f} over {comparison['pairs']} paired episodes)")
