@@ -122,6 +122,10 @@ def closed_loop(
     head (`continuous`), and re-plans every `replan_every` steps (default: its chunk length). `train_store`
     (one or more episode stores a model trained on): refuse evaluation episodes that share a simulator seed with
     their training episodes, and report those whose traffic is a near-replay of one."""
+    from unified.outputs import check_file
+
+    if json is not None:  # a bad path fails now, not after the evaluation
+        check_file(json, "closed-loop", [model if model not in DRIVERS else None, scenarios, *train_store])
     evaluation = Evaluation(model, str(scenarios), mode, replan_every)
     report = evaluate([evaluation], episodes, workers, seed, progress)[evaluation]
     if train_store:
@@ -146,8 +150,9 @@ def overlap_of(report: dict[str, Any], stores: list[Path], progress: bool = True
 
 
 def write_report(report: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(jsonlib.dumps(report, indent=2) + "\n")
+    from unified.outputs import write_report as write
+
+    write(Path(path), report, "closed-loop")
     print(f"wrote {path}", flush=True)
 
 
@@ -162,6 +167,8 @@ def evaluate(evaluations: list[Evaluation], episodes: int, workers: int = 1, see
                                f"nor a driver ({', '.join(DRIVERS)})")
         if e.mode not in ("reason", "direct", "continuous"):
             raise UnifiedError(f"--mode: {e.mode!r} is not reason, direct or continuous")
+        if e.replan_every is not None and e.replan_every < 1:
+            raise UnifiedError(f"--replan-every must be at least 1 step, got {e.replan_every}")
     if episodes < 1 or workers < 1:
         raise UnifiedError(f"--episodes and --workers must be at least 1, got {episodes} and {workers}")
     suites = {path: load_suite(path) for path in dict.fromkeys(e.suite for e in evaluations)}
@@ -200,7 +207,7 @@ EPISODE_FIELDS = ("scenario", "index", "seed", "success", "collision", "offroad"
 
 
 def _fingerprint(model: str) -> str:
-    from unified.policy import weights_fingerprint  # torch: only where a learned model is evaluated
+    from unified.model_dir import weights_fingerprint  # torch: only where a learned model is evaluated
 
     return weights_fingerprint(model)
 

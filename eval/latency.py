@@ -7,7 +7,6 @@ figure is the median (and p95) over the rounds, and each ratio is taken against 
 
 from __future__ import annotations
 
-import json as jsonlib
 import time
 from pathlib import Path
 
@@ -55,11 +54,14 @@ def latency(*, models: list[str], data: Path, decisions: int = 40, threads: int 
     observations from `data`, interleaved, with `threads` torch threads; print medians, p95 and the ratios."""
     import torch
 
+    from unified.outputs import check_file, write_report
     from unified.policy import Policy
 
-    if decisions < 1:
-        raise UnifiedError(f"--decisions must be at least 1, got {decisions}")
+    if decisions < 1 or threads < 1:
+        raise UnifiedError(f"--decisions and --threads must be at least 1, got {decisions} and {threads}")
     entries = [parse_entry(e) for e in models]
+    if json is not None:
+        check_file(json, "latency", [*(p for p, _ in entries), data])
     torch.set_num_threads(threads)
     policies = {path: Policy.from_pretrained(path) for path in dict.fromkeys(p for p, _ in entries)}
     history = max(p.config.history for p in policies.values())
@@ -92,6 +94,5 @@ def latency(*, models: list[str], data: Path, decisions: int = 40, threads: int 
               f"{row['p95_ms']:.1f} ms, {row['tokens_per_decision']:.1f} tokens, "
               f"{row['speedup_vs_first']:.2f}x the first")
     if json is not None:
-        Path(json).parent.mkdir(parents=True, exist_ok=True)
-        Path(json).write_text(jsonlib.dumps(report, indent=2) + "\n")
+        write_report(Path(json), report, "latency")
     return report

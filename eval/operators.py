@@ -64,10 +64,13 @@ def operators_eval(*, model: Path, data: Path, hops: str | None = None, n: int =
     import torch
 
     from unified.data.operators import parse_hops
-    from unified.policy import load_model
+    from unified.model_dir import load_model
+    from unified.outputs import check_file, write_report
 
     if n < 1:
         raise UnifiedError(f"--n must be at least 1, got {n}")
+    if json is not None:
+        check_file(json, "operators", [model, data])
     examples = read_examples(data, parse_hops(hops) if hops else None, n)
     loaded, tokenizers, _ = load_model(model)
     accuracy, tokens, shown = {}, {}, []
@@ -87,8 +90,7 @@ def operators_eval(*, model: Path, data: Path, hops: str | None = None, n: int =
               "accuracy_by_hops": {str(h): a for h, a in accuracy.items()},
               "tokens_by_hops": {str(h): float(np.mean(t)) for h, t in tokens.items()}, "examples": shown}
     if json is not None:
-        Path(json).parent.mkdir(parents=True, exist_ok=True)
-        Path(json).write_text(jsonlib.dumps(report, indent=2) + "\n")
+        write_report(Path(json), report, "operators")
     return report
 
 
@@ -96,6 +98,9 @@ def plot_operators(reports: list[Path], *, out: Path, labels: list[str] = ()) ->
     """Accuracy against hops, one line per `eval operators --json` report; prints (and returns) a Markdown table."""
     from unified.eval.training_plot import save_figure, subplots
 
+    from unified.outputs import check_file
+
+    check_file(out, None, reports, what="--out")
     loaded = []
     for path in reports:
         try:

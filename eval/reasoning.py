@@ -6,7 +6,6 @@ the grammar that `unified.sim.causation.describe` writes, so a sentence outside 
 
 from __future__ import annotations
 
-import json as jsonlib
 import re
 from pathlib import Path
 
@@ -66,8 +65,14 @@ def reasoning(*, model: Path, data: Path, json: Path | None = None, episodes: in
     """Generate the explanation at every `every`-th step of up to `episodes` held-out episodes of `data`, taken
     round robin over its scenarios."""
     from unified.data.store import EpisodeStore
-    from unified.policy import Policy, weights_fingerprint
+    from unified.model_dir import weights_fingerprint
+    from unified.outputs import check_file, write_report
+    from unified.policy import Policy
 
+    if episodes < 1 or every < 1:
+        raise UnifiedError(f"--episodes and --every must be at least 1, got {episodes} and {every}")
+    if json is not None:
+        check_file(json, "reasoning", [model, data])
     policy = Policy.from_pretrained(model)
     store = EpisodeStore(data)
     indices = store.held_out_indices(stratified=True)[:episodes]
@@ -96,6 +101,5 @@ def reasoning(*, model: Path, data: Path, json: Path | None = None, episodes: in
     print(f"{len(verdicts)} explanations: all correct {rate['all']:.1%} (decision {rate['decision']:.1%}, "
           f"cause {rate['cause']:.1%}, critical agent {rate['agent']:.1%}; well-formed {rate['parsed']:.1%})")
     if json is not None:
-        Path(json).parent.mkdir(parents=True, exist_ok=True)
-        Path(json).write_text(jsonlib.dumps(report, indent=2) + "\n")
+        write_report(Path(json), report, "reasoning")
     return report

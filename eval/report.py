@@ -42,7 +42,7 @@ def _answer(student: dict, teacher: dict, suites: list[str], aim_ratio: float, a
         kept[suite] = None if ratios[suite] is None else stats.non_inferior(paired, t, aim_ratio)
         d = paired["difference"]
         test = (f"paired difference {d['difference']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}], "
-                f"McNemar p = {paired['mcnemar']['p_value']:.2f}")
+                f"McNemar p {stats.format_p(paired['mcnemar']['p_value'])}")
         if ratios[suite] is not None:
             parts.append(f"{ratios[suite]:.0%} {where} ({s:.2f} against {t:.2f}; {test})")
         else:
@@ -54,7 +54,7 @@ def _answer(student: dict, teacher: dict, suites: list[str], aim_ratio: float, a
     speedup = lat["speedup_vs_teacher"]
     fast = "at or above" if speedup >= aim_speedup else "below"
     verdict = ("and the paired intervals show it keeps at least" if meets else
-               "and the paired intervals cannot show that it keeps")
+               "and the paired intervals cannot show that it keeps at least")
     first = (f"Distilled to emit actions directly, the student keeps this share of the reasoning teacher's success "
              f"rate: {' and '.join(parts)}; {verdict} {aim_ratio:.0%} of it.")
     second = (f"It decides {speedup:.1f}x faster (median {lat['median_ms']:.0f} ms against "
@@ -163,7 +163,7 @@ def markdown(report: dict, suites: list[str]) -> str:
             else:
                 d = paired["difference"]
                 cells.append(f"{d['difference']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}], "
-                             f"p = {paired['mcnemar']['p_value']:.2f}")
+                             f"p {stats.format_p(paired['mcnemar']['p_value'])}")
         if "latency" in row:
             lat = row["latency"]
             cells += [f"{lat['median_ms']:.1f} ({lat['p95_ms']:.1f})", f"{lat['speedup_vs_teacher']:.1f}x",

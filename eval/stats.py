@@ -94,6 +94,11 @@ def non_inferior(comparison: dict, first_rate: float, share: float) -> bool:
     return comparison["difference"]["ci95"][0] >= -(1.0 - share) * first_rate
 
 
+def format_p(p: float) -> str:
+    """'= 0.38', '= 0.031', '< 0.001': two significant digits, never a misleading 0.00."""
+    return "< 0.001" if p < 0.001 else f"= {p:.2g}" if p < 0.1 else f"= {p:.2f}"
+
+
 def describe(comparison: dict, first: str, second: str) -> str:
     """One sentence: whether the paired test tells `second` from `first`, with p and the interval."""
     p = comparison["mcnemar"]["p_value"]
@@ -101,8 +106,8 @@ def describe(comparison: dict, first: str, second: str) -> str:
     lo, hi = d["ci95"]
     interval = f"{d['difference']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
     if p >= 0.05:
-        return (f"{second} is not distinguishable from {first} (McNemar p = {p:.2f} over {comparison['pairs']} "
+        return (f"{second} is not distinguishable from {first} (McNemar p {format_p(p)} over {comparison['pairs']} "
                 f"paired episodes; difference {interval})")
     direction = "better" if d["difference"] > 0 else "worse"
     return (f"{second} is {direction} than {first} by {abs(d['difference']):.2f} [{lo:+.2f}, {hi:+.2f}] "
-            f"(McNemar p = {p:.3f} over {comparison['pairs']} paired episodes)")
+            f"(McNemar p {format_p(p)} over {comparison['pairs']} paired episodes)")

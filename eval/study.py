@@ -100,12 +100,12 @@ def train_run(recipe: str, overrides: list[str], run_dir: Path, ranks: int) -> N
     import yaml
 
     from unified import checkpoint
-    from unified.cli import train
+    from unified.launcher import train
     from unified.train_config import TrainConfig, load_recipe
 
     overrides = [*overrides, f"run_dir={run_dir}"]
     wanted = to_dict(load_recipe(recipe, overrides))
-    resume = (run_dir / "checkpoints" / "latest").is_file()
+    resume = (run_dir / "config.yaml").is_file()  # a run was started there
     if resume:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
         # Read back through the config class, so that a field added since (at its default) is no difference.
@@ -114,7 +114,8 @@ def train_run(recipe: str, overrides: list[str], run_dir: Path, ranks: int) -> N
         if differs:
             raise UnifiedError(f"{run_dir} was trained with another configuration ({', '.join(differs[:4])}); "
                                "remove it or give the study another run_dir")
-        step = checkpoint.read_info(checkpoint.find(run_dir))["step"]
+        found = checkpoint.latest(run_dir)
+        step = checkpoint.read_info(found)["step"] if found is not None else 0
         if step >= wanted["steps"]:
             print(f"{run_dir}: finished ({step} steps), reused", flush=True)
             return
@@ -145,11 +146,16 @@ def distill(overrides: list[str] = (), *, study: Path, out: Path) -> dict:
     from unified.eval.latency import latency
     from unified.eval.report import write_study_report
 
-    from unified.export import export
-    from unified.policy import weights_fingerprint
+    from unified.export import export_once
+    from unified.model_dir import weights_fingerprint
+    from unified.outputs import check_dir, write_report, write_text_atomic
 
     config = load_study(study, overrides)
     out = Path(out)
+    # A study directory is resumable: a new one, or one of an earlier study; never a directory holding anything else.
+    inputs = [study, config.data, *config.stores.values(), *config.suites.values(), *config.train_stores]
+    if check_dir(out, "study", inputs) == "new":
+        write_text_atomic(out / "study.json", jsonlib.dumps({"format": "unified-study", "name": config.name}) + "\n")
     stages, started = 6, time.monotonic()
     _stage(1, stages, "the reasoning teacher", started)
     teacher = _teacher(config, out)
@@ -161,8 +167,8 @@ def distill(overrides: list[str] = (), *, study: Path, out: Path) -> dict:
         run_dir = Path(spec.run_dir or out / "runs" / name)
         train_run(spec.recipe, [f"data={config.data}", *extra, *spec.overrides], run_dir, config.ranks)
         models[name] = out / "models" / name
-        export(checkpoint=run_dir, out=models[name])
-    export(checkpoint=models[config.export_student], out=out / "student_action_only", action_only=True)
+        export_once(run_dir, models[name])
+    export_once(models[config.export_student], out / "student_action_only", action_only=True)
     prints = {name: weights_fingerprint(path) for name, path in models.items()}
 
     # What drives: the teacher reasoning first and prompted to skip it, each student as it acts, the baselines.
@@ -176,8 +182,8 @@ def distill(overrides: list[str] = (), *, study: Path, out: Path) -> dict:
     explained = _reasoning(config, out, teacher, prints["teacher"])
     _stage(5, stages, "decision latency, every learned driver on the same observations, interleaved", started)
     timing = latency(models=[f"{models[name]}:{mode}" for name, mode in entries],
-                     data=Path(next(iter(config.stores.values()))), decisions=config.latency_decisions,
-                     json=out / "eval" / "latency.json")
+                     data=Path(next(iter(config.stores.values()))), decisions=config.latency_decisions)
+    write_report(out / "eval" / "latency.json", timing, "latency")  # the study's own directory
     _stage(6, stages, "report", started)
     distilled = [n for n, spec in config.students.items() if spec.distill]
     report = write_study_report(config, out, models, closed, explained, timing, study=str(study),
@@ -214,7 +220,7 @@ def _overlap(config: StudyConfig, closed: dict) -> dict:
 
 def _teacher(config: StudyConfig, out: Path) -> Path:
     """The exported teacher: given, or trained (or reused) through the launcher and exported to OUT/models."""
-    from unified.export import export
+    from unified.export import export_once
 
     if config.teacher_model:
         teacher = Path(config.teacher_model)
@@ -223,7 +229,7 @@ def _teacher(config: StudyConfig, out: Path) -> Path:
         return teacher
     run_dir = Path(config.teacher.run_dir or out / "runs" / "teacher")
     train_run(config.teacher.recipe, [f"data={config.data}", *config.teacher.overrides], run_dir, config.ranks)
-    export(checkpoint=run_dir, out=out / "models" / "teacher")
+    export_once(run_dir, out / "models" / "teacher")
     return out / "models" / "teacher"
 
 
@@ -264,12 +270,15 @@ def _reasoning(config: StudyConfig, out: Path, teacher: Path, fingerprint: str) 
     """Suite label -> the teacher's reasoning report on that store's held-out episodes (reused when it matches)."""
     from unified.eval.reasoning import reasoning
 
+    from unified.outputs import write_report
+
     explained = {}
     for label, store in config.stores.items():
         path = out / "eval" / f"reasoning_{label}.json"
         report = _cached(path, fingerprint=fingerprint, episodes_asked=config.reasoning_episodes)
         if report is None:
-            report = reasoning(model=teacher, data=Path(store), episodes=config.reasoning_episodes, json=path)
+            report = reasoning(model=teacher, data=Path(store), episodes=config.reasoning_episodes)
+            write_report(path, report, "reasoning")
         else:
             print(f"{path}: reused", flush=True)
         explained[label] = report

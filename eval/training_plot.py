@@ -19,13 +19,22 @@ def subplots(*args, **kwargs):
 
 
 def save_figure(fig, path: Path) -> Path:
+    """Save as PNG, whole or not at all (a temporary file renamed into place)."""
+    import os
+
     import matplotlib.pyplot as plt
 
+    path = Path(path)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    try:
+        fig.savefig(temporary, dpi=110)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+        plt.close(fig)
+    return path
 
 
 def read_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
@@ -47,6 +56,9 @@ def read_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
 
 def plot_training(runs: list[Path], *, out: Path) -> Path:
     """Loss per task (and the total) against the step for each run, one panel per run."""
+    from unified.outputs import check_file
+
+    check_file(out, None, [r / "tensorboard" for r in map(Path, runs)], what="--out")
     fig, axes = subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
     for ax, run in zip(axes[0], runs):
         scalars = read_scalars(run)

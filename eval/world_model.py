@@ -4,7 +4,6 @@ world model has to beat), teacher-forced next-frame token accuracy, and a PNG st
 
 from __future__ import annotations
 
-import json as jsonlib
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +49,15 @@ def world_model(
     """Roll the world model out `horizon` chunks from the start of up to `episodes` held-out episodes of
     `data` (taken round robin over its scenarios) and compare with what really happened."""
     from unified.data.store import EpisodeStore
+    from unified.outputs import check_file, write_report
     from unified.policy import WorldModel
 
+    if horizon < 1 or episodes < 1:
+        raise UnifiedError(f"--horizon and --episodes must be at least 1, got {horizon} and {episodes}")
+    if json is not None:
+        check_file(json, "world-model", [model, data])
+    if strip is not None:
+        check_file(strip, None, [model, data], what="--strip")
     world = WorldModel.from_pretrained(model)
     h, history = world.config.horizon, world.config.history
     store = EpisodeStore(data)
@@ -94,8 +100,7 @@ def world_model(
         report["strip"] = str(strip)
         print(f"wrote {strip}")
     if json is not None:
-        Path(json).parent.mkdir(parents=True, exist_ok=True)
-        Path(json).write_text(jsonlib.dumps(report, indent=2) + "\n")
+        write_report(Path(json), report, "world-model")
         print(f"wrote {json}")
     return report
 
@@ -117,4 +122,10 @@ def _write_strip(rows, path: Path) -> None:
             canvas[top:top + fh, left:left + fw] = truth[k]
             canvas[top + fh + gap:top + 2 * fh + gap, left:left + fw] = imagined[k]
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).resize((canvas.shape[1] * 3, canvas.shape[0] * 3), Image.NEAREST).save(path)
+    import io
+
+    from unified.outputs import write_bytes_atomic
+
+    buffer = io.BytesIO()
+    Image.fromarray(canvas).resize((canvas.shape[1] * 3, canvas.shape[0] * 3), Image.NEAREST).save(buffer, "PNG")
+    write_bytes_atomic(path, buffer.getvalue())

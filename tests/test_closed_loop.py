@@ -53,7 +53,7 @@ def test_a_trained_model_drives_in_closed_loop(model_data, tmp_path):
     from unified.tokenizers.fit import Tokenizers
 
     from unified.model import ModelConfig, UnifiedModel
-    from unified.policy import save_model
+    from unified.model_dir import save_model
 
     tokenizers = Tokenizers.from_pretrained(model_data / "tok")
     torch.manual_seed(0)

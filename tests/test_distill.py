@@ -125,7 +125,8 @@ def test_the_teacher_reads_its_own_reasoning_generated_once_and_cached(shards, m
     import unified.workers
     from unified.data.store import EpisodeStore
     from unified.distill import student_rows, teacher_reasoning
-    from unified.policy import Policy, save_model
+    from unified.model_dir import save_model
+    from unified.policy import Policy
 
     tokenizers = Tokenizers.from_pretrained(model_data / "tok")
     teacher = tiny(shards.layout, seed=3, max_reason_tokens=6)

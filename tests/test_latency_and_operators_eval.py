@@ -11,7 +11,7 @@ from unified.tokenizers.fit import Tokenizers
 from unified.data.operators import operators
 from unified.errors import UnifiedError
 from unified.model import ModelConfig, UnifiedModel
-from unified.policy import save_model
+from unified.model_dir import save_model
 
 TINY = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, max_position_embeddings=256, horizon=4)
 

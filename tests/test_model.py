@@ -14,8 +14,9 @@ from unified.data.tokenize import TokenShards
 from unified.errors import UnifiedError
 from unified.generation import Decoder
 from unified.model import ModelConfig, UnifiedModel
+from unified.model_dir import load_model, save_model
 from unified.packing import pack
-from unified.policy import Policy, WorldModel, load_model, save_model
+from unified.policy import Policy, WorldModel
 from unified.sequences import IGNORE, build
 
 H = 4

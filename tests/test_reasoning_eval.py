@@ -43,7 +43,7 @@ def test_reasoning_eval_command(model_data, tmp_path):
     from unified.tokenizers.fit import Tokenizers
 
     from unified.model import ModelConfig, UnifiedModel
-    from unified.policy import save_model
+    from unified.model_dir import save_model
 
     tokenizers = Tokenizers.from_pretrained(model_data / "tok")
     torch.manual_seed(0)

@@ -59,7 +59,8 @@ def test_the_study_end_to_end_on_tiny_settings(model_data, tmp_path, capsys):
     from unified.tokenizers.fit import Tokenizers
 
     from unified.model import ModelConfig, UnifiedModel
-    from unified.policy import WorldModel, save_model
+    from unified.model_dir import save_model
+    from unified.policy import WorldModel
 
     tokenizers = Tokenizers.from_pretrained(model_data / "tok")
     torch.manual_seed(0)

@@ -163,7 +163,7 @@ def test_finetune_and_distill_recipes_run(shards, model_data, tmp_path):
     from unified.tokenizers.fit import Tokenizers
 
     from unified.model import ModelConfig, UnifiedModel
-    from unified.policy import save_model
+    from unified.model_dir import save_model
 
     # The teacher: a tiny model saved as an export (what it learned does not matter here, where it starts does).
     torch.manual_seed(0)

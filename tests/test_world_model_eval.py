@@ -11,7 +11,7 @@ from unified.eval.world_model import psnr_db, ssim
 from unified.tokenizers.fit import Tokenizers
 
 from unified.model import ModelConfig, UnifiedModel
-from unified.policy import save_model
+from unified.model_dir import save_model
 
 
 def test_metrics_on_known_images():

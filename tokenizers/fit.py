@@ -4,8 +4,6 @@ write them with their token layout into one directory that `Tokenizers.from_pret
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from unified.tokenizers.text import PretrainedTextTokenizer, TextTokenizer
 from unified.data.store import EpisodeStore
 from unified.errors import UnifiedError
 from unified.layout import TokenLayout
+from unified.outputs import staged_dir
 
 FORMAT = "unified-tokenizers"
 FORMAT_VERSION = 1
@@ -121,12 +120,14 @@ def fit(
     *, data: Path, out: Path, operators: Path | None = None, text_from: Path | None = None,
     codebook_size: int = 1024, downsample: int = 8, image_steps: int = 700, image_batch: int = 16,
     max_frames: int = 20000, text_vocab: int = 1024, action_bins: int = 256, state_bins: int = 256,
-    horizon: int = 10, fast_scale: float = 10.0, fast_vocab: int = 1024, seed: int = 0, progress: bool = True,
+    horizon: int = 10, fast_scale: float = 10.0, fast_vocab: int = 1024, seed: int = 0, overwrite: bool = False,
+    progress: bool = True,
 ) -> Tokenizers:
     """Fit all tokenizers on `data` (held-out episodes excluded) and write them to `out`.
 
     `operators` adds an operator data set to the text corpus; `text_from` uses the tokenizer of a local
     pretrained LM directory instead of training one. `horizon` is the action chunk length FAST is fitted for.
+    An existing tokenizer directory at `out` is replaced only with `overwrite`; anything else there is refused.
     """
     store = EpisodeStore(data)
     fit_on, held_out = store.train_indices(), store.held_out_indices()
@@ -138,63 +139,58 @@ def fit(
     if store.info["action_stats"] is None:
         raise UnifiedError(f"{data}: meta/info.json has no action statistics; rerun `unified data generate`")
     out = Path(out)
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    with staged_dir(out, "tokenizers", [data, operators, text_from], overwrite) as staging:
+        say = print if progress else (lambda *a, **k: None)
+        say(f"tokenizer fit: {len(fit_on)} episodes to fit on, {len(held_out)} held out", flush=True)
+        h, w = store.info["image_shape"][:2]
+        image_config = ImageTokenizerConfig(image_size=(h, w), codebook_size=codebook_size, downsample=downsample)
+        # Weights are chosen on frames of the training episodes set aside (1 in 20); the held-out episodes are only
+        # measured, once, at the end.
+        frames = frames_of(store, fit_on, max_frames, seed)
+        aside = np.zeros(len(frames), bool)
+        aside[np.random.default_rng(seed).permutation(len(frames))[:min(1024, max(1, len(frames) // 20))]] = True
+        train_frames, validation = frames[~aside], frames[aside]
+        image, image_log = fit_image(
+            train_frames, validation, image_config,
+            ImageFitConfig(max_steps=image_steps, batch_size=image_batch, seed=seed),
+            log_dir=staging / "logs", progress=progress,
+        )
+        test_frames = frames_of(store, held_out, max(512, max_frames // 10), seed)
+        image_log["heldout_psnr_db"] = psnr_db(test_frames, image.decode(image.encode(test_frames)))
+        say(f"image: held-out PSNR {image_log['heldout_psnr_db']:.2f} dB (validation "
+            f"{image_log['validation_psnr_db']:.2f} dB), codebook usage {image_log['codebook_usage']:.0%} after "
+            f"{image_log['steps']} steps", flush=True)
 
-    say = print if progress else (lambda *a, **k: None)
-    say(f"tokenizer fit: {len(fit_on)} episodes to fit on, {len(held_out)} held out", flush=True)
-    h, w = store.info["image_shape"][:2]
-    image_config = ImageTokenizerConfig(image_size=(h, w), codebook_size=codebook_size, downsample=downsample)
-    # Weights are chosen on frames of the training episodes set aside (1 in 20); the held-out episodes are only
-    # measured, once, at the end.
-    frames = frames_of(store, fit_on, max_frames, seed)
-    aside = np.zeros(len(frames), bool)
-    aside[np.random.default_rng(seed).permutation(len(frames))[:min(1024, max(1, len(frames) // 20))]] = True
-    train_frames, validation = frames[~aside], frames[aside]
-    image, image_log = fit_image(
-        train_frames, validation, image_config,
-        ImageFitConfig(max_steps=image_steps, batch_size=image_batch, seed=seed),
-        log_dir=staging / "logs", progress=progress,
-    )
-    test_frames = frames_of(store, held_out, max(512, max_frames // 10), seed)
-    image_log["heldout_psnr_db"] = psnr_db(test_frames, image.decode(image.encode(test_frames)))
-    say(f"image: held-out PSNR {image_log['heldout_psnr_db']:.2f} dB (validation {image_log['validation_psnr_db']:.2f}"
-        f" dB), codebook usage {image_log['codebook_usage']:.0%} after {image_log['steps']} steps", flush=True)
+        if text_from is not None:
+            text = PretrainedTextTokenizer.from_lm(text_from)
+        else:
+            text = TextTokenizer.fit(texts_of(store, operators), vocab_size=text_vocab)
+        say(f"text: {text.vocab_size} tokens", flush=True)
 
-    if text_from is not None:
-        text = PretrainedTextTokenizer.from_lm(text_from)
-    else:
-        text = TextTokenizer.fit(texts_of(store, operators), vocab_size=text_vocab)
-    say(f"text: {text.vocab_size} tokens", flush=True)
+        action = BinActionTokenizer.from_stats(store.info["action_stats"], bins=action_bins)
+        chunks = action_chunks(store, horizon, fit_on)
+        fast = FastActionTokenizer.fit(chunks, store.info["action_stats"], scale=fast_scale, vocab_size=fast_vocab)
+        state = BinActionTokenizer.from_stats(store.info["state_stats"], bins=state_bins)
+        say(f"action: {action_bins} bins; FAST {fast.bpe_vocab_size} tokens over {len(chunks)} chunks of {horizon}",
+            flush=True)
 
-    action = BinActionTokenizer.from_stats(store.info["action_stats"], bins=action_bins)
-    chunks = action_chunks(store, horizon, fit_on)
-    fast = FastActionTokenizer.fit(chunks, store.info["action_stats"], scale=fast_scale, vocab_size=fast_vocab)
-    state = BinActionTokenizer.from_stats(store.info["state_stats"], bins=state_bins)
-    say(f"action: {action_bins} bins; FAST {fast.bpe_vocab_size} tokens over {len(chunks)} chunks of {horizon}",
-        flush=True)
-
-    layout = TokenLayout.build(text.vocab_size, codebook_size, action.vocab_size, state.vocab_size)
-    tokenizers = Tokenizers(image, text, action, fast, state, layout)
-    tokenizers.save_pretrained(staging)
-    fit_info = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "data": str(data), "suite_hash": store.info["suite_hash"],
-        "held_out": store.rule.description, "held_out_indices": held_out,
-        "fit_episodes": len(fit_on), "held_out_episodes": len(held_out), "train_frames": int(len(train_frames)),
-        "image": image_log, "options": {
-            "codebook_size": codebook_size, "downsample": downsample, "image_steps": image_steps,
-            "image_batch": image_batch, "max_frames": max_frames, "text_vocab": text_vocab,
-            "text_from": None if text_from is None else str(text_from), "action_bins": action_bins,
-            "state_bins": state_bins, "horizon": horizon, "fast_scale": fast_scale, "fast_vocab": fast_vocab,
-            "seed": seed, "operators": None if operators is None else str(operators),
-        },
-        "image_config": asdict(image_config),
-    }
-    (staging / "fit.json").write_text(json.dumps(fit_info, indent=2) + "\n")
-    # Replace a previous fit only once the new one is complete.
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
+        layout = TokenLayout.build(text.vocab_size, codebook_size, action.vocab_size, state.vocab_size)
+        tokenizers = Tokenizers(image, text, action, fast, state, layout)
+        tokenizers.save_pretrained(staging)
+        fit_info = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "data": str(data),
+            "suite_hash": store.info["suite_hash"],
+            "held_out": store.rule.description, "held_out_indices": held_out,
+            "fit_episodes": len(fit_on), "held_out_episodes": len(held_out), "train_frames": int(len(train_frames)),
+            "image": image_log, "options": {
+                "codebook_size": codebook_size, "downsample": downsample, "image_steps": image_steps,
+                "image_batch": image_batch, "max_frames": max_frames, "text_vocab": text_vocab,
+                "text_from": None if text_from is None else str(text_from), "action_bins": action_bins,
+                "state_bins": state_bins, "horizon": horizon, "fast_scale": fast_scale, "fast_vocab": fast_vocab,
+                "seed": seed, "operators": None if operators is None else str(operators),
+            },
+            "image_config": asdict(image_config),
+        }
+        (staging / "fit.json").write_text(json.dumps(fit_info, indent=2) + "\n")
     say(f"tokenizers written to {out} (layout: {layout})", flush=True)
     return tokenizers

@@ -61,7 +61,10 @@ def merge_lora(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torc
 
 
 def save(engine, run_dir: Path, step: int, client_state: dict, info: dict, lora_scaling: float | None = None) -> Path:
-    """Save on every rank; returns the checkpoint directory. `model.safetensors` holds the merged weights."""
+    """Save on every rank; returns the checkpoint directory. `model.safetensors` holds the merged weights.
+
+    Written under a temporary name and renamed, `latest` last; if writing fails (a full disk), the temporary files
+    are removed, the previous checkpoint stays the latest, and the error names the file."""
     import torch.distributed as dist
 
     root = Path(run_dir) / "checkpoints"
@@ -70,24 +73,52 @@ def save(engine, run_dir: Path, step: int, client_state: dict, info: dict, lora_
     if dist.get_rank() == 0:
         shutil.rmtree(root / temporary, ignore_errors=True)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=temporary, client_state=client_state, save_latest=False)
-    state = consolidated_state(engine, lora_scaling)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        directory = root / temporary
-        save_file(state, directory / "model.safetensors")
-        (directory / "checkpoint.json").write_text(json.dumps(
-            {"format": FORMAT, "step": step, "world_size": dist.get_world_size(), **info}, indent=2) + "\n")
-        files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != "manifest.json")
-        manifest = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
-        (directory / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        shutil.rmtree(root / tag, ignore_errors=True)
-        os.replace(directory, root / tag)
-        latest = root / ".latest.tmp"
-        latest.write_text(tag + "\n")
-        os.replace(latest, root / "latest")
+    try:
+        engine.save_checkpoint(str(root), tag=temporary, client_state=client_state, save_latest=False)
+        state = consolidated_state(engine, lora_scaling)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            _finish(root / temporary, root, tag, state, step, info)
+    except OSError as e:
+        shutil.rmtree(root / temporary, ignore_errors=True)
+        from unified.outputs import disk_error
+
+        raise disk_error(e) from None
     dist.barrier()
     return root / tag
+
+
+def _finish(directory: Path, root: Path, tag: str, state: dict, step: int, info: dict) -> None:
+    """Rank 0: the consolidated weights, the info and the manifest, then the rename and `latest`."""
+    import torch.distributed as dist
+
+    save_file(state, directory / "model.safetensors")
+    (directory / "checkpoint.json").write_text(json.dumps(
+        {"format": FORMAT, "step": step, "world_size": dist.get_world_size(), **info}, indent=2) + "\n")
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != "manifest.json")
+    manifest = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    shutil.rmtree(root / tag, ignore_errors=True)
+    os.replace(directory, root / tag)
+    latest = root / ".latest.tmp"
+    latest.write_text(tag + "\n")
+    os.replace(latest, root / "latest")
+
+
+def latest(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run: the one `latest` names or, when `latest` is missing (a run killed
+    while renaming it), the newest step directory that passes its manifest. None when there is none."""
+    root = Path(run_dir) / "checkpoints"
+    if (root / "latest").is_file():
+        return find(run_dir)
+    for step_dir in sorted(root.glob("step_*"), reverse=True) if root.is_dir() else []:
+        try:
+            verify(step_dir)
+        except UnifiedError:
+            continue
+        print(f"{root}: no `latest` file; using the newest complete checkpoint, {step_dir.name}", flush=True)
+        return step_dir
+    return None
 
 
 def find(path: str | Path) -> Path:
@@ -99,6 +130,11 @@ def find(path: str | Path) -> Path:
     elif (path / "latest").is_file():
         path = path / (path / "latest").read_text().strip()
     if not (path / "checkpoint.json").is_file():
+        if (path / "checkpoints").is_dir():
+            found = latest(path)
+            if found is not None:
+                return found
+            raise UnifiedError(f"{path}: a run directory without a complete checkpoint yet")
         raise UnifiedError(f"{path}: not a checkpoint (no checkpoint.json) nor a run directory with checkpoints")
     verify(path)
     return path

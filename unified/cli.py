@@ -27,7 +27,7 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "data scenarios": ("unified.cli", "data_scenarios", "list the highway-env scenario ids a suite may use"),
     "data tokenize": ("unified.data.tokenize", "tokenize", "encode a store once into memory-mapped token shards"),
     "data inspect": ("unified.data.tokenize", "inspect_shards", "samples as readable tokens, packing efficiency"),
-    "train": ("unified.cli", "train", "train a recipe on N ranks through the DeepSpeed launcher"),
+    "train": ("unified.launcher", "train", "train a recipe on N ranks through the DeepSpeed launcher"),
     "export": ("unified.export", "export", "a checkpoint -> a Hugging Face directory (Policy, WorldModel)"),
     "tokenizer fit": ("unified.tokenizers.fit", "fit", "fit the image, text and action tokenizers on an episode store"),
     "tokenizer eval": ("unified.tokenizers.evaluate", "evaluate", "PSNR, codebook usage, encode speed, action errors"),
@@ -81,41 +81,6 @@ def data_scenarios() -> list[str]:
         keys = sorted(k for k in env_class(env_id).default_config() if k not in SUITE_OWNED_KEYS)
         print(f"{env_id}: {', '.join(keys)}")
     return ids
-
-
-def train(overrides: list[str] = (), *, recipe: Path, ranks: int = 1, resume: bool = False,
-          hostfile: Path | None = None) -> int:
-    """`deepspeed --num_accelerators RANKS --module unified.train --recipe RECIPE [--resume] key=value ...`.
-
-    With `--hostfile` the launcher starts ranks on every machine listed (RANKS per machine)."""
-    import os
-    import subprocess
-
-    if ranks < 1:
-        raise UnifiedError(f"--ranks must be at least 1, got {ranks}")
-    if not Path(recipe).is_file():
-        raise UnifiedError(f"--recipe {recipe}: no such file")
-    from unified.train_config import load_recipe
-
-    load_recipe(recipe, list(overrides))  # refuse a bad key here, before starting any rank
-    launcher = Path(sys.executable).parent / "deepspeed"
-    command = [str(launcher if launcher.exists() else "deepspeed")]
-    if hostfile is not None:
-        command += ["--hostfile", str(hostfile)]
-    else:
-        # A free port, so that several runs (or a test beside a demo) on one machine do not collide.
-        import socket
-
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            command += ["--master_port", str(probe.getsockname()[1])]
-    command += ["--num_accelerators", str(ranks), "--module", "unified.train", "--recipe", str(recipe)]
-    command += (["--resume"] if resume else []) + list(overrides)
-    print("$ " + " ".join(command), flush=True)
-    code = subprocess.call(command, env=os.environ.copy())
-    if code:
-        raise UnifiedError(f"training stopped with exit status {code} (the lines above say why)")
-    return code
 
 
 def _json_dumps(data: Any) -> str:
@@ -188,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         fn(**args)
     except UnifiedError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, permission denied, a broken pipe: the file and the cause, no traceback
+        from unified.outputs import disk_error
+
+        print(f"error: {disk_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted: `unified {verb}` stopped; what it finished is kept (rerun to resume)", file=sys.stderr)

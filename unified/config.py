@@ -20,6 +20,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise UnifiedError(f"{path}: no such file")
     try:
         data = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise UnifiedError(f"{path}: not a text file (expected YAML)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)

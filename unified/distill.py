@@ -72,7 +72,7 @@ class _Worker:
     def setup(cls, teacher: str) -> None:
         import signal
 
-        from unified.policy import load_model
+        from unified.model_dir import load_model
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         torch.set_num_threads(1)
@@ -97,7 +97,7 @@ def teacher_reasoning(teacher: str | Path, shards, rows: list[int], workers: int
     """The teacher's own explanation (global text ids) for each shard row, generated once by `workers` processes
     and cached in TEACHER/cache/, keyed by the teacher's weights and the prompt, so that a rerun (or another
     student of the same teacher) generates nothing again."""
-    from unified.policy import weights_fingerprint
+    from unified.model_dir import weights_fingerprint
     from unified.workers import spawn_pool
 
     teacher = Path(teacher)

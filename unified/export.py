@@ -1,11 +1,12 @@
-"""`unified export`: a checkpoint -> a self-contained Hugging Face directory (see `unified.policy`)."""
+"""`unified export`: a checkpoint -> a self-contained Hugging Face directory (see `unified.model_dir`)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from unified.errors import UnifiedError
-from unified.policy import load_model, save_model
+from unified.model_dir import check_finite, load_model, save_model
 
 
 def load_training_checkpoint(path: Path):
@@ -27,20 +28,53 @@ def load_training_checkpoint(path: Path):
     if missing or unexpected:
         raise UnifiedError(f"{step_dir / 'model.safetensors'}: does not match the model config in checkpoint.json "
                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    check_finite(model, step_dir / "model.safetensors")
     return model.eval(), tokenizers
 
 
-def export(*, checkpoint: Path, out: Path, action_only: bool = False) -> list[str]:
-    """Write `checkpoint` (a model directory) to `out`, loadable by `AutoModelForCausalLM.from_pretrained`,
-    `Policy.from_pretrained` and, unless `action_only`, `WorldModel.from_pretrained`."""
-    checkpoint, out = Path(checkpoint), Path(out)
-    if out.resolve() == checkpoint.resolve():
-        raise UnifiedError(f"--out {out} is the checkpoint itself; export to another directory")
+def source_weights(checkpoint: Path) -> str:
+    """A digest of the weights an export would be made from: a checkpoint's (from its verified manifest) or an
+    exported model's fingerprint. Equal digests: exporting again would write the same model."""
+    from unified import checkpoint as checkpoints
+    from unified.model_dir import weights_fingerprint
+
+    checkpoint = Path(checkpoint)
     if (checkpoint / "unified.json").is_file():
-        model, tokenizers, _ = load_model(checkpoint)
+        return weights_fingerprint(checkpoint)
+    step_dir = checkpoints.find(checkpoint)
+    return json.loads((step_dir / "manifest.json").read_text())["model.safetensors"]["sha256"]
+
+
+def export_once(checkpoint: Path, out: Path, action_only: bool = False) -> Path:
+    """Export unless `out` already holds the export of the same weights (its cache, e.g. a teacher's generated
+    reasoning, then survives); for directories a command owns, such as a study's."""
+    info_path = Path(out) / "unified.json"
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        if (info.get("source") or {}).get("weights") == source_weights(checkpoint) and \
+                info.get("action_only") == action_only:
+            print(f"{out}: the export of these weights, reused", flush=True)
+            return Path(out)
+    export(checkpoint=checkpoint, out=out, action_only=action_only, overwrite=True)
+    return Path(out)
+
+
+def export(*, checkpoint: Path, out: Path, action_only: bool = False, overwrite: bool = False) -> list[str]:
+    """Write `checkpoint` (a run, a step of it, or an exported model) to `out`, loadable by
+    `AutoModelForCausalLM.from_pretrained`, `Policy.from_pretrained` and, unless `action_only`,
+    `WorldModel.from_pretrained`, with a manifest of every file's checksum. An existing export at `out` is replaced
+    only with `overwrite`; anything else there is refused."""
+    from unified.outputs import check_dir, staged_dir
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    check_dir(out, "model", [checkpoint])  # before loading anything: a bad --out costs nothing
+    source = {"path": str(checkpoint), "weights": source_weights(checkpoint)}
+    if (checkpoint / "unified.json").is_file():
+        model, tokenizers, _ = load_model(checkpoint, verify="full")
     else:
         model, tokenizers = load_training_checkpoint(checkpoint)
-    kept = save_model(model, tokenizers, out, action_only=action_only)
+    with staged_dir(out, "model", [checkpoint], overwrite) as staging:
+        kept = save_model(model, tokenizers, staging, action_only=action_only, source=source)
     print(f"exported {checkpoint} -> {out} ({model.num_parameters / 1e6:.2f} M parameters)")
     print("kept: " + ", ".join(kept))
     if action_only:

@@ -1,108 +1,21 @@
 """Using a trained model: `Policy.act` (frames + instruction -> reasoning and an action chunk) and
-`WorldModel.imagine` (frames + actions -> future frames), and the self-describing model directory they load.
-
-    DIR/config.json, DIR/model.safetensors   the backbone, loadable by AutoModelForCausalLM.from_pretrained
-    DIR/unified.json                         the model config (what it reads and writes) and what was kept
-    DIR/layout.json                          the token layout
-    DIR/tokenizers/                          the tokenizers (see `unified tokenizer fit`)
-    DIR/stats.json                           action and state normalisation statistics (q01/q99)
-"""
+`WorldModel.imagine` (frames + actions -> future frames), loaded from a model directory (`unified.model_dir`)."""
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from unified.config import from_dict
 from unified.errors import UnifiedError
 from unified.generation import Decoder
-from unified.layout import TokenLayout
-from unified.model import ModelConfig, UnifiedModel
+from unified.model import UnifiedModel
+from unified.model_dir import Verify, load_model
 from unified.sequences import action_chunk
 from unified.tokenizers.fit import Tokenizers
-
-FORMAT = "unified-model"
-FORMAT_VERSION = 1
-
-
-def save_model(
-    model: UnifiedModel, tokenizers: Tokenizers, directory: str | Path, action_only: bool = False
-) -> list[str]:
-    """Write `model` with everything it needs; `action_only` drops what a deployed policy never uses.
-    Returns the list of what was kept."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.backbone.save_pretrained(directory, safe_serialization=True)
-    if model.action_head is not None:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in model.action_head.state_dict().items()},
-                  directory / "action_head.safetensors")
-    tokenizers.save_pretrained(directory / "tokenizers", action_only=action_only)
-    model.layout.save(directory / "layout.json")
-    kept = ["backbone (all logits)", *(["continuous action head"] if model.action_head is not None else []),
-            "token layout", "image encoder", "text tokenizer (instructions)",
-            "action bins", "state bins", "normalisation stats"]
-    if not action_only:
-        kept += ["image decoder (world model)", "FAST action tokenizer"]
-    stats = {
-        "action": {"names": list(tokenizers.action.names), "q01": list(tokenizers.action.q01),
-                   "q99": list(tokenizers.action.q99)},
-        "state": {"names": list(tokenizers.state.names), "q01": list(tokenizers.state.q01),
-                  "q99": list(tokenizers.state.q99)},
-    }
-    (directory / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    info = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": asdict(model.config),
-            "action_only": action_only, "kept": kept}
-    (directory / "unified.json").write_text(json.dumps(info, indent=2) + "\n")
-    return kept
-
-
-def weights_fingerprint(directory: str | Path) -> str:
-    """SHA-256 over a model directory's weight files (names and digests): what a cached evaluation is keyed on."""
-    import hashlib
-
-    from unified.checkpoint import sha256_file
-
-    h = hashlib.sha256()
-    for path in sorted(Path(directory).glob("*.safetensors")):
-        h.update(path.name.encode() + sha256_file(path).encode())
-    return h.hexdigest()
-
-
-def load_model(directory: str | Path, device: str = "cpu") -> tuple[UnifiedModel, Tokenizers, dict]:
-    """A model directory written by `save_model` or `unified export` -> (model in eval mode, tokenizers, info)."""
-    from transformers import AutoModelForCausalLM
-
-    directory = Path(directory)
-    path = directory / "unified.json"
-    if not path.is_file():
-        raise UnifiedError(f"{directory}: not a unified model directory (no unified.json); export one with "
-                           "`unified export`")
-    info = json.loads(path.read_text())
-    if info.get("format") != FORMAT or info.get("format_version") != FORMAT_VERSION:
-        raise UnifiedError(f"{path}: not a unified model of format version {FORMAT_VERSION}")
-    config = from_dict(ModelConfig, info["model"], f"{path}: model")
-    config.init_from = None  # the weights are here now
-    layout = TokenLayout.load(directory / "layout.json")
-    tokenizers = Tokenizers.from_pretrained(directory / "tokenizers")
-    if tokenizers.layout != layout:
-        raise UnifiedError(f"{directory}: layout.json does not match the tokenizers' layout")
-    backbone = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="sdpa")
-    model = UnifiedModel(config, layout, backbone=backbone)
-    if model.action_head is not None:
-        from safetensors.torch import load_file
-
-        path = directory / "action_head.safetensors"
-        if not path.is_file():
-            raise UnifiedError(f"{directory}: the model config has a continuous action head but {path.name} is missing")
-        model.action_head.load_state_dict(load_file(path))
-    return model.to(device).eval(), tokenizers, info
 
 
 @dataclass
@@ -120,9 +33,26 @@ def _frames(frames, history: int, shape: tuple[int, int]) -> np.ndarray:
     if frames.ndim != 4 or frames.shape[1:] != (*shape, 3) or frames.dtype != np.uint8:
         raise UnifiedError(f"expected frames of shape (T, {shape[0]}, {shape[1]}, 3) uint8 (or one frame), got "
                            f"{frames.shape} {frames.dtype}")
+    if len(frames) == 0:
+        raise UnifiedError("no frames: the policy needs at least the current frame (T >= 1)")
     if len(frames) < history:  # at the start of an episode, as in training: repeat the oldest frame
         frames = np.concatenate([np.repeat(frames[:1], history - len(frames), 0), frames])
     return frames[-history:]
+
+
+def _state(state, tokenizer) -> np.ndarray:
+    """The ego state as (S,) float64, checked: the right length and finite, named as the state in errors."""
+    try:
+        values = np.asarray(state, np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise UnifiedError(f"state: expected {tokenizer.dim} numbers ({', '.join(tokenizer.names)}), got "
+                           f"{state!r}") from None
+    if len(values) != tokenizer.dim:
+        raise UnifiedError(f"state: expected {tokenizer.dim} values ({', '.join(tokenizer.names)}), got "
+                           f"{len(values)}")
+    if not np.isfinite(values).all():
+        raise UnifiedError(f"state: not finite ({dict(zip(tokenizer.names, values.tolist()))})")
+    return values
 
 
 class Policy:
@@ -133,8 +63,9 @@ class Policy:
         self.config = model.config
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str = "cpu") -> Policy:
-        model, tokenizers, _ = load_model(directory, device)
+    def from_pretrained(cls, directory: str | Path, device: str = "cpu", verify: Verify = "size") -> Policy:
+        """Load an exported model directory, verified against its manifest (`verify`: size, full or none)."""
+        model, tokenizers, _ = load_model(directory, device, verify)
         return cls(model, tokenizers)
 
     def prompt(self, frames, instruction: str, state=None) -> list[int]:
@@ -153,9 +84,27 @@ class Policy:
             if state is None:
                 raise UnifiedError("this policy was trained with the ego state: pass state=(speed m/s, heading rad, "
                                    "lane offset m)")
-            state_ids = layout.to_global("state", tok.state.encode(np.asarray(state, np.float64)[None, None])[0])
+            state = _state(state, tok.state)
+            state_ids = layout.to_global("state", tok.state.encode(state[None, None])[0])
             ids += [layout.special("<state>"), *state_ids.tolist(), layout.special("</state>")]
         return ids
+
+    def check_context(self, prompt: list[int], reason: bool) -> None:
+        """Refuse a prompt that, with the reasoning and the chunk still to come, would not fit the model's context:
+        past its trained positions a model's output is undefined, so it is an error rather than silent garbage."""
+        to_come = (self.config.max_reason_tokens + 2 if reason else 0) + \
+            self.config.horizon * (self.tokenizers.action.dim + 1) + 1
+        limit = self.model.backbone.config.max_position_embeddings
+        if len(prompt) + to_come > limit:
+            raise UnifiedError(
+                f"the prompt has {len(prompt)} tokens and the answer needs up to {to_come} more, beyond the model's "
+                f"{limit} positions; shorten the instruction (it is {len(prompt) - self._fixed_tokens()} tokens)")
+
+    def _fixed_tokens(self) -> int:
+        """Prompt tokens besides the instruction: <bos>, the frames with their markers, the state with its markers."""
+        per_frame = self.tokenizers.image.config.tokens_per_image + 2
+        state = self.tokenizers.state.dim + 2 if self.config.use_state else 0
+        return 1 + self.config.history * per_frame + state
 
     def act(self, frames, instruction: str, state=None, reason: bool = True, greedy: bool = True,
             temperature: float = 1.0, seed: int = 0, continuous: bool = False) -> ActionResult:
@@ -167,6 +116,7 @@ class Policy:
         start = time.perf_counter()
         layout, act = self.layout, self.layout.special("<act>")
         prompt = self.prompt(frames, instruction, state)
+        self.check_context(prompt, reason)
         if continuous and not reason:
             return ActionResult(self._continuous(prompt + [act]), None, 0, 1000 * (time.perf_counter() - start))
         decoder = Decoder(self.model, np.random.default_rng(seed))
@@ -210,8 +160,8 @@ class WorldModel:
         self.model, self.tokenizers, self.layout, self.config = model.eval(), tokenizers, model.layout, model.config
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str = "cpu") -> WorldModel:
-        model, tokenizers, _ = load_model(directory, device)
+    def from_pretrained(cls, directory: str | Path, device: str = "cpu", verify: Verify = "size") -> WorldModel:
+        model, tokenizers, _ = load_model(directory, device, verify)
         return cls(model, tokenizers)
 
     def imagine(self, frames, actions, horizon: int | None = None, greedy: bool = True, seed: int = 0) -> np.ndarray:
@@ -222,6 +172,10 @@ class WorldModel:
         if actions.ndim != 2 or actions.shape[1] != tok.action.dim or len(actions) < h:
             raise UnifiedError(f"expected actions of shape (K * {h}, {tok.action.dim}), got {actions.shape}")
         chunks = len(actions) // h if horizon is None else horizon
+        if chunks < 1:
+            raise UnifiedError(f"horizon must be at least 1 chunk, got {chunks}")
+        if not np.isfinite(actions).all():
+            raise UnifiedError("actions: not finite (NaN or infinite values)")
         if chunks * h > len(actions):
             raise UnifiedError(f"horizon {chunks} chunks needs {chunks * h} actions, got {len(actions)}")
         codes = list(tok.image.encode(_frames(frames, self.config.history, tok.image.config.image_size)))

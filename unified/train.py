@@ -84,7 +84,7 @@ def initial_weights(config, layout):
 
     source = Path(config.init_from)
     if (source / "unified.json").is_file():
-        from unified.policy import load_model
+        from unified.model_dir import load_model
 
         model, _, _ = load_model(source)
         if model.layout != layout:
@@ -101,18 +101,41 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="unified.train", description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", required=True, help="recipes/NAME.yaml")
     parser.add_argument("--resume", action="store_true", help="continue from run_dir's latest checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="delete the run in run_dir and start again")
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the launcher
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. steps=200 model.num_layers=4 data=DIR")
     args = parser.parse_args(argv)
     try:
-        train(args.recipe, args.overrides, args.resume)
+        train(args.recipe, args.overrides, args.resume, args.overwrite)
     except UnifiedError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as e:  # disk full, permission denied: name the file, keep the last checkpoint
+        from unified.outputs import disk_error
+
+        print(f"error: {disk_error(e)}", file=sys.stderr, flush=True)
         return 2
     return 0
 
 
-def train(recipe: str, overrides: list[str], resume: bool = False) -> list[float]:
+def own_run_dir(config, resume: bool, overwrite: bool) -> list:
+    """On rank 0, before anything is written: the run directory's rules (`unified.launcher.check_run_dir`) and its
+    locks. `unified train` holds RUN/.lock for its ranks; a rank started by the bare launcher takes it itself.
+    Rank 0 holds RUN/.ranks.lock while it trains. Returns the locks (held until the process ends)."""
+    from unified.launcher import OWNER_ENV, RunLock, check_run_dir, clear_run
+    from unified.train_config import run_inputs
+
+    run_dir = Path(config.run_dir)
+    state = check_run_dir(run_dir, resume, overwrite, run_inputs(config))
+    locks = [] if os.environ.get(OWNER_ENV) else [RunLock(run_dir).acquire("is being trained")]
+    locks.append(RunLock(run_dir, ".ranks.lock").acquire("is being trained by other ranks"))
+    if state == "overwrite":
+        clear_run(run_dir)
+        print(f"{run_dir}: the earlier run was deleted (--overwrite)", flush=True)
+    return locks
+
+
+def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bool = False) -> list[float]:
     import deepspeed
     import torch.distributed as dist
     from torch.utils.tensorboard import SummaryWriter
@@ -138,8 +161,10 @@ def train(recipe: str, overrides: list[str], resume: bool = False) -> list[float
     run_dir = Path(config.run_dir)
     main_rank = rank == 0
 
-    # Everything rank 0 prepares, the others wait for.
+    # Everything rank 0 prepares, the others wait for (an error on rank 0 ends them: the launcher stops every rank
+    # when one fails).
     if main_rank:
+        locks = own_run_dir(config, resume, overwrite)  # noqa: F841 - held for the life of the process
         run_dir.mkdir(parents=True, exist_ok=True)
         shards_dir = prepare_data(config, run_dir, progress=True)
     dist.barrier()
@@ -161,11 +186,13 @@ def train(recipe: str, overrides: list[str], resume: bool = False) -> list[float
     # consolidated weights and the step, with fresh optimizer moments.
     start_step, resume_dir, same_world = 0, None, False
     if resume:
-        if not (run_dir / "checkpoints" / "latest").is_file():
-            raise UnifiedError(f"--resume: {run_dir} has no checkpoint yet (checkpoints/latest)")
-        resume_dir = checkpoint.find(run_dir)
-        saved = checkpoint.read_info(resume_dir)
-        start_step, same_world = saved["step"], saved["world_size"] == world
+        resume_dir = checkpoint.latest(run_dir)
+        if resume_dir is None:
+            if main_rank:
+                print(f"--resume: {run_dir} has no complete checkpoint yet; starting from step 0", flush=True)
+        else:
+            saved = checkpoint.read_info(resume_dir)
+            start_step, same_world = saved["step"], saved["world_size"] == world
 
     torch.manual_seed(config.seed)
     model = UnifiedModel(config.model, layout)
@@ -189,7 +216,7 @@ def train(recipe: str, overrides: list[str], resume: bool = False) -> list[float
     if config.distill.teacher:
         if set(t for t, w in config.data.tasks.items() if w > 0) != {"policy"}:
             raise UnifiedError("distillation trains an action-only student: set data.tasks to {policy: 1.0}")
-        from unified.policy import load_model
+        from unified.model_dir import load_model
 
         teacher, teacher_tokenizers, _ = load_model(config.distill.teacher, device=str(device))
         if teacher.layout != layout:

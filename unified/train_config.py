@@ -116,6 +116,12 @@ class TrainConfig:
             raise UnifiedError(f"data.tasks: unknown task(s) {unknown}; tasks are policy_reason, policy, world, text")
 
 
+def run_inputs(config: TrainConfig) -> list[str]:
+    """The paths a run reads: its run directory must be none of them, nor lie inside one."""
+    return [p for p in (config.data.path, config.data.tokenizer, config.data.operators, config.init_from,
+                        config.distill.teacher) if p]
+
+
 def load_recipe(path: str | Path, overrides: list[str] = (), gpu: bool | None = None) -> TrainConfig:
     """Read a recipe and apply `key=value` overrides (YAML values: numbers, lists, booleans, null)."""
     data = apply_overrides(TrainConfig, load_yaml(path) if path else {}, overrides, SHORT_KEYS)

@@ -9,7 +9,6 @@ hops and be tested on more.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Literal
@@ -98,30 +97,48 @@ def _reasoning(chain: list[str], more: str, x: str, y: str, scratchpad: Scratchp
 
 def operators(
     *, out: Path, hops: str = "2-6", scratchpad: Scratchpad = "none", n: int = 1000, seed: int = 0,
-    progress: bool = True,
+    overwrite: bool = False, progress: bool = True,
 ) -> dict:
-    """Write `n` examples per hop count to `out/hops_{h}.jsonl` plus `out/meta/info.json`; returns the info."""
+    """Write `n` examples per hop count to `out/hops_{h}.jsonl` plus `out/meta/info.json`; returns the info.
+
+    The same data set already at `out` (same options) is kept as it is; another one is replaced only with
+    `overwrite`; a directory holding anything else (an episode store, a user's files) is refused."""
+    from unified.outputs import check_dir, staged_dir
+
     if n < 1:
         raise UnifiedError(f"--n must be at least 1, got {n}")
+    if seed < 0:
+        raise UnifiedError(f"--seed must be 0 or more, got {seed}")
     if scratchpad not in ("none", "full", "inductive"):
         raise UnifiedError(f"--scratchpad: expected none, full or inductive, got {scratchpad!r}")
     hop_counts = parse_hops(hops)
     out = Path(out)
+    if check_dir(out, "operators") == "same":
+        existing = json.loads((out / "meta" / "info.json").read_text())
+        wanted = {"hops": hop_counts, "examples_per_hop": n, "scratchpad": scratchpad, "seed": seed}
+        if all(existing.get(k) == v for k, v in wanted.items()):
+            print(f"{out}: already holds these {existing['examples']} examples, kept", flush=True)
+            return existing
+    with staged_dir(out, "operators", overwrite=overwrite) as staging:
+        info = _write(staging, hop_counts, scratchpad, n, seed, progress)
+    print(f"{out}: {info['examples']} examples, hops {hops}, scratchpad {scratchpad}", flush=True)
+    return info
+
+
+def _write(out: Path, hop_counts: list[int], scratchpad: str, n: int, seed: int, progress: bool) -> dict:
     (out / "meta").mkdir(parents=True, exist_ok=True)
     answers: dict[int, Counter] = {}
     for h in tqdm(hop_counts, desc="operators", unit="hop count", disable=not progress):
         rng = np.random.default_rng([seed, h])
         path = out / f"hops_{h}.jsonl"
-        temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
         counts = Counter()
         # Exactly balanced answers, in random order.
         balanced = rng.permutation(np.array(["yes", "no"] * (n // 2 + 1))[:n])
-        with open(temporary, "w") as f:
+        with open(path, "w") as f:  # in the staging directory: the whole set appears at once
             for i in range(n):
                 example = make_example(h, scratchpad, rng, i, answer=str(balanced[i]))
                 counts[example["answer"]] += 1
                 f.write(json.dumps(example) + "\n")
-        os.replace(temporary, path)
         answers[h] = counts
     info = {
         "format": FORMAT,
@@ -135,5 +152,4 @@ def operators(
         "yes_fraction": {str(h): answers[h]["yes"] / n for h in hop_counts},
     }
     (out / "meta" / "info.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(f"{out}: {info['examples']} examples, hops {hops}, scratchpad {scratchpad}", flush=True)
     return info

@@ -105,8 +105,12 @@ class EpisodeStore:
                     f"{rule.every}th; use --held-out-every {store.rule.every} or another --out"
                 )
             return store
-        if root.exists() and (not root.is_dir() or any(root.iterdir())):
-            raise UnifiedError(f"{root}: exists and is not an episode store; choose an empty or new directory")
+        if root.exists() and not root.is_dir():
+            raise UnifiedError(f"{root}: exists and is a file, not an episode store; choose another --out")
+        if root.exists() and any(root.iterdir()):
+            listed = ", ".join(sorted(p.name for p in root.iterdir())[:3])
+            raise UnifiedError(f"{root}: holds {listed} and is not an episode store; choose an empty or new directory "
+                               "(nothing was changed)")
         (root / "meta").mkdir(parents=True, exist_ok=True)
         (root / "episodes").mkdir(exist_ok=True)
         from unified.config import to_dict
@@ -190,10 +194,16 @@ class EpisodeStore:
         table = pa.table(columns, schema=schema)
         final = self.episode_path(episode.index)
         temporary = final.with_name(f".{final.name}.tmp{os.getpid()}")
-        pq.write_table(table, temporary, compression="zstd")
-        with open(temporary, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(temporary, final)
+        try:
+            pq.write_table(table, temporary, compression="zstd")
+            with open(temporary, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(temporary, final)
+        except OSError as e:  # a full disk: no partial file stays, the error names the file
+            temporary.unlink(missing_ok=True)
+            from unified.outputs import disk_error
+
+            raise disk_error(e, final) from None
         return final
 
     # -- reading --------------------------------------------------------------------------------------
@@ -374,6 +384,6 @@ def _stats(values: np.ndarray, names: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(temporary, path)
+    from unified.outputs import write_text_atomic
+
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")

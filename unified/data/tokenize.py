@@ -14,8 +14,6 @@ samples for training come only from the training episodes (`TokenShards.index(ta
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ from tqdm import tqdm
 from unified.data.store import EpisodeStore
 from unified.errors import UnifiedError
 from unified.layout import TokenLayout
+from unified.outputs import staged_dir
 from unified.sequences import TASKS, Sample
 from unified.tokenizers.fit import Tokenizers
 
@@ -56,9 +55,11 @@ class _TextTable:
 def tokenize(
     *, data: Path, tokenizer: Path, out: Path, horizon: int = 10, history: int = 1,
     tasks: str = "policy_reason,policy,world", operators: Path | None = None, operator_hops: str = "2-4",
-    progress: bool = True,
+    overwrite: bool = False, progress: bool = True,
 ) -> dict:
-    """Tokenize every episode of `data` (and operator examples of `operator_hops` from `operators`) into `out`."""
+    """Tokenize every episode of `data` (and operator examples of `operator_hops` from `operators`) into `out`; the
+    held-out episodes are flagged and never drawn for training. An existing shard directory at `out` is replaced
+    only with `overwrite`; anything else there is refused."""
     wanted = [t.strip() for t in tasks.split(",") if t.strip()]
     unknown = sorted(set(wanted) - set(TASKS))
     if unknown or not wanted:
@@ -76,54 +77,49 @@ def tokenize(
             f"{list(tokenizers.image.config.image_size)}"
         )
     out = Path(out)
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    table = _TextTable(tokenizers)
-    columns: dict[str, list[np.ndarray]] = {k: [] for k in (
-        "image", "action", "action_values", "state", "episode", "step", "instruction", "reason")}
-    episodes = []
-    for index in tqdm(store.indices(), desc="tokenize", unit="ep", disable=not progress, dynamic_ncols=True):
-        episode = store.read_episode(index)
-        n = len(episode.actions)
-        columns["image"].append(layout.to_global("image", tokenizers.image.encode(episode.frames)))
-        columns["action"].append(layout.to_global("action", tokenizers.action.encode(episode.actions[:, None])))
-        columns["action_values"].append(episode.actions.astype(np.float32))
-        columns["state"].append(layout.to_global("state", tokenizers.state.encode(episode.states[:, None])))
-        columns["episode"].append(np.full(n, index, np.int32))
-        columns["step"].append(np.arange(n, dtype=np.int32))
-        columns["instruction"].append(np.full(n, table.row(episode.instruction), np.int32))
-        columns["reason"].append(np.array([table.row(c.text) for c in episode.causation], np.int32))
-        episodes.append({"index": index, "scenario": episode.scenario, "steps": n,
-                         "held_out": store.is_held_out(index)})
-    operator_rows = _operators(operators, operator_hops, table) if operators is not None else {}
-    text_ids, text_offsets = table.arrays()
-    dtype = np.uint16 if layout.vocab_size <= np.iinfo(np.uint16).max else np.int32
-    for name, parts in columns.items():
-        array = np.concatenate(parts)
-        if name in ("image", "action", "state"):
-            array = array.astype(dtype)
-        np.save(staging / f"{name}.npy", array)
-    np.save(staging / "text_ids.npy", text_ids.astype(dtype))
-    np.save(staging / "text_offsets.npy", text_offsets)
-    for name, rows in operator_rows.items():
-        np.save(staging / f"operator_{name}.npy", np.asarray(rows, np.int32))
-    layout.save(staging / "layout.json")
-    meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "data": str(data), "tokenizer": str(tokenizer),
-        "suite_hash": store.info["suite_hash"], "held_out": store.rule.description,
-        "held_out_episodes": [e["index"] for e in episodes if e["held_out"]], "horizon": horizon,
-        "history": history, "tasks": wanted,
-        "steps": int(sum(e["steps"] for e in episodes)), "episodes": episodes,
-        "operators": len(operator_rows.get("question", [])), "operator_hops": operator_hops if operators else None,
-        "tokens_per_image": tokenizers.image.config.tokens_per_image, "action_dim": tokenizers.action.dim,
-        "state_dim": tokenizers.state.dim, "action_stats": store.info["action_stats"],
-        "state_stats": store.info["state_stats"], "fps": store.info["fps"],
-    }
-    (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
+    with staged_dir(out, "shards", [data, tokenizer, operators], overwrite) as staging:
+        table = _TextTable(tokenizers)
+        columns: dict[str, list[np.ndarray]] = {k: [] for k in (
+            "image", "action", "action_values", "state", "episode", "step", "instruction", "reason")}
+        episodes = []
+        for index in tqdm(store.indices(), desc="tokenize", unit="ep", disable=not progress, dynamic_ncols=True):
+            episode = store.read_episode(index)
+            n = len(episode.actions)
+            columns["image"].append(layout.to_global("image", tokenizers.image.encode(episode.frames)))
+            columns["action"].append(layout.to_global("action", tokenizers.action.encode(episode.actions[:, None])))
+            columns["action_values"].append(episode.actions.astype(np.float32))
+            columns["state"].append(layout.to_global("state", tokenizers.state.encode(episode.states[:, None])))
+            columns["episode"].append(np.full(n, index, np.int32))
+            columns["step"].append(np.arange(n, dtype=np.int32))
+            columns["instruction"].append(np.full(n, table.row(episode.instruction), np.int32))
+            columns["reason"].append(np.array([table.row(c.text) for c in episode.causation], np.int32))
+            episodes.append({"index": index, "scenario": episode.scenario, "steps": n,
+                             "held_out": store.is_held_out(index)})
+        operator_rows = _operators(operators, operator_hops, table) if operators is not None else {}
+        text_ids, text_offsets = table.arrays()
+        dtype = np.uint16 if layout.vocab_size <= np.iinfo(np.uint16).max else np.int32
+        for name, parts in columns.items():
+            array = np.concatenate(parts)
+            if name in ("image", "action", "state"):
+                array = array.astype(dtype)
+            np.save(staging / f"{name}.npy", array)
+        np.save(staging / "text_ids.npy", text_ids.astype(dtype))
+        np.save(staging / "text_offsets.npy", text_offsets)
+        for name, rows in operator_rows.items():
+            np.save(staging / f"operator_{name}.npy", np.asarray(rows, np.int32))
+        layout.save(staging / "layout.json")
+        meta = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "data": str(data), "tokenizer": str(tokenizer),
+            "suite_hash": store.info["suite_hash"], "held_out": store.rule.description,
+            "held_out_episodes": [e["index"] for e in episodes if e["held_out"]], "horizon": horizon,
+            "history": history, "tasks": wanted,
+            "steps": int(sum(e["steps"] for e in episodes)), "episodes": episodes,
+            "operators": len(operator_rows.get("question", [])), "operator_hops": operator_hops if operators else None,
+            "tokens_per_image": tokenizers.image.config.tokens_per_image, "action_dim": tokenizers.action.dim,
+            "state_dim": tokenizers.state.dim, "action_stats": store.info["action_stats"],
+            "state_stats": store.info["state_stats"], "fps": store.info["fps"],
+        }
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     shards = TokenShards(out)
     counts = {task: len(shards.index(task)) for task in wanted}
     if progress:
