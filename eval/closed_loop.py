@@ -207,8 +207,11 @@ EPISODE_FIELDS = ("scenario", "index", "seed", "success", "collision", "offroad"
 
 
 def _fingerprint(model: str) -> str:
-    from unified.model_dir import weights_fingerprint  # torch: only where a learned model is evaluated
+    """The weights' fingerprint, after checking every file of the export against its manifest's checksums (the
+    workers then load it with the quick size check)."""
+    from unified.model_dir import verify_model, weights_fingerprint  # torch: only where a learned model is evaluated
 
+    verify_model(model, "full")
     return weights_fingerprint(model)
 
 

@@ -380,3 +380,28 @@ except UnifiedError as e:
     checkpoints = tmp_path / "run" / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step_0000001"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_0000001"]  # no temporary leftovers
+
+
+def test_every_numeric_option_of_every_verb_refuses_a_value_out_of_range(capsys):
+    """-1 is below the minimum of every numeric option (counts at least 1, seeds at least 0): each verb refuses it
+    with a one-line usage error that names the option, before doing anything."""
+    import importlib
+    import typing
+
+    checked = 0
+    for verb, (module, function, _) in VERBS.items():
+        fn = getattr(importlib.import_module(module), function)
+        hints = typing.get_type_hints(fn)
+        for name, parameter in inspect.signature(fn).parameters.items():
+            hint = hints.get(name)
+            if typing.get_origin(hint) in (typing.Union, __import__("types").UnionType):
+                hint = next(a for a in typing.get_args(hint) if a is not type(None))
+            if hint not in (int, float) or parameter.kind is not inspect.Parameter.KEYWORD_ONLY:
+                continue
+            flag = "--" + name.replace("_", "-")
+            with pytest.raises(SystemExit) as exit_info:
+                main([*verb.split(), flag, "-1"])
+            assert exit_info.value.code == 2
+            assert f"argument {flag}: must be" in capsys.readouterr().err, (verb, flag)
+            checked += 1
+    assert checked >= 30

@@ -42,6 +42,28 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "eval compare": ("unified.eval.closed_loop", "compare", "a Markdown table of closed-loop reports (--json files)"),
 }
 HIDDEN = {"progress"}  # parameters for Python callers only
+# Every numeric option is a count (at least 1) unless named here; floats must be positive unless named here.
+MINIMUM = {"seed": 0, "dump": 0, "image_weight": 0.0}
+
+
+def in_range(kind: type, name: str):
+    """An argparse type that parses `kind` and refuses values below the option's minimum, naming both."""
+    minimum = MINIMUM.get(name, 1 if kind is int else 0.0)
+    strict = kind is float and name not in MINIMUM  # a float of 0 (a scale, a weight of nothing) means nothing
+
+    def parse(raw: str):
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {raw!r}") from None
+        if value < minimum or (strict and value <= minimum) or value != value:
+            bound = f"more than {minimum}" if strict else f"at least {minimum}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {raw}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def data_info(data: Path, *, json: bool = False) -> dict:
@@ -95,7 +117,9 @@ def _add_parameter(parser: argparse.ArgumentParser, p: inspect.Parameter, hint: 
     kwargs: dict[str, Any] = {}
     if origin is typing.Literal:
         kwargs["choices"] = list(args)
-    elif hint in (int, float, Path, str):
+    elif hint in (int, float):
+        kwargs["type"] = in_range(hint, p.name)
+    elif hint in (Path, str):
         kwargs["type"] = hint
     if origin is list:
         kwargs["type"], kwargs["nargs"] = args[0], "+" if p.default is inspect.Parameter.empty else "*"
