@@ -7,7 +7,7 @@ SOURCES := pyproject.toml $(sort $(shell find unified tokenizers eval -name '*.p
 DEMO_DIR ?= runs/demo
 WORKERS ?= 2
 
-.PHONY: test demo operators lint clean
+.PHONY: test demo operators dagger ablation lint clean
 
 $(VENV)/.installed: $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,8 +27,8 @@ test: lint
 D := $(DEMO_DIR)
 demo: $(VENV)/.installed
 	@echo "== $$(date +%T) demo 1/6: driving data (expert episodes, in distribution and out of distribution)"
-	$(BIN)/unified data generate --suite recipes/data/train.yaml --episodes 200 --out $(D)/data/train --workers $(WORKERS)
-	$(BIN)/unified data generate --suite recipes/data/ood.yaml --episodes 50 --out $(D)/data/ood --workers $(WORKERS) \
+	$(BIN)/unified data generate --suite recipes/data/train.yaml --episodes 250 --out $(D)/data/train --workers $(WORKERS)
+	$(BIN)/unified data generate --suite recipes/data/ood.yaml --episodes 40 --out $(D)/data/ood --workers $(WORKERS) \
 		--held-out-every 1
 	$(BIN)/unified data info $(D)/data/train
 	$(BIN)/unified data info $(D)/data/ood
@@ -51,7 +51,8 @@ demo: $(VENV)/.installed
 	@sed -n 's/^\*\*Answer.\*\* //p' $(D)/study/report.md
 
 $(D)/tokenizers/layout.json:
-	$(BIN)/unified tokenizer fit --data $(D)/data/train --operators $(D)/data/operators --out $(D)/tokenizers
+	$(BIN)/unified tokenizer fit --data $(D)/data/train --operators $(D)/data/operators --out $(D)/tokenizers \
+		--image-steps 1200
 
 $(D)/shards/meta.json: $(D)/tokenizers/layout.json
 	$(BIN)/unified data tokenize --data $(D)/data/train --tokenizer $(D)/tokenizers --out $(D)/shards \
@@ -81,3 +82,29 @@ operators: $(VENV)/.installed
 	done
 	$(BIN)/unified eval plot-operators $(O)/none.json $(O)/full.json $(O)/inductive.json \
 		--labels "no scratchpad" "full scratchpad" "inductive scratchpad" --out $(O)/accuracy_by_hops.png
+
+# DAgger after make demo: ROUNDS rounds of driving with the latest teacher (re-planning as the study does), the
+# expert labelling every state it visits into the demo's store, and a fine-tune of the teacher on all of it.
+ROUNDS ?= 2
+dagger: $(VENV)/.installed
+	@test -f $(D)/joint/checkpoints/latest || { echo "make dagger continues the demo's teacher: run make demo first"; exit 1; }
+	previous=$(D)/joint; for r in $$(seq 1 $(ROUNDS)); do \
+		$(BIN)/unified export --checkpoint $$previous --out $(D)/dagger/model_$$((r - 1)) --overwrite || exit 1; \
+		$(BIN)/unified data dagger --model $(D)/dagger/model_$$((r - 1)) --out $(D)/data/train --episodes 100 \
+			--round $$r --replan-every 2 --ensemble 0.5 --workers $(WORKERS) || exit 1; \
+		test -f $(D)/dagger/shards_$$r/meta.json || $(BIN)/unified data tokenize --data $(D)/data/train \
+			--tokenizer $(D)/tokenizers --out $(D)/dagger/shards_$$r --operators $(D)/data/operators \
+			--tasks policy_reason,policy,world,text || exit 1; \
+		test -f $(D)/dagger/run_$$r/checkpoints/latest || $(BIN)/unified train --recipe recipes/joint.yaml --ranks 2 \
+			run_dir=$(D)/dagger/run_$$r data=$(D)/dagger/shards_$$r init_from=$(D)/dagger/model_$$((r - 1)) \
+			steps=150 optim.lr=0.0005 optim.warmup_steps=10 || exit 1; \
+		previous=$(D)/dagger/run_$$r; \
+	done
+	$(BIN)/unified export --checkpoint $(D)/dagger/run_$(ROUNDS) --out $(D)/dagger/model_$(ROUNDS) --overwrite
+	$(BIN)/unified eval closed-loop --model $(D)/dagger/model_$(ROUNDS) --scenarios recipes/data/train.yaml \
+		--episodes 20 --mode direct --replan-every 2 --ensemble 0.5 --workers $(WORKERS) --json $(D)/dagger/final.json
+
+# What made the driver drive: one lever per row (recipes/ablation.yaml), each trained and driven (about 80 minutes).
+ablation: $(VENV)/.installed
+	@test -f $(D)/tokenizers/layout.json || { echo "make ablation reads the demo's data and tokenizers: run make demo first"; exit 1; }
+	$(BIN)/unified eval ablation --spec recipes/ablation.yaml --out $(D)/ablation

@@ -33,6 +33,7 @@ class Evaluation:
     suite: str  # path of the suite YAML
     mode: str = "reason"  # for a model: reason, direct or continuous
     replan_every: int | None = None  # for a model: steps between decisions (default: its chunk length)
+    ensemble: float | None = None  # for a model: temporal ensembling of overlapping chunks (weight exp(-k i))
 
     @property
     def learned(self) -> bool:
@@ -70,7 +71,8 @@ class _Worker:
 
             if evaluation.model not in cls.policies:
                 cls.policies[evaluation.model] = Policy.from_pretrained(evaluation.model)
-            driver = ModelDriver(cls.policies[evaluation.model], evaluation.mode, evaluation.replan_every)
+            driver = ModelDriver(cls.policies[evaluation.model], evaluation.mode, evaluation.replan_every,
+                                 evaluation.ensemble)
         else:
             driver = DRIVERS[evaluation.model]()
         episode = run_episode(suite, scenario, driver, seed, index=index, render=False, env=cls.envs[key])
@@ -114,19 +116,21 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
 def closed_loop(
     *, model: str, scenarios: Path, episodes: int = 20, workers: int = 1, seed: int = EVAL_SEED,
     json: Path | None = None, mode: Literal["reason", "direct", "continuous"] = "reason",
-    replan_every: int | None = None, train_store: list[Path] = (), progress: bool = True,
+    replan_every: int | None = None, ensemble: float | None = None, train_store: list[Path] = (),
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Drive `episodes` episodes of every scenario in the suite `scenarios` with `model` (an exported model
     directory, or the scripted expert, random or constant driver) and return (and with `json`, write) the
     report. A model reasons before acting (`mode reason`), acts directly (`direct`) or reads its continuous
-    head (`continuous`), and re-plans every `replan_every` steps (default: its chunk length). `train_store`
+    head (`continuous`), and re-plans every `replan_every` steps (default: its chunk length), blending the chunks
+    that cover a step with weights exp(-ensemble * i), oldest first, when `ensemble` is given. `train_store`
     (one or more episode stores a model trained on): refuse evaluation episodes that share a simulator seed with
     their training episodes, and report those whose traffic is a near-replay of one."""
     from unified.outputs import check_file
 
     if json is not None:  # a bad path fails now, not after the evaluation
         check_file(json, "closed-loop", [model if model not in DRIVERS else None, scenarios, *train_store])
-    evaluation = Evaluation(model, str(scenarios), mode, replan_every)
+    evaluation = Evaluation(model, str(scenarios), mode, replan_every, ensemble)
     report = evaluate([evaluation], episodes, workers, seed, progress)[evaluation]
     if train_store:
         report["overlap"] = overlap_of(report, list(train_store), progress)
@@ -169,6 +173,8 @@ def evaluate(evaluations: list[Evaluation], episodes: int, workers: int = 1, see
             raise UnifiedError(f"--mode: {e.mode!r} is not reason, direct or continuous")
         if e.replan_every is not None and e.replan_every < 1:
             raise UnifiedError(f"--replan-every must be at least 1 step, got {e.replan_every}")
+        if e.ensemble is not None and e.ensemble < 0:
+            raise UnifiedError(f"--ensemble must not be negative, got {e.ensemble}")
     if episodes < 1 or workers < 1:
         raise UnifiedError(f"--episodes and --workers must be at least 1, got {episodes} and {workers}")
     suites = {path: load_suite(path) for path in dict.fromkeys(e.suite for e in evaluations)}
@@ -189,6 +195,8 @@ def evaluate(evaluations: list[Evaluation], episodes: int, workers: int = 1, see
             "model": e.model if not e.learned else f"{Path(e.model).name} ({e.mode})",
             "model_path": str(e.model) if e.learned else None,
             "mode": e.mode if e.learned else None,
+            "replan_every": e.replan_every if e.learned else None,
+            "ensemble": e.ensemble if e.learned else None,
             "fingerprint": _fingerprint(e.model) if e.learned else None,
             "suite": suite.name,
             "suite_path": e.suite,
@@ -246,7 +254,8 @@ def _run(jobs: list, workers: int, progress: bool, desc: str) -> list[dict]:
 
 def format_table(report: dict[str, Any]) -> str:
     """The report as an aligned text table, one row per scenario plus the overall row."""
-    header = f"{'scenario':<16}{'episodes':>9}{'success':>18}{'collision':>18}{'progress m':>12}{'speed m/s':>11}"
+    width = max(16, *(len(name) + 2 for name in report["scenarios"]))
+    header = f"{'scenario':<{width}}{'episodes':>9}{'success':>18}{'collision':>18}{'progress m':>12}{'speed m/s':>11}"
     rows = [f"{report['model']} on {report['suite']}", header]
     for name, m in [*report["scenarios"].items(), ("overall", report["overall"])]:
         def rate(key: str, m=m) -> str:
@@ -254,7 +263,7 @@ def format_table(report: dict[str, Any]) -> str:
             return f"{m[key]['mean']:.2f} [{lo:.2f},{hi:.2f}]"
 
         rows.append(
-            f"{name:<16}{m['episodes']:>9}{rate('success_rate'):>18}{rate('collision_rate'):>18}"
+            f"{name:<{width}}{m['episodes']:>9}{rate('success_rate'):>18}{rate('collision_rate'):>18}"
             f"{m['mean_progress']['mean']:>12.1f}{m['mean_speed']['mean']:>11.1f}"
         )
     return "\n".join(rows)

@@ -1,5 +1,9 @@
-"""A trained policy as a driver: it sees the rendered frame, the instruction and the ego state, plans an
-action chunk, and re-plans every `replan_every` steps (or when the chunk runs out)."""
+"""A trained policy as a driver: it sees the rendered frame, the instruction and the ego state, plans an action
+chunk, and re-plans every `replan_every` steps (or when the chunk runs out).
+
+With `ensemble` (ACT's temporal ensembling) every chunk still covering the current step votes for its action,
+weighted exp(-ensemble * i) with i = 0 for the oldest: consecutive chunks are blended instead of switched, so
+re-planning often does not make the car jerk from one plan to the next."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from typing import Literal
 
 import numpy as np
 
-from unified.sim.drivers import _passive_intent
+from unified.sim.drivers import Intent, passive_intent
 from unified.sim.env import render_frame
 from unified.sim.language import pick_instruction
 from unified.sim.rollout import ego_state
@@ -20,33 +24,50 @@ Mode = Literal["reason", "direct", "continuous"]
 class ModelDriver:
     name = "model"
 
-    def __init__(self, policy, mode: Mode = "reason", replan_every: int | None = None):
-        self.policy, self.mode = policy, mode
+    def __init__(self, policy, mode: Mode = "reason", replan_every: int | None = None,
+                 ensemble: float | None = None):
+        self.policy, self.mode, self.ensemble = policy, mode, ensemble
         self.replan_every = replan_every or policy.config.horizon
         self.decisions: list[dict] = []
 
     def reset(self, env, scenario: Scenario, seed: int) -> None:
         # The same instruction run_episode records for this seed.
         self.instruction = pick_instruction(scenario, np.random.default_rng(seed))
-        self.queue: list[np.ndarray] = []
+        self.chunks: list[tuple[int, np.ndarray]] = []  # (step it was planned at, (H, 2) actions), oldest first
         self.frames: list[np.ndarray] = []
         self.step = 0
         self.decisions = []
         self.where = f"scenario {scenario.name!r}, seed {seed}"
 
-    def act(self, env):
-        replan = self.step % self.replan_every == 0 or not self.queue
+    def plan(self, env) -> np.ndarray:
+        """(H, 2) a new chunk for the current state."""
+        start = time.perf_counter()
+        state = ego_state(env.unwrapped.vehicle)
+        result = self.policy.act(np.stack(self.frames), self.instruction, state=state,
+                                 reason=self.mode == "reason", continuous=self.mode == "continuous")
+        self.decisions.append({"latency_ms": 1000 * (time.perf_counter() - start),
+                               "tokens": result.tokens_generated, "reasoning": result.reasoning})
+        return np.asarray(result.actions, np.float32)
+
+    def action(self, env) -> np.ndarray:
+        """The (2,) action for the current step."""
+        t, horizon = self.step, self.policy.config.horizon
+        current = [(s, c) for s, c in self.chunks if s + len(c) > t]
+        replan = t % self.replan_every == 0 or not current
         history = self.policy.config.history
         if replan or history > 1:  # a policy that sees one frame needs none between its decisions
-            frame = render_frame(env, f"{self.where}, step {self.step}")
+            frame = render_frame(env, f"{self.where}, step {t}")
             self.frames = (self.frames + [frame])[-history:]
         if replan:
-            start = time.perf_counter()
-            state = ego_state(env.unwrapped.vehicle)
-            result = self.policy.act(np.stack(self.frames), self.instruction, state=state,
-                                     reason=self.mode == "reason", continuous=self.mode == "continuous")
-            self.decisions.append({"latency_ms": 1000 * (time.perf_counter() - start),
-                                   "tokens": result.tokens_generated, "reasoning": result.reasoning})
-            self.queue = list(result.actions)
+            current.append((t, self.plan(env)[:horizon]))
+        self.chunks = current
         self.step += 1
-        return _passive_intent(env, np.asarray(self.queue.pop(0), np.float32))
+        if self.ensemble is None:
+            s, chunk = current[-1]
+            return chunk[t - s]
+        votes = np.stack([c[t - s] for s, c in current])  # oldest first
+        weights = np.exp(-self.ensemble * np.arange(len(votes)))
+        return (weights[:, None] * votes).sum(0) / weights.sum()
+
+    def act(self, env) -> Intent:
+        return passive_intent(env, self.action(env).astype(np.float32))

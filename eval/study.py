@@ -52,6 +52,10 @@ class StudyConfig:
     suites: dict[str, str] = field(default_factory=lambda: {
         "in_distribution": "recipes/data/train.yaml", "out_of_distribution": "recipes/data/ood.yaml"})
     episodes: int = 10  # closed-loop episodes per scenario
+    # How every learned driver executes its chunks: re-plan every N steps (None: the chunk length) and blend the
+    # chunks that cover a step with weights exp(-ensemble * i), oldest first (None: no blending).
+    replan_every: int | None = None
+    ensemble: float | None = None
     workers: int = 2
     baselines: list[str] = field(default_factory=lambda: ["expert", "random", "constant"])
     # Held-out episodes per suite (same keys as suites): reasoning accuracy and the observations timed.
@@ -246,10 +250,12 @@ def _closed_loop(config: StudyConfig, out: Path, drivers: list[tuple[str, str | 
         suite_hash = load_suite(suite_path).hash
         for name, mode in drivers:
             learned = mode is not None
-            evaluation = Evaluation(str(models[name]) if learned else name, str(suite_path), mode or "reason")
+            evaluation = Evaluation(str(models[name]) if learned else name, str(suite_path), mode or "reason",
+                                    config.replan_every if learned else None, config.ensemble if learned else None)
             expected = {"suite_hash": suite_hash, "episodes_per_scenario": config.episodes,
                         "report_version": REPORT_VERSION,
-                        **({"mode": mode, "fingerprint": prints[name]} if learned else {"model": name})}
+                        **({"mode": mode, "fingerprint": prints[name], "replan_every": config.replan_every,
+                            "ensemble": config.ensemble} if learned else {"model": name})}
             path = out / "eval" / f"{name}_{mode or 'scripted'}_{label}.json"
             wanted[(name, mode, label)] = (evaluation, path, _cached(path, **expected))
     for _, path, report in wanted.values():

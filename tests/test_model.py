@@ -281,3 +281,19 @@ def test_init_from_a_local_pretrained_lm(shards, tokenizers, tmp_path):
     assert model.backbone.config.vocab_size == layout.vocab_size
     with pytest.raises(UnifiedError, match="no pretrained LM could be loaded"):
         UnifiedModel(ModelConfig(**TINY | {"init_from": str(tmp_path / "nothing")}), layout)
+
+
+def test_ordinal_init_lays_each_dimensions_bins_on_a_line(shards):
+    from unified.model import ordinal_init
+
+    model = tiny_model(shards.layout)
+    state = shards.layout.segment("state")
+    block = state.size // 17 if state.size % 17 == 0 else state.size
+    ordinal_init(model, "state", block)
+    rows = model.backbone.get_input_embeddings().weight[state.start:state.start + block].detach()
+    steps = rows[1:] - rows[:-1]
+    torch.testing.assert_close(steps, steps[:1].expand_as(steps), rtol=1e-4, atol=1e-6)  # evenly spaced, in line
+    near, far = (rows[1] - rows[0]).norm(), (rows[-1] - rows[0]).norm()
+    assert far > 10 * near  # neighbouring bins start close, the ends of the range far apart
+    with pytest.raises(UnifiedError, match="not made of blocks"):
+        ordinal_init(model, "state", state.size + 1)

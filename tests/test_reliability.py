@@ -106,6 +106,7 @@ def output_cases(model_data, export, run):
     suite = model_data / "suite.yaml"
     return {
         "data generate": lambda f, t: ["--suite", suite, "--episodes", 1, "--out", f],
+        "data dagger": lambda f, t: ["--model", export, "--out", f, "--episodes", 1],
         "data operators": lambda f, t: ["--out", f, "--n", 4, "--hops", "2-3"],
         "data tokenize": lambda f, t: ["--data", store, "--tokenizer", tok, "--out", f, "--horizon", 4],
         "tokenizer fit": lambda f, t: ["--data", store, "--out", f, "--image-steps", 2],
@@ -118,6 +119,7 @@ def output_cases(model_data, export, run):
         "eval plot-operators": lambda f, t: [f / "operators.json", "--out", t],
         "eval plot-training": lambda f, t: [run, "--out", t],
         "eval distill": lambda f, t: ["--study", ROOT / "recipes" / "study.yaml", "--out", f],
+        "eval ablation": lambda f, t: ["--spec", ROOT / "recipes" / "ablation.yaml", "--out", f],
         "bench latency": lambda f, t: ["--models", export, "--data", store, "--json", t],
     }
 
@@ -313,7 +315,8 @@ def test_policy_inputs_are_checked(export, model_data):
         policy.act(frames, "Drive carefully. " * 600, state=state)
     with pytest.raises(UnifiedError, match=r"state: not finite"):
         policy.act(frames, "Drive.", state=(np.nan, 0.0, 0.0))
-    with pytest.raises(UnifiedError, match=r"state: expected 3 values \(speed, heading, lane_offset\), got 2"):
+    with pytest.raises(UnifiedError, match=r"state: expected 19 values \(speed, heading, lane_offset, lead_gap, .*\), "
+                                           r"got 2"):
         policy.act(frames, "Drive.", state=(20.0, 0.0))
     assert policy.act(frames, "Drive.", state=state, reason=False).actions.shape == (4, 2)
 

@@ -47,6 +47,19 @@ def test_zero_is_a_bin_centre():
     assert shifted.decode([[0, 3]]).ravel().tolist() == [1.25, 2.75]  # 0 outside the range: the plain grid
 
 
+@given(chunks_within(STATS["q01"], STATS["q99"]))
+def test_per_dimension_bins_give_each_dimension_its_own_ids(actions):
+    shared = BinActionTokenizer.from_stats(STATS, bins=32)
+    separate = BinActionTokenizer.from_stats(STATS, bins=32, per_dimension=True)
+    assert separate.vocab_size == 64
+    ids = separate.encode(actions)
+    assert ids[:, 0::2].max() < 32 <= ids[:, 1::2].min()  # acceleration in [0, 32), steering in [32, 64)
+    np.testing.assert_array_equal(ids - np.tile([0, 32], H), shared.encode(actions))
+    np.testing.assert_allclose(separate.decode(ids), shared.decode(shared.encode(actions)))
+    with pytest.raises(UnifiedError, match="another dimension"):
+        separate.decode(ids[:, ::-1])
+
+
 def test_bins_clip_outside_the_quantiles():
     tokenizer = BinActionTokenizer.from_stats(STATS, bins=256)
     ids = tokenizer.encode(np.array([[[-50.0, 3.0]]]))

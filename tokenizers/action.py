@@ -53,6 +53,9 @@ class BinActionTokenizer:
     q99: tuple[float, ...]
     bins: int = 256
     names: tuple[str, ...] = ()
+    # Each dimension its own `bins` ids (vocabulary bins * D) instead of one set shared by all dimensions: a state
+    # token then says which quantity it measures, not only where it lies in its range.
+    per_dimension: bool = False
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
@@ -66,13 +69,17 @@ class BinActionTokenizer:
         self.shift = np.where(inside, np.floor(zero) + 0.5 - zero, 0.0)
 
     @classmethod
-    def from_stats(cls, stats: dict, bins: int = 256) -> BinActionTokenizer:
+    def from_stats(cls, stats: dict, bins: int = 256, per_dimension: bool = False) -> BinActionTokenizer:
         n = QuantileNormalizer.from_stats(stats, "action_stats")
-        return cls(n.q01, n.q99, bins, n.names)
+        return cls(n.q01, n.q99, bins, n.names, per_dimension)
 
     @property
     def vocab_size(self) -> int:
-        return self.bins
+        return self.bins * (self.dim if self.per_dimension else 1)
+
+    def _offsets(self) -> np.ndarray:
+        """(D,) the first id of each dimension: 0 for all when the dimensions share their bins."""
+        return np.arange(self.dim) * self.bins if self.per_dimension else np.zeros(self.dim, np.int64)
 
     @property
     def dim(self) -> int:
@@ -87,7 +94,7 @@ class BinActionTokenizer:
         """(B, H, D) or (H, D) actions in their units -> (B, H * D) int64 ids, step-major."""
         actions = _check_chunks(actions, self.dim, "bin action tokenizer")
         unit = (self.normalizer.normalize(actions) + 1) / 2  # [0, 1]
-        ids = np.clip(np.floor(unit * self.bins + self.shift), 0, self.bins - 1).astype(np.int64)
+        ids = np.clip(np.floor(unit * self.bins + self.shift), 0, self.bins - 1).astype(np.int64) + self._offsets()
         return ids.reshape(len(ids), -1)
 
     def centres(self) -> np.ndarray:
@@ -97,12 +104,14 @@ class BinActionTokenizer:
 
     def decode(self, ids) -> np.ndarray:
         """(B, H * D) or (H * D,) ids -> (B, H, D) actions at the bin centres."""
-        ids = _check_ids(ids, self.bins, "bin action tokenizer")
+        ids = _check_ids(ids, self.vocab_size, "bin action tokenizer")
         if ids.ndim == 1:
             ids = ids[None]
         if ids.shape[-1] % self.dim:
             raise UnifiedError(f"bin action tokenizer: {ids.shape[-1]} ids is not a whole number of {self.dim}-d steps")
-        ids = ids.reshape(len(ids), -1, self.dim)
+        ids = ids.reshape(len(ids), -1, self.dim) - self._offsets()
+        if ids.min() < 0 or ids.max() >= self.bins:
+            raise UnifiedError("bin action tokenizer: an id belongs to another dimension than its position says")
         return self.normalizer.unnormalize(np.take_along_axis(self.centres().T, ids.reshape(-1, self.dim), 0)
                                            .reshape(ids.shape))
 

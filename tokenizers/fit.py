@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from unified.tokenizers.action import BinActionTokenizer, FastActionTokenizer
@@ -119,15 +120,20 @@ def frames_of(store: EpisodeStore, indices: list[int], max_frames: int, seed: in
 def fit(
     *, data: Path, out: Path, operators: Path | None = None, text_from: Path | None = None,
     codebook_size: int = 1024, downsample: int = 8, image_steps: int = 700, image_batch: int = 16,
-    max_frames: int = 20000, text_vocab: int = 1024, action_bins: int = 256, state_bins: int = 256,
-    horizon: int = 10, fast_scale: float = 10.0, fast_vocab: int = 1024, seed: int = 0, overwrite: bool = False,
+    max_frames: int = 20000, text_vocab: int = 1024, action_bins: int = 256, state_bins: int = 64,
+    horizon: int = 10, fast_scale: float = 10.0, fast_vocab: int = 1024, seed: int = 0, shared_bins: bool = False,
+    action_range: Literal["full", "quantiles"] = "full",
+    overwrite: bool = False,
     progress: bool = True,
 ) -> Tokenizers:
     """Fit all tokenizers on `data` (held-out episodes excluded) and write them to `out`.
 
     `operators` adds an operator data set to the text corpus; `text_from` uses the tokenizer of a local
     pretrained LM directory instead of training one. `horizon` is the action chunk length FAST is fitted for.
-    An existing tokenizer directory at `out` is replaced only with `overwrite`; anything else there is refused.
+    Action bins span the training actions' whole range (`action_range full`, min to max) or their q01..q99
+    (`quantiles`, clipping the rest). Each action and state dimension has its own bins unless `shared_bins` (one set
+    of bins for all dimensions, as earlier versions had). An existing tokenizer directory at `out` is replaced only
+    with `overwrite`; anything else there is refused.
     """
     store = EpisodeStore(data)
     fit_on, held_out = store.train_indices(), store.held_out_indices()
@@ -167,10 +173,20 @@ def fit(
             text = TextTokenizer.fit(texts_of(store, operators), vocab_size=text_vocab)
         say(f"text: {text.vocab_size} tokens", flush=True)
 
-        action = BinActionTokenizer.from_stats(store.info["action_stats"], bins=action_bins)
+        # Each action dimension its own bins: a step's steering token can never repeat its acceleration token.
+        # The whole range by default: the expert's strongest corrections (steering up to 0.79 rad back to the lane)
+        # are rare, so q01/q99 would clip them to a fraction of their size, and a policy could never command them.
+        stats = store.info["action_stats"]
+        if action_range == "full":
+            stats = stats | {"q01": stats["min"], "q99": stats["max"]}
+        action = BinActionTokenizer.from_stats(stats, bins=action_bins, per_dimension=not shared_bins)
         chunks = action_chunks(store, horizon, fit_on)
         fast = FastActionTokenizer.fit(chunks, store.info["action_stats"], scale=fast_scale, vocab_size=fast_vocab)
-        state = BinActionTokenizer.from_stats(store.info["state_stats"], bins=state_bins)
+        # State bins span what the training data holds, min to max: a state beyond the 1%/99% quantiles (the slow
+        # speeds a policy reaches when it brakes too long) must still read differently from the quantile itself.
+        span = store.info["state_stats"] | {"q01": store.info["state_stats"]["min"],
+                                            "q99": store.info["state_stats"]["max"]}
+        state = BinActionTokenizer.from_stats(span, bins=state_bins, per_dimension=not shared_bins)
         say(f"action: {action_bins} bins; FAST {fast.bpe_vocab_size} tokens over {len(chunks)} chunks of {horizon}",
             flush=True)
 
@@ -187,7 +203,8 @@ def fit(
                 "image_batch": image_batch, "max_frames": max_frames, "text_vocab": text_vocab,
                 "text_from": None if text_from is None else str(text_from), "action_bins": action_bins,
                 "state_bins": state_bins, "horizon": horizon, "fast_scale": fast_scale, "fast_vocab": fast_vocab,
-                "seed": seed, "operators": None if operators is None else str(operators),
+                "seed": seed, "operators": None if operators is None else str(operators), "shared_bins": shared_bins,
+                "action_range": action_range,
             },
             "image_config": asdict(image_config),
         }

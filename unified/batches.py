@@ -18,16 +18,36 @@ MISSES_BEFORE_CLOSING = 8  # draws that fit nowhere before a batch is closed; ro
 
 class MixtureBatches:
     def __init__(self, shards: TokenShards, tasks: dict[str, float], seq_len: int, batch_size: int, seed: int,
-                 image_weight: float = 0.04, task_weights: dict[str, float] | None = None, with_state: bool = True):
+                 image_weight: float = 0.04, task_weights: dict[str, float] | None = None, with_state: bool = True,
+                 state_dims: int | None = None, split: str = "train", balance: float = 0.0):
+        """`split="held_out"` draws from the store's held-out episodes instead, for a validation loss (tasks without
+        held-out samples, such as the operator questions, are left out). `balance` > 0 draws the policy samples of
+        rare decisions more often: a sample's weight is (the share of its decision) ** -balance, so 0 draws
+        uniformly and 1 gives every decision the same share."""
         self.shards, self.seq_len, self.batch_size, self.seed = shards, seq_len, batch_size, seed
         self.image_weight, self.task_weights, self.with_state = image_weight, task_weights or {}, with_state
-        self.tasks = [t for t, w in tasks.items() if w > 0]
+        self.state_dims, self.split, self.balance = state_dims, split, balance
+        self._draw: dict[str, np.ndarray | None] = {}
+        self.tasks = [t for t, w in tasks.items() if w > 0 and (split == "train" or len(shards.index(t, split)))]
+        if not self.tasks:
+            raise UnifiedError(f"{shards.root}: no {split} samples for the tasks {sorted(tasks)}")
         for task in self.tasks:
-            if len(shards.index(task)) == 0:
+            if len(shards.index(task, split)) == 0:
                 hint = " (tokenize with --operators for the text task)" if task == "text" else ""
                 raise UnifiedError(f"{shards.root}: no samples for task {task!r}{hint}")
         weights = np.array([tasks[t] for t in self.tasks], np.float64)
         self.probabilities = weights / weights.sum()
+
+    def probabilities_of(self, task: str) -> np.ndarray | None:
+        """The drawing probability of each sample of a policy task under `balance` (None: uniform)."""
+        if self.balance <= 0 or task not in ("policy", "policy_reason") or "decision" not in self.shards.arrays:
+            return None
+        if task not in self._draw:
+            decisions = np.asarray(self.shards.arrays["decision"][self.shards.index(task, self.split)], np.int64)
+            share = np.bincount(decisions, minlength=decisions.max() + 1) / len(decisions)
+            weights = share[decisions] ** -self.balance
+            self._draw[task] = weights / weights.sum()
+        return self._draw[task]
 
     def batch(self, step: int, micro: int = 0, rank: int = 0) -> Batch:
         rng = np.random.default_rng([self.seed, step, micro, rank])
@@ -36,8 +56,11 @@ class MixtureBatches:
         misses = 0
         while misses < MISSES_BEFORE_CLOSING:
             task = self.tasks[int(rng.choice(len(self.tasks), p=self.probabilities))]
-            index = self.shards.index(task)
-            sample = self.shards.sample(task, int(index[int(rng.integers(len(index)))]), with_state=self.with_state)
+            index = self.shards.index(task, self.split)
+            p = self.probabilities_of(task)
+            pick = int(rng.integers(len(index))) if p is None else int(rng.choice(len(index), p=p))
+            sample = self.shards.sample(task, int(index[pick]), with_state=self.with_state,
+                                        state_dims=self.state_dims)
             built = build(sample, self.shards.layout, self.image_weight, self.task_weights)
             if len(built) > self.seq_len:
                 raise UnifiedError(f"sample {built.id!r} ({built.task}) has {len(built)} tokens, more than "

@@ -60,7 +60,8 @@ def merge_lora(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torc
     return merged
 
 
-def save(engine, run_dir: Path, step: int, client_state: dict, info: dict, lora_scaling: float | None = None) -> Path:
+def save(engine, run_dir: Path, step: int, client_state: dict, info: dict, lora_scaling: float | None = None,
+         tag: str | None = None) -> Path:
     """Save on every rank; returns the checkpoint directory. `model.safetensors` holds the merged weights.
 
     Written under a temporary name and renamed, `latest` last; if writing fails (a full disk), the temporary files
@@ -68,7 +69,8 @@ def save(engine, run_dir: Path, step: int, client_state: dict, info: dict, lora_
     import torch.distributed as dist
 
     root = Path(run_dir) / "checkpoints"
-    tag = f"step_{step:07d}"
+    latest = tag is None  # a named checkpoint (e.g. "best") never becomes the one a resume continues from
+    tag = tag or f"step_{step:07d}"
     temporary = f".tmp_{tag}"
     if dist.get_rank() == 0:
         shutil.rmtree(root / temporary, ignore_errors=True)
@@ -78,7 +80,7 @@ def save(engine, run_dir: Path, step: int, client_state: dict, info: dict, lora_
         state = consolidated_state(engine, lora_scaling)
         dist.barrier()
         if dist.get_rank() == 0:
-            _finish(root / temporary, root, tag, state, step, info)
+            _finish(root / temporary, root, tag, state, step, info, latest)
     except OSError as e:
         shutil.rmtree(root / temporary, ignore_errors=True)
         from unified.outputs import disk_error
@@ -88,7 +90,7 @@ def save(engine, run_dir: Path, step: int, client_state: dict, info: dict, lora_
     return root / tag
 
 
-def _finish(directory: Path, root: Path, tag: str, state: dict, step: int, info: dict) -> None:
+def _finish(directory: Path, root: Path, tag: str, state: dict, step: int, info: dict, latest: bool) -> None:
     """Rank 0: the consolidated weights, the info and the manifest, then the rename and `latest`."""
     import torch.distributed as dist
 
@@ -100,9 +102,10 @@ def _finish(directory: Path, root: Path, tag: str, state: dict, step: int, info:
     (directory / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(root / tag, ignore_errors=True)
     os.replace(directory, root / tag)
-    latest = root / ".latest.tmp"
-    latest.write_text(tag + "\n")
-    os.replace(latest, root / "latest")
+    if latest:
+        pointer = root / ".latest.tmp"
+        pointer.write_text(tag + "\n")
+        os.replace(pointer, root / "latest")
 
 
 def latest(run_dir: str | Path) -> Path | None:

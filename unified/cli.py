@@ -23,6 +23,7 @@ from unified.errors import UnifiedError
 VERBS: dict[str, tuple[str, str, str]] = {
     "data generate": ("unified.data.generate", "generate", "drive a scenario suite with the expert and store episodes"),
     "data info": ("unified.cli", "data_info", "counts, expert figures and statistics of an episode store"),
+    "data dagger": ("unified.data.dagger", "dagger", "drive with a learned policy, label with the expert, append"),
     "data operators": ("unified.data.operators", "operators", "write the multi-hop comparison (operator) data set"),
     "data scenarios": ("unified.cli", "data_scenarios", "list the highway-env scenario ids a suite may use"),
     "data tokenize": ("unified.data.tokenize", "tokenize", "encode a store once into memory-mapped token shards"),
@@ -38,12 +39,13 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "eval plot-operators": ("unified.eval.operators", "plot_operators", "accuracy against hops of operator reports"),
     "eval plot-training": ("unified.eval.training_plot", "plot_training", "loss curves per task of runs, as a PNG"),
     "eval distill": ("unified.eval.study", "distill", "teacher vs action-only students: the distillation study"),
+    "eval ablation": ("unified.eval.ablation", "ablation", "what made the driver drive: one lever per row, a table"),
     "bench latency": ("unified.eval.latency", "latency", "decision latency of models on the same observations"),
     "eval compare": ("unified.eval.closed_loop", "compare", "a Markdown table of closed-loop reports (--json files)"),
 }
 HIDDEN = {"progress"}  # parameters for Python callers only
 # Every numeric option is a count (at least 1) unless named here; floats must be positive unless named here.
-MINIMUM = {"seed": 0, "dump": 0, "image_weight": 0.0}
+MINIMUM = {"seed": 0, "dump": 0, "image_weight": 0.0, "ensemble": 0.0, "beta": 0.0}
 
 
 def in_range(kind: type, name: str):

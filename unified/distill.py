@@ -28,9 +28,13 @@ CHUNK = 32  # prompts decoded together by one worker
 
 
 def expected_actions(logprobs: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """(N, bins) log-probabilities over the bins of action dimension n % D, centres (D, bins) in normalised units
+    """(N, bins) log-probabilities over the bins of action dimension n % D, or (N, D * bins) over every dimension's
+    own bins (a per-dimension tokenizer; row n reads its dimension's), centres (D, bins) in normalised units
     (`BinActionTokenizer.centres`) -> (N,) expected value in normalised units [-1, 1]."""
-    dims = torch.arange(len(logprobs), device=logprobs.device) % len(centres)
+    d, bins = centres.shape
+    dims = torch.arange(len(logprobs), device=logprobs.device) % d
+    if logprobs.shape[1] == d * bins and d > 1:
+        logprobs = torch.log_softmax(logprobs.view(len(logprobs), d, bins)[torch.arange(len(logprobs)), dims], -1)
     return (logprobs.float().exp() * centres.to(logprobs.device, torch.float32)[dims]).sum(-1)
 
 
@@ -55,9 +59,9 @@ def student_rows(batches, steps: int, grad_accum: int, world: int) -> list[int]:
     return sorted(rows)
 
 
-def _prompt(shards, row: int) -> list[int]:
+def _prompt(shards, row: int, state_dims: int | None = None) -> list[int]:
     """The policy prompt of a row, up to (not including) where reasoning or actions begin."""
-    built = build(shards.sample("policy", row), shards.layout)
+    built = build(shards.sample("policy", row, state_dims=state_dims), shards.layout)
     return built.ids[:built.spans["actions"][0]].tolist()
 
 
@@ -107,7 +111,10 @@ def teacher_reasoning(teacher: str | Path, shards, rows: list[int], workers: int
         with np.load(path) as f:
             offsets = f["offsets"]
             cached = {k: f["ids"][offsets[i]:offsets[i + 1]] for i, k in enumerate(f["keys"].tolist())}
-    prompts = {row: _prompt(shards, row) for row in rows}
+    import json
+
+    state_dims = json.loads((teacher / "unified.json").read_text())["model"].get("state_dims")
+    prompts = {row: _prompt(shards, row, state_dims) for row in rows}
     keys = {row: _key(p) for row, p in prompts.items()}
     todo = sorted({keys[r]: r for r in rows if keys[r] not in cached}.values())
     if todo:
@@ -154,7 +161,7 @@ def distill_targets(teacher, shards, batch: Batch, temperature: float = 1.0, cen
     for ids in batch.sample_ids:
         for sample_id in ids:
             row = sample_row(shards, sample_id)
-            sample = shards.sample("policy_reason", row)
+            sample = shards.sample("policy_reason", row, state_dims=teacher.config.state_dims)
             if reasoning is not None:
                 if row not in reasoning:
                     raise UnifiedError(f"distillation: no teacher reasoning for {sample_id!r} (row {row}); the "

@@ -85,13 +85,15 @@ class Decoder:
                         temperature: float = 1.0) -> list[int]:
         """An action chunk `marker a_0 marker a_1 ... marker a_{blocks-1}` of `per_block` tokens a step, written in
         `per_block` forward passes: under the action-chunk mask a block sees the prompt and itself only, so
-        every block advances at once. Returns the chosen tokens step by step, (blocks * per_block,)."""
+        every block advances at once. `allowed` is (V,) bool, or (per_block, V) to give each token of a step its
+        own range (one per action dimension). Returns the chosen tokens step by step, (blocks * per_block,)."""
+        allowed = np.array(np.broadcast_to(allowed, (per_block, len(np.atleast_2d(allowed)[0]))))
         stride = per_block + 1
         starts = self.next_position + stride * np.arange(blocks)  # position of each block's marker
         logits = self.feed([marker] * blocks, np.arange(blocks), starts)  # (blocks, V)
         chosen = np.zeros((blocks, per_block), np.int64)
         for r in range(per_block):
-            chosen[:, r] = [self._choose(logits[k], allowed, greedy, temperature) for k in range(blocks)]
+            chosen[:, r] = [self._choose(logits[k], allowed[r], greedy, temperature) for k in range(blocks)]
             self.generated += blocks
             if r + 1 < per_block:  # the last tokens are not fed: nothing is predicted from them
                 logits = self.feed(chosen[:, r], np.arange(blocks), starts + 1 + r)

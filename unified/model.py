@@ -36,6 +36,7 @@ class ModelConfig:
     history: int = 1  # frames in the observation
     horizon: int = 10  # action chunk length H
     use_state: bool = True  # put the ego state tokens in the policy prompt
+    state_dims: int | None = None  # the first N state values only (3: the ego's own, no nearby vehicles); None: all
     max_reason_tokens: int = 48  # cap on generated reasoning
     # -- optional continuous action head beside the discrete action tokens
     action_head: bool = False  # a small bidirectional transformer over H learned queries, trained with L1
@@ -85,6 +86,25 @@ def build_backbone(config: ModelConfig, layout: TokenLayout):
     lm.get_output_embeddings().weight.data[text.start:text.stop] = old_out[:text.size]
     lm.config.vocab_size = layout.vocab_size
     return lm
+
+
+@torch.no_grad()
+def ordinal_init(model: UnifiedModel, segment: str, block: int, seed: int = 0) -> None:
+    """Start the input embeddings of a binned segment ordered: in every block of `block` bins (one dimension's bins)
+    the rows lie on a line, bin i at base + c_i * direction with c_i from -1 to 1, so that neighbouring bins start
+    alike. A fresh model otherwise starts every bin unrelated to the next and has to learn from data alone that 12 m
+    and 13 m are close, which a short budget never teaches it for rare values. (Not the output embeddings: logits
+    linear in c_i would start every prediction at one end of the range.)"""
+    span = model.layout.segment(segment)
+    if span.size % block:
+        raise UnifiedError(f"ordinal_init: segment {segment!r} of {span.size} ids is not made of blocks of {block}")
+    generator = torch.Generator().manual_seed(seed)
+    position = torch.linspace(-1.0, 1.0, block)[:, None]  # (block, 1)
+    matrix = model.backbone.get_input_embeddings().weight
+    std = float(matrix[span.start:span.stop].std())
+    for k in range(span.size // block):
+        base, direction = (torch.randn(2, matrix.shape[1], generator=generator) * std).to(matrix)
+        matrix[span.start + k * block:span.start + (k + 1) * block] = base + position.to(matrix) * direction
 
 
 class ActionHead(nn.Module):

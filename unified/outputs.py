@@ -47,6 +47,8 @@ KINDS = {
     "model": Kind("exported model", "unified.json", "unified-model",
                   ("config.json", "generation_config.json", "model.safetensors", "action_head.safetensors",
                    "unified.json", "layout.json", "tokenizers", "stats.json", "manifest.json", "cache")),
+    "ablation": Kind("ablation directory", "ablation_dir.json", "unified-ablation",
+                     ("ablation_dir.json", "ablation.json", "ablation.md", "rows")),
     "study": Kind("study directory", "study.json", "unified-study",
                   ("study.json", "runs", "models", "eval", "student_action_only", "report.md", "report.json",
                    "success.png", "latency.png")),

@@ -85,9 +85,21 @@ class Policy:
                 raise UnifiedError("this policy was trained with the ego state: pass state=(speed m/s, heading rad, "
                                    "lane offset m)")
             state = _state(state, tok.state)
-            state_ids = layout.to_global("state", tok.state.encode(state[None, None])[0])
+            state_ids = layout.to_global("state", tok.state.encode(state[None, None])[0])[:self.config.state_dims]
             ids += [layout.special("<state>"), *state_ids.tolist(), layout.special("</state>")]
         return ids
+
+    def action_masks(self) -> np.ndarray:
+        """(D, V) bool: the ids each action dimension may take (its own bins when the tokenizer gives each dimension
+        its own, so that steering can never be read from an acceleration bin)."""
+        tokenizer, whole = self.tokenizers.action, self.layout.mask("action")
+        if not tokenizer.per_dimension:
+            return np.tile(whole, (tokenizer.dim, 1))
+        start = self.layout.segment("action").start
+        masks = np.zeros((tokenizer.dim, len(whole)), bool)
+        for d in range(tokenizer.dim):
+            masks[d, start + d * tokenizer.bins:start + (d + 1) * tokenizer.bins] = True
+        return masks
 
     def check_context(self, prompt: list[int], reason: bool) -> None:
         """Refuse a prompt that, with the reasoning and the chunk still to come, would not fit the model's context:
@@ -103,7 +115,7 @@ class Policy:
     def _fixed_tokens(self) -> int:
         """Prompt tokens besides the instruction: <bos>, the frames with their markers, the state with its markers."""
         per_frame = self.tokenizers.image.config.tokens_per_image + 2
-        state = self.tokenizers.state.dim + 2 if self.config.use_state else 0
+        state = len(np.arange(self.tokenizers.state.dim)[:self.config.state_dims]) + 2 if self.config.use_state else 0
         return 1 + self.config.history * per_frame + state
 
     def act(self, frames, instruction: str, state=None, reason: bool = True, greedy: bool = True,
@@ -131,7 +143,7 @@ class Policy:
         if continuous:
             actions = self._continuous(decoder.ids + [act])
             return ActionResult(actions, reasoning, decoder.generated, 1000 * (time.perf_counter() - start))
-        action_ids = decoder.generate_blocks(act, layout.mask("action"), self.config.horizon,
+        action_ids = decoder.generate_blocks(act, self.action_masks(), self.config.horizon,
                                              self.tokenizers.action.dim, greedy=greedy, temperature=temperature)
         actions = self.tokenizers.action.decode(layout.to_local("action", action_ids)[None])[0]
         return ActionResult(actions.astype(np.float32), reasoning, decoder.generated,

@@ -206,12 +206,21 @@ def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bo
         if unexpected or [k for k in missing if not k.startswith("action_head.")]:
             raise UnifiedError(f"initial weights do not fit the model config (missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]})")
+    if initial is None and config.ordinal_init:  # a fresh model: its binned segments start ordered
+        from unified.model import ordinal_init
+        from unified.tokenizers.fit import Tokenizers
+
+        run_tokenizers = Tokenizers.from_pretrained(tokenizer_dir)
+        ordinal_init(model, "action", run_tokenizers.action.bins, config.seed)
+        ordinal_init(model, "state", run_tokenizers.state.bins, config.seed + 1)
     if config.lora.enabled:
         note = add_lora(model, config.lora)
         if main_rank:
             print(note, flush=True)
     batches = MixtureBatches(shards, config.data.tasks, config.data.seq_len, config.data.batch_size, config.seed,
-                             config.model.image_loss_weight, config.model.task_weights, config.data.with_state)
+                             config.model.image_loss_weight, config.model.task_weights,
+                             config.data.with_state and config.model.use_state, config.model.state_dims,
+                             balance=config.data.balance)
     teacher, reasoning = None, None
     if config.distill.teacher:
         if set(t for t, w in config.data.tasks.items() if w > 0) != {"policy"}:
@@ -251,6 +260,13 @@ def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bo
             print(f"resuming at step {start_step} on {world} rank(s) from a {saved['world_size']}-rank checkpoint: "
                   "weights and schedule restored, optimizer moments re-initialised", flush=True)
 
+    held_out = None
+    if config.val_every:
+        held_out = MixtureBatches(shards, config.data.tasks, config.data.seq_len, config.data.batch_size,
+                                  config.seed, config.model.image_loss_weight, config.model.task_weights,
+                                  config.data.with_state and config.model.use_state, config.model.state_dims,
+                                  split="held_out")
+    best = client.get("best_val_loss", float("inf"))
     peak = measure_peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
     flops_per_token = 6 * sum(p.numel() for p in model.parameters())
     writer = SummaryWriter(str(run_dir / "tensorboard")) if main_rank else None
@@ -313,9 +329,21 @@ def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bo
                     writer.add_scalar(k, v, step)
         if config.sample_every and (step + 1) % config.sample_every == 0 and "world" in batches.tasks:
             _world_sample(engine.module, shards, tokenizer_dir, writer, step, device)
+        if held_out is not None and ((step + 1) % config.val_every == 0 or step + 1 == config.steps):
+            val_loss = validate(engine, held_out, config.val_batches, rank, device)
+            if main_rank:
+                writer.add_scalar("val/loss", val_loss, step)
+                with open(run_dir / "validation.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step + 1, "loss": val_loss}) + "\n")
+            if val_loss < best:  # the same on every rank: the loss is all-reduced
+                best = val_loss
+                checkpoint.save(engine, run_dir, step + 1, {"step": step + 1, "best_val_loss": best},
+                                info | {"val_loss": val_loss}, config.lora.scaling if config.lora.enabled else None,
+                                tag="best")
         if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
-            client_state = {"step": step + 1, "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                                                      "torch": torch.get_rng_state()}}
+            client_state = {"step": step + 1, "best_val_loss": best,
+                            "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                                    "torch": torch.get_rng_state()}}
             checkpoint.save(engine, run_dir, step + 1, client_state, info,
                             config.lora.scaling if config.lora.enabled else None)
     bar.close()
@@ -324,6 +352,21 @@ def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bo
         print(f"{config.name}: {config.steps} steps, final loss {losses[-1] if losses else float('nan'):.4f}; "
               f"checkpoints in {run_dir / 'checkpoints'}", flush=True)
     return losses
+
+
+@torch.no_grad()
+def validate(engine, held_out, batches: int, rank: int, device) -> float:
+    """The mean loss over `batches` batches of held-out episodes per rank, all-reduced (the same on every rank).
+    A distilled student is validated on the cross-entropy of the recorded actions (no teacher targets)."""
+    import torch.distributed as dist
+
+    total = torch.zeros(2, device=device, dtype=torch.float64)
+    for k in range(batches):
+        tensors = held_out.batch(k, 0, rank).to_torch(device)
+        loss, _ = engine(tensors)
+        total += torch.tensor([float(loss), 1.0], device=device, dtype=torch.float64)
+    dist.all_reduce(total)
+    return float(total[0] / total[1])
 
 
 def _read_losses(path: Path, start_step: int) -> list[float]:

@@ -36,6 +36,9 @@ class DataConfig:
     seq_len: int = 1024  # packed row length
     batch_size: int = 4  # packed rows per rank per micro step
     with_state: bool = True  # the ego state in policy prompts
+    # Draw policy samples of rare decisions (slow down, yield, change lanes) more often than the common "keep lane":
+    # weight (share of the sample's decision) ** -balance; 0 draws uniformly, 1 gives each decision the same share.
+    balance: float = 0.0
 
 
 @dataclass
@@ -98,10 +101,15 @@ class TrainConfig:
     save_every: int = 50  # checkpoint every N steps (and always at the end)
     log_every: int = 5
     sample_every: int = 50  # world-model sample images to TensorBoard every N steps; 0: never
+    # Loss on the store's held-out episodes every N steps (0: never), over val_batches batches per rank, to
+    # TensorBoard and RUN/validation.jsonl; the weights with the lowest one are kept in RUN/checkpoints/best.
+    val_every: int = 0
+    val_batches: int = 4
     seed: int = 0
     zero_stage: int = 2
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPUs, fp32 on the CPU
     init_from: str | None = None  # fine-tune: weights from an exported model directory or a checkpoint
+    ordinal_init: bool = True  # a fresh model's action and state bins start ordered (unified.model.ordinal_init)
     on_nan: Literal["stop", "skip"] = "stop"  # a NaN/inf loss stops the run (naming step, task, samples) or is skipped
     max_skipped: int = 10  # with on_nan: skip, stop after this many skipped steps
     gpu: dict[str, Any] = field(default_factory=dict)  # overrides applied when a GPU is present

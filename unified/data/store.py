@@ -34,7 +34,8 @@ from unified.sim.rollout import Episode, EpisodeSummary
 from unified.sim.suite import Suite, suite_from_dict
 
 FORMAT = "unified-episodes"
-FORMAT_VERSION = 2  # 2: the held-out split in meta/info.json, statistics over training episodes
+FORMAT_VERSION = 2  # 2: the held-out split in meta/info.json, statistics over training episodes, the nearest
+# vehicles in the state
 EPISODE_FILE = re.compile(r"^episode_(\d{6,})\.parquet$")
 
 SCHEMA = pa.schema([
@@ -43,7 +44,8 @@ SCHEMA = pa.schema([
     ("timestamp", pa.float32()),  # seconds since the episode began
     ("image", pa.binary()),  # PNG-encoded (H, W, 3) RGB frame seen before the action
     ("action", pa.list_(pa.float32(), 2)),  # acceleration m/s^2, steering rad
-    ("state", pa.list_(pa.float32(), 3)),  # speed m/s, heading relative to the lane rad, lane offset m
+    # speed m/s, heading relative to the lane rad, lane offset m, then the nearest vehicles (STATE_NAMES)
+    ("state", pa.list_(pa.float32(), len(STATE_NAMES))),
     ("instruction", pa.string()),
     ("critical_id", pa.int32()),  # -1: no critical agent
     ("critical_position", pa.list_(pa.float32(), 2)),  # metres in the ego frame (x ahead, y right)
@@ -189,6 +191,7 @@ class EpisodeStore:
         meta = {
             "index": episode.index, "scenario": episode.scenario, "seed": episode.seed, "driver": episode.driver,
             "instruction": episode.instruction, "summary": asdict(episode.summary),
+            **({"source": episode.source} if episode.source else {}),
         }
         schema = SCHEMA.with_metadata({"unified": json.dumps(meta)})
         table = pa.table(columns, schema=schema)
@@ -290,7 +293,7 @@ class EpisodeStore:
             index=meta["index"], scenario=meta["scenario"], seed=meta["seed"], driver=meta["driver"],
             instruction=meta["instruction"],
             actions=np.asarray(table["action"], np.float32).reshape(-1, 2),
-            states=np.asarray(table["state"], np.float32).reshape(-1, 3),
+            states=np.asarray(table["state"], np.float32).reshape(-1, len(STATE_NAMES)),
             causation=causation, summary=EpisodeSummary(**meta["summary"]),
             frames=np.stack([decode_png(b) for b in table["image"]]) if frames else None,
         )
@@ -318,7 +321,7 @@ class EpisodeStore:
                 # Statistics need every value for exact quantiles; actions and states are 20 bytes a step, so a
                 # store of 10 million steps needs 200 MB here while its frames never leave the disk.
                 actions.append(_fixed_list(table.column("action"), 2))
-                states.append(_fixed_list(table.column("state"), 3))
+                states.append(_fixed_list(table.column("state"), len(STATE_NAMES)))
             s = scenarios.setdefault(meta["scenario"], {"episodes": 0, "steps": 0, "success": 0, "collision": 0,
                                                         "held_out": 0})
             s["held_out"] += self.is_held_out(index)
@@ -351,7 +354,8 @@ class EpisodeStore:
         if info.get("format_version") == 1:
             raise UnifiedError(
                 f"{self.info_path}: written by an earlier version of unified (format_version 1: no held-out split, "
-                "seeds that evaluation could reuse); generate the store again into a new directory"
+                "seeds that evaluation could reuse, the ego state alone); generate the store again into a new "
+                "directory"
             )
         if info.get("format_version") != FORMAT_VERSION:
             raise UnifiedError(

@@ -24,6 +24,7 @@ from unified.errors import UnifiedError
 from unified.layout import TokenLayout
 from unified.outputs import staged_dir
 from unified.sequences import TASKS, Sample
+from unified.sim.causation import DECISIONS
 from unified.tokenizers.fit import Tokenizers
 
 FORMAT = "unified-token-shards"
@@ -80,7 +81,7 @@ def tokenize(
     with staged_dir(out, "shards", [data, tokenizer, operators], overwrite) as staging:
         table = _TextTable(tokenizers)
         columns: dict[str, list[np.ndarray]] = {k: [] for k in (
-            "image", "action", "action_values", "state", "episode", "step", "instruction", "reason")}
+            "image", "action", "action_values", "state", "episode", "step", "instruction", "reason", "decision")}
         episodes = []
         for index in tqdm(store.indices(), desc="tokenize", unit="ep", disable=not progress, dynamic_ncols=True):
             episode = store.read_episode(index)
@@ -93,6 +94,7 @@ def tokenize(
             columns["step"].append(np.arange(n, dtype=np.int32))
             columns["instruction"].append(np.full(n, table.row(episode.instruction), np.int32))
             columns["reason"].append(np.array([table.row(c.text) for c in episode.causation], np.int32))
+            columns["decision"].append(np.array([DECISIONS.index(c.decision) for c in episode.causation], np.int8))
             episodes.append({"index": index, "scenario": episode.scenario, "steps": n,
                              "held_out": store.is_held_out(index)})
         operator_rows = _operators(operators, operator_hops, table) if operators is not None else {}
@@ -196,7 +198,7 @@ class TokenShards:
                 self._index[(task, split)] = np.concatenate(rows) if rows else np.zeros(0, np.int64)
         return self._index[(task, split)]
 
-    def sample(self, task: str, row: int, with_state: bool = True) -> Sample:
+    def sample(self, task: str, row: int, with_state: bool = True, state_dims: int | None = None) -> Sample:
         a = self.arrays
         if task == "text":
             steps = int(a["operator_steps"][row])
@@ -215,7 +217,7 @@ class TokenShards:
         )
         if task in ("policy", "policy_reason"):
             sample.instruction = self._text(int(a["instruction"][row]))
-            sample.state = np.asarray(a["state"][row], np.int64) if with_state else None
+            sample.state = np.asarray(a["state"][row][:state_dims], np.int64) if with_state else None
             sample.reason = self._text(int(a["reason"][row]))
             values = np.asarray(a["action_values"][row:row + self.horizon], np.float64)
             sample.action_values = self.action_normalizer.normalize(values).astype(np.float32)

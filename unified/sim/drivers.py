@@ -23,10 +23,11 @@ YIELD_RADIUS_M = 40.0  # vehicles farther than this cannot conflict within the p
 class Intent:
     """What a driver decided and what it looked at, for the causation record of the step."""
 
-    action: np.ndarray  # (2,) acceleration m/s^2, steering rad
+    action: np.ndarray  # (2,) acceleration m/s^2, steering rad: what is recorded for the step
     target_lane: tuple | None  # lane index the driver steers to
     front: object | None  # leading vehicle in the ego's lane
     yield_to: object | None  # vehicle with right of way the driver brakes for
+    executed: np.ndarray | None = None  # (2,) what the car does instead, when a learner drives and the expert labels
 
 
 class ExpertDriver:
@@ -104,7 +105,7 @@ class RandomDriver:
 
     def act(self, env) -> Intent:
         action = self.rng.uniform([-ACCELERATION_LIMIT, -STEERING_LIMIT], [ACCELERATION_LIMIT, STEERING_LIMIT])
-        return _passive_intent(env, action.astype(np.float32))
+        return passive_intent(env, action.astype(np.float32))
 
 
 class ConstantSpeedDriver:
@@ -116,10 +117,10 @@ class ConstantSpeedDriver:
         pass
 
     def act(self, env) -> Intent:
-        return _passive_intent(env, np.zeros(2, np.float32))
+        return passive_intent(env, np.zeros(2, np.float32))
 
 
-def _passive_intent(env, action: np.ndarray) -> Intent:
+def passive_intent(env, action: np.ndarray) -> Intent:
     u = env.unwrapped
     front, _ = u.road.neighbour_vehicles(u.vehicle, u.vehicle.lane_index)
     return Intent(action, u.vehicle.lane_index, front, None)

@@ -16,8 +16,18 @@ ACCELERATION_LIMIT = 5.0  # m/s^2
 STEERING_LIMIT = float(np.pi / 4)  # rad
 ACTION_NAMES = ("acceleration", "steering")
 ACTION_UNITS = ("m/s^2", "rad")
-STATE_NAMES = ("speed", "heading", "lane_offset")
-STATE_UNITS = ("m/s", "rad", "m")
+# The ego state the policy reads, what a car's own sensors and map report: its speed and pose in the lane; how many
+# lanes of its road lie to its left and to its right (where a lane change can go); the vehicle ahead in its lane
+# (gap and speed difference, what adaptive cruise control's radar measures); and the NEIGHBOURS nearest other
+# vehicles within SENSE_RANGE_M (as highway-env's own Kinematics observation reports them): position and velocity
+# relative to the ego, in its frame (x ahead, y right). An empty slot reads as a vehicle at the edge of the range,
+# straight ahead, at the ego's speed: nothing to react to.
+NEIGHBOURS = 3
+SENSE_RANGE_M = 60.0
+EGO_STATE_NAMES = ("speed", "heading", "lane_offset")
+STATE_NAMES = EGO_STATE_NAMES + ("lanes_left", "lanes_right", "lead_gap", "lead_dv") + tuple(
+    f"car{k}_{f}" for k in range(1, NEIGHBOURS + 1) for f in ("dx", "dy", "dvx", "dvy"))
+STATE_UNITS = ("m/s", "rad", "m", "lanes", "lanes", "m", "m/s") + ("m", "m", "m/s", "m/s") * NEIGHBOURS
 
 
 def use_offscreen_rendering() -> None:

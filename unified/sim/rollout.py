@@ -9,7 +9,7 @@ import numpy as np
 from highway_env import utils
 
 from unified.sim.causation import Causation, VehicleIds, explain
-from unified.sim.env import make_env, max_steps, render_frame, to_env_action
+from unified.sim.env import NEIGHBOURS, SENSE_RANGE_M, STATE_NAMES, make_env, max_steps, render_frame, to_env_action
 from unified.sim.language import pick_instruction
 from unified.sim.suite import Scenario, Suite
 from unified.sim.traffic import jitter_traffic
@@ -36,18 +36,41 @@ class Episode:
     driver: str
     instruction: str
     actions: np.ndarray  # (T, 2) float32: acceleration m/s^2, steering rad
-    states: np.ndarray  # (T, 3) float32: speed m/s, heading relative to the lane rad, lane offset m
+    states: np.ndarray  # (T, S) float32: `ego_state` at each step
     causation: list[Causation]  # T records
     summary: EpisodeSummary
     frames: np.ndarray | None = None  # (T, H, W, 3) uint8, frame t is what the driver saw before action t
     latencies_ms: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (T,) wall time of each decision
+    source: dict | None = None  # how the episode was made when not by the expert alone (a DAgger round)
+    executed: np.ndarray | None = None  # (T, 2) what the car did, where it differs from `actions` (a learner drove)
 
 
 def ego_state(ego) -> np.ndarray:
-    """(3,) speed, heading relative to the lane direction, and lateral offset from the lane centre."""
+    """(S,) speed, heading relative to the lane direction and lateral offset from the lane centre; the number of
+    lanes of its road to its left and to its right; the gap to the vehicle ahead in the ego's lane and its speed
+    minus the ego's; then for each of the NEIGHBOURS nearest other
+    vehicles (closest first) its position and velocity relative to the ego, in the ego's frame (see
+    `unified.sim.env.STATE_NAMES`)."""
     longitudinal, lateral = ego.lane.local_coordinates(ego.position)
     heading = utils.wrap_to_pi(ego.heading - ego.lane.heading_at(longitudinal))
-    return np.array([ego.speed, heading, lateral], np.float32)
+    network = ego.road.network
+    sideways = [network.get_lane(index).local_coordinates(ego.position)[1]
+                for index in network.all_side_lanes(ego.lane_index)]  # > 0: that lane's centre is to the ego's left
+    width = ego.lane.width_at(longitudinal)
+    lanes = [sum(s > width / 2 for s in sideways), sum(s < -width / 2 for s in sideways)]
+    front, _ = ego.road.neighbour_vehicles(ego, ego.lane_index)
+    gap = ego.lane_distance_to(front) if front is not None else SENSE_RANGE_M
+    lead = [gap, front.speed - ego.speed] if front is not None and gap < SENSE_RANGE_M else [SENSE_RANGE_M, 0.0]
+    c, s = np.cos(ego.heading), np.sin(ego.heading)
+    to_ego = np.array([[c, s], [-s, c]])
+    near = sorted((v for v in ego.road.vehicles if v is not ego
+                   and np.linalg.norm(v.position - ego.position) < SENSE_RANGE_M),
+                  key=lambda v: np.linalg.norm(v.position - ego.position))[:NEIGHBOURS]
+    slots = np.tile([SENSE_RANGE_M, 0.0, 0.0, 0.0], (NEIGHBOURS, 1))
+    for k, v in enumerate(near):
+        slots[k, :2] = to_ego @ (v.position - ego.position)
+        slots[k, 2:] = to_ego @ (v.velocity - ego.velocity)
+    return np.concatenate([[ego.speed, heading, lateral], lanes, lead, slots.reshape(-1)]).astype(np.float32)
 
 
 def goal_reached(env) -> bool | None:
@@ -72,6 +95,9 @@ def start_episode(env, suite: Suite, scenario: Scenario, seed: int, jitter: bool
     """Reset `env` to the start of episode `seed`: the env's traffic, the scenario's traffic jitter and, for
     demonstrations (`jitter`), the ego started off its lane."""
     env.reset(seed=seed)
+    # Braking stops the car: highway-env's kinematic model would turn a sustained brake command into driving
+    # backwards (down to -40 m/s), which no car does. The expert never brakes that long; a learner may.
+    env.unwrapped.vehicle.MIN_SPEED = 0.0
     if any(scenario.traffic_jitter):
         jitter_traffic(env, *scenario.traffic_jitter, np.random.default_rng([seed, 2]))
     if jitter and any(suite.start_jitter):
@@ -91,7 +117,7 @@ def run_episode(
     ego = env.unwrapped.vehicle
     ids = VehicleIds()
     ids(ego)  # the ego is vehicle 1
-    frames, actions, states, records = [], [], [], []
+    frames, actions, states, records, executed_actions = [], [], [], [], []
     latencies, progress, end = [], 0.0, "time limit"
     # Where the scenario names a destination (a roundabout exit, an intersection branch), success needs the
     # ego to have driven onto it: the envs' own arrival tests accept any exit.
@@ -107,7 +133,9 @@ def run_episode(
         states.append(ego_state(ego))
         actions.append(intent.action)
         before = ego.position.copy()
-        _, _, terminated, truncated, _ = env.step(to_env_action(intent.action))
+        executed = intent.action if intent.executed is None else intent.executed
+        executed_actions.append(executed)
+        _, _, terminated, truncated, _ = env.step(to_env_action(executed))
         progress += float(np.linalg.norm(ego.position - before))
         reached = reached or scenario.destination in ego.lane_index[:2]
         if ego.crashed:
@@ -133,7 +161,9 @@ def run_episode(
     )
     return Episode(
         index=index, scenario=scenario.name, seed=seed, driver=driver.name, instruction=instruction,
-        actions=np.asarray(actions, np.float32).reshape(-1, 2), states=np.asarray(states, np.float32).reshape(-1, 3),
+        actions=np.asarray(actions, np.float32).reshape(-1, 2),
+        states=np.asarray(states, np.float32).reshape(-1, len(STATE_NAMES)),
         causation=records, summary=summary, frames=np.stack(frames) if frames else None,
         latencies_ms=np.asarray(latencies),
+        executed=np.asarray(executed_actions, np.float32).reshape(-1, 2) if driver.name == "dagger" else None,
     )
