@@ -52,7 +52,7 @@ demo: $(VENV)/.installed
 
 $(D)/tokenizers/layout.json:
 	$(BIN)/unified tokenizer fit --data $(D)/data/train --operators $(D)/data/operators --out $(D)/tokenizers \
-		--image-steps 1200
+		--image-steps 2000
 
 $(D)/shards/meta.json: $(D)/tokenizers/layout.json
 	$(BIN)/unified data tokenize --data $(D)/data/train --tokenizer $(D)/tokenizers --out $(D)/shards \
@@ -91,7 +91,7 @@ dagger: $(VENV)/.installed
 	previous=$(D)/joint; for r in $$(seq 1 $(ROUNDS)); do \
 		$(BIN)/unified export --checkpoint $$previous --out $(D)/dagger/model_$$((r - 1)) --overwrite || exit 1; \
 		$(BIN)/unified data dagger --model $(D)/dagger/model_$$((r - 1)) --out $(D)/data/train --episodes 100 \
-			--round $$r --replan-every 2 --ensemble 0.5 --workers $(WORKERS) || exit 1; \
+			--round $$r --replan-every 5 --ensemble 0.5 --workers $(WORKERS) || exit 1; \
 		test -f $(D)/dagger/shards_$$r/meta.json || $(BIN)/unified data tokenize --data $(D)/data/train \
 			--tokenizer $(D)/tokenizers --out $(D)/dagger/shards_$$r --operators $(D)/data/operators \
 			--tasks policy_reason,policy,world,text || exit 1; \
@@ -102,7 +102,7 @@ dagger: $(VENV)/.installed
 	done
 	$(BIN)/unified export --checkpoint $(D)/dagger/run_$(ROUNDS) --out $(D)/dagger/model_$(ROUNDS) --overwrite
 	$(BIN)/unified eval closed-loop --model $(D)/dagger/model_$(ROUNDS) --scenarios recipes/data/train.yaml \
-		--episodes 20 --mode direct --replan-every 2 --ensemble 0.5 --workers $(WORKERS) --json $(D)/dagger/final.json
+		--episodes 20 --mode direct --replan-every 5 --ensemble 0.5 --workers $(WORKERS) --json $(D)/dagger/final.json
 
 # What made the driver drive: one lever per row (recipes/ablation.yaml), each trained and driven (about 80 minutes).
 ablation: $(VENV)/.installed

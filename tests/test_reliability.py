@@ -260,8 +260,10 @@ def test_a_missing_hostfile_and_bad_numbers_are_refused(model_data, tmp_path, ca
                    f"data={shards}") == 2
     assert "expected lines `HOST slots=N`" in capsys.readouterr().err
     suite = model_data / "suite.yaml"
-    assert unified("eval", "closed-loop", "--model", "constant", "--scenarios", suite, "--replan-every", 0) == 2
-    assert "--replan-every must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        unified("eval", "closed-loop", "--model", "constant", "--scenarios", suite, "--replan-every", 0)
+    assert exit_info.value.code == 2
+    assert "argument --replan-every: must be at least 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 
@@ -314,9 +316,9 @@ def test_policy_inputs_are_checked(export, model_data):
     with pytest.raises(UnifiedError, match="beyond the model's 256 positions; shorten the instruction"):
         policy.act(frames, "Drive carefully. " * 600, state=state)
     with pytest.raises(UnifiedError, match=r"state: not finite"):
-        policy.act(frames, "Drive.", state=(np.nan, 0.0, 0.0))
-    with pytest.raises(UnifiedError, match=r"state: expected 19 values \(speed, heading, lane_offset, lead_gap, .*\), "
-                                           r"got 2"):
+        policy.act(frames, "Drive.", state=np.where(np.arange(len(state)) == 0, np.nan, state))
+    with pytest.raises(UnifiedError,
+                       match=r"state: expected 19 values \(speed, heading, lane_offset, lanes_left, .*\), got 2"):
         policy.act(frames, "Drive.", state=(20.0, 0.0))
     assert policy.act(frames, "Drive.", state=state, reason=False).actions.shape == (4, 2)
 

@@ -46,9 +46,11 @@ def test_fit_writes_a_complete_directory(tokdir, store):
     tokenizers = Tokenizers.from_pretrained(tokdir)
     assert tokenizers.layout == TokenLayout.load(tokdir / "layout.json")
     assert tokenizers.layout.segment("image").size == 1024
-    # Normalisation comes from the store's statistics, never from typed-in numbers.
+    # Normalisation comes from the store's statistics, never from typed-in numbers: by default the action bins
+    # span the training actions' whole range (min to max), so the expert's rare strong corrections stay commandable.
     stats = json.loads((store / "meta" / "info.json").read_text())["action_stats"]
-    assert list(tokenizers.action.q01) == stats["q01"] and list(tokenizers.action.q99) == stats["q99"]
+    assert info["options"]["action_range"] == "full"
+    assert list(tokenizers.action.q01) == stats["min"] and list(tokenizers.action.q99) == stats["max"]
 
 
 def test_eval_json_has_the_documented_figures(tokdir, store):

@@ -1,7 +1,8 @@
 """Action tokenizers over chunks of H continuous actions: uniform bins, and FAST (DCT + rounding + BPE).
 
-Both normalise each dimension with the q01/q99 quantiles the episode store computed (clipping outside), so
-no statistics are ever typed in; both decode to the simulator's units.
+Both normalise each dimension with a range taken from the episode store's statistics (bins: min..max of the
+training actions by default, or their q01/q99 quantiles; FAST: q01/q99), clipping outside, so no statistics are
+ever typed in; both decode to the simulator's units.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Per-dimension normalisation of actions and states with the q01/q99 quantiles an episode store computed."""
+"""Per-dimension normalisation of actions and states to [-1, 1] over a range (`q01`..`q99`) an episode store computed:
+its 1%/99% quantiles, or its min and max where the tokenizer fit asks for the whole range."""
 
 from __future__ import annotations
 
