@@ -1,7 +1,8 @@
 """`unified eval ablation`: what made the driver drive. Each row of an ablation YAML (recipes/ablation.yaml) trains
 the teacher with one more lever than the row above it, through the DeepSpeed launcher, on the same data, and
-drives both suites closed loop on the same evaluation seeds, action-only and reasoning first. The table says, per
-row, success in and out of distribution, collisions, the decision latency and the training time.
+drives both suites closed loop on the same evaluation seeds, action-only and (with `modes: [direct, reason]`)
+reasoning first. The table says, per row, success in and out of distribution, collisions, the decision latency and
+the training time.
 
     OUT/rows/K/  tokenizers (if the row fits its own), shards, run, model, closed-loop reports
     OUT/ablation.json, OUT/ablation.md
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import json as jsonlib
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +37,8 @@ class AblationConfig:
     store: str = "runs/demo/data/train"
     operators: str = "runs/demo/data/operators"
     tokenizer: str = "runs/demo/tokenizers"
+    shards: str | None = None  # `tokenizer`'s shards of `store`: rows with neither their own tokenizers nor DAgger
+    modes: list[str] = field(default_factory=lambda: ["direct", "reason"])  # how each row's model is driven
     suites: dict[str, str] = field(default_factory=dict)
     episodes: int = 20
     workers: int = 2
@@ -46,6 +48,8 @@ class AblationConfig:
     dagger_episodes: int = 100
 
     def __post_init__(self):
+        if not self.modes or set(self.modes) - {"direct", "reason"}:
+            raise UnifiedError(f"ablation modes: expected a non-empty list of direct and reason, got {self.modes}")
         for k, row in enumerate(self.rows):
             for ref in (row.same_model_as, row.dagger_from):
                 if ref is not None and not 0 <= ref < k:
@@ -53,7 +57,10 @@ class AblationConfig:
 
 
 def ablation(overrides: list[str] = (), *, spec: Path, out: Path) -> dict:
-    """Run every row of the ablation `spec` (a YAML; key=value overrides it) into `out` and write the table."""
+    """Run every row of the ablation `spec` (a YAML; key=value overrides it) into `out` and write the table.
+
+    Resumable: a row's finished run and export are reused (its training time is read from the run itself), and so
+    is a closed-loop report of the same weights, execution, suite and episode count."""
     from unified.eval.closed_loop import Evaluation, evaluate, write_report
 
     from unified.outputs import check_dir, write_text_atomic
@@ -61,38 +68,83 @@ def ablation(overrides: list[str] = (), *, spec: Path, out: Path) -> dict:
 
     config = from_dict(AblationConfig, apply_overrides(AblationConfig, load_yaml(spec), list(overrides)), str(spec))
     out = Path(out)
-    inputs = [spec, config.store, config.operators, config.tokenizer, *config.suites.values()]
+    inputs = [spec, config.store, config.operators, config.tokenizer, *config.suites.values(),
+              *([config.shards] if config.shards else [])]
     if check_dir(out, "ablation", inputs) == "new":  # resumable: a rerun continues an ablation directory
         write_text_atomic(out / "ablation_dir.json", jsonlib.dumps({"format": "unified-ablation"}) + "\n")
     results = []
     for k, row in enumerate(config.rows):
         print(f"== ablation row {k}: {row.name}", flush=True)
         where = out / "rows" / str(k)
-        started = time.monotonic()
         if row.same_model_as is not None:
             model, seconds = results[row.same_model_as]["model"], 0.0
         else:
             model = _train_row(config, row, where, results)
-            seconds = time.monotonic() - started
+            seconds = _training_seconds(where / "run")
         figures = {"row": k, "name": row.name, "model": str(model), "train_seconds": round(seconds),
                    "replan_every": row.replan_every, "ensemble": row.ensemble, "suites": {}}
-        for mode in ("direct", "reason"):
+        # Each row is compared, pair by pair on the same episodes, with the row its lever was added to.
+        against = row.dagger_from if row.dagger_from is not None else k - 1
+        for mode in config.modes:
             evaluations = {label: Evaluation(str(model), path, mode, row.replan_every, row.ensemble)
                            for label, path in config.suites.items()}
-            reports = evaluate(list(evaluations.values()), config.episodes, config.workers)
+            reports = {}
+            for label, e in evaluations.items():
+                report = _reusable(where / f"{mode}_{label}.json", e, config.episodes)
+                if report is not None:
+                    reports[e] = report
+            missing = [e for e in evaluations.values() if e not in reports]
+            if missing:
+                reports |= evaluate(missing, config.episodes, config.workers)
             for label, e in evaluations.items():
                 report = reports[e]
                 write_report(report, where / f"{mode}_{label}.json")
                 o = report["overall"]
-                figures["suites"].setdefault(label, {})[mode] = {
+                figures["suites"].setdefault(label, {})[mode] = entry = {
                     "success": o["success_rate"]["mean"], "ci95": o["success_rate"]["ci95"],
                     "collision": o["collision_rate"]["mean"], "latency_ms": o["decision_latency_ms"]["median"],
                     "per_scenario": {n: v["success_rate"]["mean"] for n, v in report["scenarios"].items()}}
+                previous = out / "rows" / str(against) / f"{mode}_{label}.json"
+                if against >= 0 and previous.is_file():
+                    entry["vs"] = _paired(jsonlib.loads(previous.read_text()), report, against)
         results.append(figures)
         write_json(out / "ablation.json", {"spec": str(spec), "rows": results}, "ablation")
     write_text_atomic(out / "ablation.md", markdown(results, list(config.suites), config.episodes))
     print(markdown(results, list(config.suites), config.episodes), flush=True)
     return {"rows": results}
+
+
+def _training_seconds(run: Path) -> float:
+    """How long the run trained: from its configuration, written as it started, to its last checkpoint (the same
+    figure whether the run was trained now or reused from an earlier invocation)."""
+    return (run / "checkpoints" / "latest").stat().st_mtime - (run / "config.yaml").stat().st_mtime
+
+
+def _reusable(path: Path, e, episodes: int) -> dict | None:
+    """The closed-loop report at `path` if it drove these weights (by fingerprint) the same way on the same suite
+    and episode count; else None."""
+    from unified.model_dir import weights_fingerprint
+    from unified.sim.suite import load_suite
+
+    if not path.is_file():
+        return None
+    report = jsonlib.loads(path.read_text())
+    same = (report.get("fingerprint") == weights_fingerprint(e.model) and report.get("mode") == e.mode
+            and report.get("replan_every") == e.replan_every and report.get("ensemble") == e.ensemble
+            and report.get("episodes_per_scenario") == episodes
+            and report.get("suite_hash") == load_suite(e.suite).hash)
+    if same:
+        print(f"{path}: the same weights driven the same way, reused", flush=True)
+    return report if same else None
+
+
+def _paired(first: dict, second: dict, row: int) -> dict:
+    """McNemar's test and the paired difference in success of `second` against `first` (row `row`)."""
+    from unified.eval.stats import compare_paired
+
+    c = compare_paired(first, second)
+    return {"row": row, "pairs": c["pairs"], "difference": c["difference"]["difference"],
+            "ci95": c["difference"]["ci95"], "p": c["mcnemar"]["p_value"]}
 
 
 def _train_row(config: AblationConfig, row: Row, where: Path, results: list[dict]) -> Path:
@@ -127,7 +179,9 @@ def _train_row(config: AblationConfig, row: Row, where: Path, results: list[dict
                replan_every=source["replan_every"], ensemble=source["ensemble"], workers=config.workers)
         init = [f"init_from={source['model']}"]
     shards = where / "shards"
-    if not (shards / "meta.json").is_file():
+    if config.shards and not row.tokenizer_options and row.dagger_from is None:
+        shards = Path(config.shards)  # the same tokenizers over the same store: the same shards
+    elif not (shards / "meta.json").is_file():
         tokenize(data=store, tokenizer=tokenizer, out=shards, operators=Path(config.operators),
                  tasks="policy_reason,policy,world,text")
     train_run(config.recipe, [f"data={shards}", *config.base, *row.train, *init], where / "run", config.ranks)
@@ -135,21 +189,43 @@ def _train_row(config: AblationConfig, row: Row, where: Path, results: list[dict
 
 
 def markdown(rows: list[dict], suites: list[str], episodes: int) -> str:
+    """The table (success with its interval, action-only and, where driven so, reasoning first; collisions; the
+    paired comparison with the row each lever was added to; latency; training time), then action-only success
+    per scenario."""
+    from unified.eval.stats import format_p
+
+    reason = any("reason" in r["suites"][s] for r in rows for s in suites)
+    both = " (action-only / reasoning first)" if reason else " (action-only)"
     shown = [s.replace("_", " ") for s in suites]
-    header = (["#", "setting"] + [f"success {s} (action-only / reasoning first)" for s in shown]
-              + [f"collision {s}" for s in shown] + ["latency ms (action-only / reasoning)", "training time"])
+    header = (["#", "setting"] + [f"success {s}{both}" for s in shown] + [f"collision {s}" for s in shown]
+              + [f"action-only vs the row it changes, {s}: difference [95%], McNemar p" for s in shown]
+              + [f"latency ms{both}", "training time"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [str(r["row"]), r["name"]]
         for s in suites:
-            d, q = r["suites"][s]["direct"], r["suites"][s]["reason"]
-            cells.append(f"{d['success']:.2f} [{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}] / {q['success']:.2f}")
+            d, q = r["suites"][s]["direct"], r["suites"][s].get("reason")
+            cells.append(f"{d['success']:.2f} [{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}]"
+                         + (f" / {q['success']:.2f}" if q else ""))
         cells += [f"{r['suites'][s]['direct']['collision']:.2f}" for s in suites]
+        for s in suites:
+            vs = r["suites"][s]["direct"].get("vs")
+            cells.append("-" if vs is None else f"row {vs['row']}: {vs['difference']:+.2f} "
+                         f"[{vs['ci95'][0]:+.2f}, {vs['ci95'][1]:+.2f}], p {format_p(vs['p'])}")
         first = r["suites"][suites[0]]
-        cells.append(f"{first['direct']['latency_ms']:.0f} / {first['reason']['latency_ms']:.0f}")
+        cells.append(f"{first['direct']['latency_ms']:.0f}"
+                     + (f" / {first['reason']['latency_ms']:.0f}" if "reason" in first else ""))
         cells.append(f"{r['train_seconds'] // 60}:{r['train_seconds'] % 60:02d}" if r["train_seconds"] else
-                     "(row above)")
+                     "(an earlier row's model)")
         lines.append("| " + " | ".join(cells) + " |")
+    scenarios = [n for s in suites for n in rows[0]["suites"][s]["direct"].get("per_scenario", {})] if rows else []
+    if scenarios:
+        lines += ["", "Action-only success per scenario:", "",
+                  "| # | " + " | ".join(n.replace("_", " ") for n in scenarios) + " |",
+                  "|---|" + "---|" * len(scenarios)]
+        for r in rows:
+            per = {n: v for s in suites for n, v in r["suites"][s]["direct"].get("per_scenario", {}).items()}
+            lines.append(f"| {r['row']} | " + " | ".join(f"{per[n]:.2f}" if n in per else "-" for n in scenarios)
+                         + " |")
     return (f"{episodes} episodes per scenario, the same evaluation seeds for every row; success [95% Wilson "
             "interval].\n\n" + "\n".join(lines) + "\n")
-

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 from tqdm import tqdm
+from unified.eval.model_driver import ENSEMBLE, REPLAN_EVERY
 from unified.eval.stats import compare_paired, mean_interval, wilson_interval
 
 from unified.errors import UnifiedError
@@ -116,16 +117,16 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
 def closed_loop(
     *, model: str, scenarios: Path, episodes: int = 20, workers: int = 1, seed: int = EVAL_SEED,
     json: Path | None = None, mode: Literal["reason", "direct", "continuous"] = "reason",
-    replan_every: int | None = None, ensemble: float | None = None, train_store: list[Path] = (),
+    replan_every: int | None = REPLAN_EVERY, ensemble: float | None = ENSEMBLE, train_store: list[Path] = (),
     progress: bool = True,
 ) -> dict[str, Any]:
     """Drive `episodes` episodes of every scenario in the suite `scenarios` with `model` (an exported model
     directory, or the scripted expert, random or constant driver) and return (and with `json`, write) the
     report. A model reasons before acting (`mode reason`), acts directly (`direct`) or reads its continuous
-    head (`continuous`), and re-plans every `replan_every` steps (default: its chunk length), blending the chunks
-    that cover a step with weights exp(-ensemble * i), oldest first, when `ensemble` is given. `train_store`
-    (one or more episode stores a model trained on): refuse evaluation episodes that share a simulator seed with
-    their training episodes, and report those whose traffic is a near-replay of one."""
+    head (`continuous`), and re-plans every `replan_every` steps (default 5; its chunk length or more: each chunk
+    executed to its end), blending the chunks that cover a step with weights exp(-ensemble * i), oldest first
+    (default 0.5). `train_store` (one or more episode stores a model trained on): refuse evaluation episodes that
+    share a simulator seed with their training episodes, and report those whose traffic is a near-replay of one."""
     from unified.outputs import check_file
 
     if json is not None:  # a bad path fails now, not after the evaluation

@@ -19,13 +19,18 @@ from unified.sim.rollout import ego_state
 from unified.sim.suite import Scenario
 
 Mode = Literal["reason", "direct", "continuous"]
+# The default execution: a new plan every 5 steps (1 s at 5 Hz), blended with the older plans that still cover the
+# step. Against each 2 s chunk executed blind the ablation (`make ablation`, row 4 against row 3) measured +0.04
+# success in distribution, not significant (p = 0.11), and never worse. `replan_every` at least the chunk length
+# (None: the chunk length) executes each chunk to its end, blind.
+REPLAN_EVERY, ENSEMBLE = 5, 0.5
 
 
 class ModelDriver:
     name = "model"
 
-    def __init__(self, policy, mode: Mode = "reason", replan_every: int | None = None,
-                 ensemble: float | None = None):
+    def __init__(self, policy, mode: Mode = "reason", replan_every: int | None = REPLAN_EVERY,
+                 ensemble: float | None = ENSEMBLE):
         self.policy, self.mode, self.ensemble = policy, mode, ensemble
         self.replan_every = replan_every or policy.config.horizon
         self.decisions: list[dict] = []

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 from unified.eval.closed_loop import closed_loop, compare
 
@@ -102,3 +103,79 @@ def test_evaluation_against_a_training_store(tmp_path):
     seed = store.episode_meta(0)["seed"]
     with pytest.raises(UnifiedError, match="use a simulator seed of a training episode"):
         check_overlap([(load_suite(suite), "merge", seed)], [tmp_path / "train"], progress=False)
+
+
+class _ChunkPolicy:
+    """A stand-in policy whose k-th plan is a chunk of constant actions (k, -k): which plans an action blends is
+    then readable from the action itself."""
+
+    class config:  # noqa: N801 - the attribute Policy.config provides
+        horizon, history = 4, 1
+
+    def __init__(self):
+        self.plans = 0
+
+    def act(self, frames, instruction, state, reason, continuous):
+        from types import SimpleNamespace
+
+        self.plans += 1
+        chunk = np.tile([float(self.plans), -float(self.plans)], (self.config.horizon, 1))
+        return SimpleNamespace(actions=chunk, tokens_generated=8, reasoning=None)
+
+
+def _drive(replan_every, ensemble, steps=6):
+    from unified.eval.model_driver import ModelDriver
+
+    from unified.sim.env import make_env
+    from unified.sim.rollout import start_episode
+    from unified.sim.suite import suite_from_dict
+
+    suite = suite_from_dict({"image_size": [32, 32], "scenarios": {"highway": {
+        "env": "highway-v0", "config": {"lanes_count": 2, "vehicles_count": 3}}}})
+    scenario = suite.scenarios["highway"]
+    env = make_env(suite, scenario)
+    start_episode(env, suite, scenario, 7, False)
+    driver = ModelDriver(_ChunkPolicy(), mode="direct", replan_every=replan_every, ensemble=ensemble)
+    driver.reset(env, scenario, 7)
+    return [driver.action(env) for _ in range(steps)]
+
+
+def test_temporal_ensembling_blends_the_chunks_that_cover_a_step():
+    # Without ensembling a chunk of 4 is executed to its end, then the next plan's.
+    assert [a[0] for a in _drive(None, None)] == [1, 1, 1, 1, 2, 2]
+    # Re-planning every 2 steps without blending switches to the newest plan.
+    assert [a[0] for a in _drive(2, None)] == [1, 1, 2, 2, 3, 3]
+    # Blended: at step 2 the chunks planned at steps 0 and 2 both cover it, weights exp(-0.5 i), oldest first.
+    actions = _drive(2, 0.5)
+    w = np.exp(-0.5 * np.arange(2))
+    assert actions[0][0] == actions[1][0] == 1
+    assert actions[2][0] == pytest.approx((w[0] * 1 + w[1] * 2) / w.sum())
+    assert actions[4][0] == pytest.approx((w[0] * 2 + w[1] * 3) / w.sum())
+    assert actions[4][1] == pytest.approx(-actions[4][0])  # every dimension blended alike
+
+
+def test_braking_stops_the_car_and_never_reverses():
+    from unified.sim.drivers import passive_intent
+    from unified.sim.rollout import run_episode
+    from unified.sim.suite import suite_from_dict
+
+    class Brake:
+        name = "brake"
+
+        def reset(self, env, scenario, seed):
+            pass
+
+        def act(self, env):
+            return passive_intent(env, np.array([-5.0, 0.0], np.float32))
+
+    # Alone on the road (nothing to run into it from behind), 8 s of full braking from about 25 m/s.
+    suite = suite_from_dict({"image_size": [32, 32], "scenarios": {"highway": {
+        "env": "highway-v0", "config": {"lanes_count": 1, "vehicles_count": 0}, "max_steps": 40}}})
+    episode = run_episode(suite, suite.scenarios["highway"], Brake(), seed=3, render=False)
+    speeds = np.array([s[0] for s in episode.states])
+    assert len(speeds) == 40 and speeds[0] > 15
+    stopped = int(np.argmax(speeds < 0.5))
+    assert 0 < stopped < 30  # about 5 s
+    # Stopped, not reversing: the simulator's floor lets the speed dip one simulation step (5 m/s^2 / 15 Hz) below
+    # 0 and brings it back, where without the floor it would reach -15 m/s by the end.
+    assert speeds.min() >= -5.0 / 15 - 1e-3 and abs(speeds[-1]) < 0.05

@@ -85,12 +85,21 @@ def test_unknown_key_on_the_command_line_starts_no_rank(tmp_path):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_stages_train_with_falling_loss(shards, tmp_path, stage):
     run = tmp_path / f"zero{stage}"
-    result = launch(2, run, shards, f"zero_stage={stage}", "steps=12", "save_every=6")
+    validation = ["val_every=6", "val_batches=1"] if stage == 2 else []
+    result = launch(2, run, shards, f"zero_stage={stage}", "steps=12", "save_every=6", *validation)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     curve = losses(run)
     assert len(curve) == 12 and np.mean(curve[-3:]) < np.mean(curve[:3])
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000012"
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    if stage == 2:
+        # A validation loss on the held-out episodes every 6 steps; the best checkpoint is the step with the lowest,
+        # and never the one a resume continues from.
+        val = [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
+        assert [v["step"] for v in val] == [6, 12] and all(np.isfinite(v["loss"]) for v in val)
+        best = json.loads((run / "checkpoints" / "best" / "checkpoint.json").read_text())
+        assert best["step"] == min(val, key=lambda v: v["loss"])["step"]
+        assert best["val_loss"] == min(v["loss"] for v in val)
     if stage == 3:
         # Export from ZeRO-3 shards: one consolidated safetensors file, loadable without DeepSpeed.
         from transformers import AutoModelForCausalLM

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from unified.data.store import EpisodeStore
 from unified.errors import UnifiedError
+from unified.eval.model_driver import ENSEMBLE, REPLAN_EVERY
 from unified.sim.drivers import ExpertDriver, Intent
 from unified.sim.env import make_env
 from unified.sim.rollout import run_episode
@@ -97,8 +98,8 @@ class _Worker:
 
 def dagger(
     *, model: Path, out: Path, episodes: int, suite: Path | None = None, round: int = 1, beta: float = 0.0,
-    mode: str = "direct", replan_every: int | None = None, ensemble: float | None = None, workers: int = 1,
-    progress: bool = True,
+    mode: str = "direct", replan_every: int | None = REPLAN_EVERY, ensemble: float | None = ENSEMBLE,
+    workers: int = 1, progress: bool = True,
 ) -> dict:
     """Drive `episodes` episodes of the store's suite with `model` (an export), label them with the expert and
     append them to the store `out` as DAgger round `round`. `suite`, if given, must be the store's. Returns the

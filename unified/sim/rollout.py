@@ -96,7 +96,9 @@ def start_episode(env, suite: Suite, scenario: Scenario, seed: int, jitter: bool
     demonstrations (`jitter`), the ego started off its lane."""
     env.reset(seed=seed)
     # Braking stops the car: highway-env's kinematic model would turn a sustained brake command into driving
-    # backwards (down to -40 m/s), which no car does. The expert never brakes that long; a learner may.
+    # backwards (down to -40 m/s), which no car does. The expert never brakes that long; a learner may. With the
+    # simulator's own speed floor at 0, a command below it is overridden to bring the car back: the speed dips at
+    # most one simulation step of braking (0.33 m/s at 15 Hz) below 0 and settles back to 0.
     env.unwrapped.vehicle.MIN_SPEED = 0.0
     if any(scenario.traffic_jitter):
         jitter_traffic(env, *scenario.traffic_jitter, np.random.default_rng([seed, 2]))
