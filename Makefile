@@ -104,7 +104,7 @@ dagger: $(VENV)/.installed
 	$(BIN)/unified eval closed-loop --model $(D)/dagger/model_$(ROUNDS) --scenarios recipes/data/train.yaml \
 		--episodes 20 --mode direct --replan-every 5 --ensemble 0.5 --workers $(WORKERS) --json $(D)/dagger/final.json
 
-# What made the driver drive: one lever per row (recipes/ablation.yaml), each trained and driven (about 47 minutes here).
+# What made the driver drive: one lever per row (recipes/ablation.yaml), each trained and driven (about 60 minutes here).
 ablation: $(VENV)/.installed
 	@test -f $(D)/tokenizers/layout.json || { echo "make ablation reads the demo's data and tokenizers: run make demo first"; exit 1; }
 	$(BIN)/unified eval ablation --spec recipes/ablation.yaml --out $(D)/ablation

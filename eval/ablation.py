@@ -28,6 +28,7 @@ class Row:
     ensemble: float | None = None
     same_model_as: int | None = None  # evaluate that row's model again (an execution-only lever)
     dagger_from: int | None = None  # fine-tune that row's model on a DAgger round it drove (its execution)
+    compare_with: int | None = None  # the row its lever is added to (default: dagger_from, else the row above)
 
 
 @dataclass
@@ -51,7 +52,7 @@ class AblationConfig:
         if not self.modes or set(self.modes) - {"direct", "reason"}:
             raise UnifiedError(f"ablation modes: expected a non-empty list of direct and reason, got {self.modes}")
         for k, row in enumerate(self.rows):
-            for ref in (row.same_model_as, row.dagger_from):
+            for ref in (row.same_model_as, row.dagger_from, row.compare_with):
                 if ref is not None and not 0 <= ref < k:
                     raise UnifiedError(f"ablation rows[{k}]: refers to row {ref}, which is not an earlier row")
 
@@ -84,7 +85,7 @@ def ablation(overrides: list[str] = (), *, spec: Path, out: Path) -> dict:
         figures = {"row": k, "name": row.name, "model": str(model), "train_seconds": round(seconds),
                    "replan_every": row.replan_every, "ensemble": row.ensemble, "suites": {}}
         # Each row is compared, pair by pair on the same episodes, with the row its lever was added to.
-        against = row.dagger_from if row.dagger_from is not None else k - 1
+        against = next((r for r in (row.compare_with, row.dagger_from) if r is not None), k - 1)
         for mode in config.modes:
             evaluations = {label: Evaluation(str(model), path, mode, row.replan_every, row.ensemble)
                            for label, path in config.suites.items()}

@@ -17,6 +17,8 @@ def test_the_shipped_ablation_maps_onto_its_config():
     assert config.rows[0].tokenizer_options  # the earlier default fits its own tokenizers
     with pytest.raises(UnifiedError, match="expected a non-empty list of direct and reason"):
         from_dict(AblationConfig, {"rows": [], "modes": ["sideways"]}, "x")
+    with pytest.raises(UnifiedError, match="refers to row 1, which is not an earlier row"):
+        from_dict(AblationConfig, {"rows": [{"name": "a", "compare_with": 1}]}, "x")
     with pytest.raises(UnifiedError, match="refers to row 2, which is not an earlier row"):
         from_dict(AblationConfig, {"rows": [{"name": "a", "same_model_as": 2}]}, "x")
 
