@@ -64,6 +64,7 @@ def ablation(overrides: list[str] = (), *, spec: Path, out: Path) -> dict:
     is a closed-loop report of the same weights, execution, suite and episode count."""
     from unified.eval.closed_loop import Evaluation, evaluate, write_report
 
+    from unified.model_dir import weights_fingerprint
     from unified.outputs import check_dir, write_text_atomic
     from unified.outputs import write_report as write_json
 
@@ -86,12 +87,13 @@ def ablation(overrides: list[str] = (), *, spec: Path, out: Path) -> dict:
                    "replan_every": row.replan_every, "ensemble": row.ensemble, "suites": {}}
         # Each row is compared, pair by pair on the same episodes, with the row its lever was added to.
         against = next((r for r in (row.compare_with, row.dagger_from) if r is not None), k - 1)
+        fingerprint = weights_fingerprint(model)
         for mode in config.modes:
             evaluations = {label: Evaluation(str(model), path, mode, row.replan_every, row.ensemble)
                            for label, path in config.suites.items()}
             reports = {}
             for label, e in evaluations.items():
-                report = _reusable(where / f"{mode}_{label}.json", e, config.episodes)
+                report = _reusable(where / f"{mode}_{label}.json", e, config.episodes, fingerprint)
                 if report is not None:
                     reports[e] = report
             missing = [e for e in evaluations.values() if e not in reports]
@@ -121,16 +123,15 @@ def _training_seconds(run: Path) -> float:
     return (run / "checkpoints" / "latest").stat().st_mtime - (run / "config.yaml").stat().st_mtime
 
 
-def _reusable(path: Path, e, episodes: int) -> dict | None:
-    """The closed-loop report at `path` if it drove these weights (by fingerprint) the same way on the same suite
-    and episode count; else None."""
-    from unified.model_dir import weights_fingerprint
+def _reusable(path: Path, e, episodes: int, fingerprint: str) -> dict | None:
+    """The closed-loop report at `path` if it drove the weights of `fingerprint` the same way on the same suite and
+    episode count; else None."""
     from unified.sim.suite import load_suite
 
     if not path.is_file():
         return None
     report = jsonlib.loads(path.read_text())
-    same = (report.get("fingerprint") == weights_fingerprint(e.model) and report.get("mode") == e.mode
+    same = (report.get("fingerprint") == fingerprint and report.get("mode") == e.mode
             and report.get("replan_every") == e.replan_every and report.get("ensemble") == e.ensemble
             and report.get("episodes_per_scenario") == episodes
             and report.get("suite_hash") == load_suite(e.suite).hash)

@@ -102,7 +102,7 @@ def teacher_reasoning(teacher: str | Path, shards, rows: list[int], workers: int
     and cached in TEACHER/cache/, keyed by the teacher's weights and the prompt, so that a rerun (or another
     student of the same teacher) generates nothing again."""
     from unified.model_dir import weights_fingerprint
-    from unified.workers import spawn_pool
+    from unified.workers import pool_results
 
     teacher = Path(teacher)
     path = teacher / "cache" / f"reasoning-{weights_fingerprint(teacher)[:16]}.npz"
@@ -120,18 +120,15 @@ def teacher_reasoning(teacher: str | Path, shards, rows: list[int], workers: int
     if todo:
         chunks = [todo[i:i + CHUNK] for i in range(0, len(todo), CHUNK)]
         bar = tqdm(total=len(todo), desc="teacher reasoning", unit="state", disable=not progress, dynamic_ncols=True)
-        pool = spawn_pool(max(1, min(workers, len(chunks))), _Worker.setup, (str(teacher),))
+        batches = [[prompts[r] for r in c] for c in chunks]
         try:
-            for chunk, texts in zip(chunks, pool.imap(_Worker.run, [[prompts[r] for r in c] for c in chunks])):
-                for row, text in zip(chunk, texts):
-                    cached[keys[row]] = np.asarray(text, np.int64)
-                bar.update(len(chunk))
-            pool.close()
-        except BaseException:
-            pool.terminate()
-            raise
+            with pool_results(max(1, min(workers, len(chunks))), _Worker.setup, (str(teacher),), _Worker.run,
+                              batches, ordered=True) as generated:
+                for chunk, texts in zip(chunks, generated):
+                    for row, text in zip(chunk, texts):
+                        cached[keys[row]] = np.asarray(text, np.int64)
+                    bar.update(len(chunk))
         finally:
-            pool.join()
             bar.close()
         _save_cache(path, cached)
     return {row: cached[keys[row]] for row in rows}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import signal
+from contextlib import contextmanager
 
 
 def spawn_pool(workers: int, initializer=None, initargs: tuple = ()):
@@ -15,3 +16,19 @@ def spawn_pool(workers: int, initializer=None, initargs: tuple = ()):
         return mp.get_context("spawn").Pool(workers, initializer=initializer, initargs=initargs)
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def pool_results(workers: int, initializer, initargs: tuple, func, items, ordered: bool = False):
+    """`func` over `items` in a `spawn_pool`, as an iterator of results (in order with `ordered`, else as they
+    finish). Leaving the block normally closes the pool and waits for it; an exception or Ctrl-C in the block or a
+    worker terminates the workers first, so nothing keeps running behind the error."""
+    pool = spawn_pool(workers, initializer, initargs)
+    try:
+        yield (pool.imap if ordered else pool.imap_unordered)(func, items)
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()

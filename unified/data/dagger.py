@@ -29,7 +29,7 @@ from unified.sim.env import make_env
 from unified.sim.rollout import run_episode
 from unified.sim.seeds import data_seed
 from unified.sim.suite import load_suite
-from unified.workers import spawn_pool
+from unified.workers import pool_results
 
 ROUND_STRIDE = 1_000_000  # episode indices of round k: k * ROUND_STRIDE + i
 
@@ -174,17 +174,10 @@ def _run(root: str, model: str, settings: dict, todo: list[int], workers: int, p
                 results.append(_Worker.run(index))
                 bar.update(1)
         else:
-            pool = spawn_pool(workers, _Worker.setup, (root, model, settings))
-            try:
-                for result in pool.imap_unordered(_Worker.run, todo):
+            with pool_results(workers, _Worker.setup, (root, model, settings), _Worker.run, todo) as finished:
+                for result in finished:
                     results.append(result)
                     bar.update(1)
-                pool.close()
-            except BaseException:
-                pool.terminate()
-                raise
-            finally:
-                pool.join()
     finally:
         bar.close()
     return results

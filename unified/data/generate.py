@@ -20,7 +20,7 @@ from unified.sim.env import make_env
 from unified.sim.rollout import run_episode
 from unified.sim.seeds import data_seed
 from unified.sim.suite import Suite, load_suite
-from unified.workers import spawn_pool
+from unified.workers import pool_results
 
 
 class _Worker:
@@ -116,16 +116,9 @@ def _run(store: EpisodeStore, seed: int, todo: list[int], workers: int, progress
             for index in todo:
                 advance(_Worker.run(index)[1])
         else:
-            pool = spawn_pool(workers, _Worker.setup, (str(store.root), seed))
-            try:
-                for _, n in pool.imap_unordered(_Worker.run, todo):
+            with pool_results(workers, _Worker.setup, (str(store.root), seed), _Worker.run, todo) as finished:
+                for _, n in finished:
                     advance(n)
-                pool.close()
-            except BaseException:
-                pool.terminate()
-                raise
-            finally:
-                pool.join()
     finally:
         bar.close()
     return steps
