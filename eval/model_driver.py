@@ -15,7 +15,7 @@ import numpy as np
 from unified.sim.drivers import Intent, passive_intent
 from unified.sim.env import render_frame
 from unified.sim.language import pick_instruction
-from unified.sim.rollout import ego_state
+from unified.sim.rollout import Route, ego_state
 from unified.sim.suite import Scenario
 
 Mode = Literal["reason", "direct", "continuous"]
@@ -38,6 +38,7 @@ class ModelDriver:
     def reset(self, env, scenario: Scenario, seed: int) -> None:
         # The same instruction run_episode records for this seed.
         self.instruction = pick_instruction(scenario, np.random.default_rng(seed))
+        self.route = Route(env, scenario.destination)  # the navigation the recorded states were computed with
         self.chunks: list[tuple[int, np.ndarray]] = []  # (step it was planned at, (H, 2) actions), oldest first
         self.frames: list[np.ndarray] = []
         self.step = 0
@@ -47,7 +48,7 @@ class ModelDriver:
     def plan(self, env) -> np.ndarray:
         """(H, 2) a new chunk for the current state."""
         start = time.perf_counter()
-        state = ego_state(env.unwrapped.vehicle)
+        state = ego_state(env.unwrapped.vehicle, self.route)
         result = self.policy.act(np.stack(self.frames), self.instruction, state=state,
                                  reason=self.mode == "reason", continuous=self.mode == "continuous")
         self.decisions.append({"latency_ms": 1000 * (time.perf_counter() - start),

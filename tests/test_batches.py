@@ -40,3 +40,19 @@ def test_balance_draws_rare_decisions_more_often(shards):
              for step in range(30) for row in batches.batch(step).sample_ids for i in row]
     decisions = np.asarray(a["decision"], np.int64)[drawn]
     assert np.mean(decisions == rarest) > natural[rarest] + 0.1
+
+
+def test_turn_weight_draws_the_chunks_that_steer_more_often(shards):
+    """`data.turn_weight` k: a policy sample whose action chunk steers beyond TURN_RAD somewhere is drawn k times as
+    often as one that does not, computed from the recorded actions of the chunk itself."""
+    from unified.batches import TURN_RAD
+
+    rows = shards.index("policy")
+    turning = np.array([np.abs(shards.action_values(int(r))[:, 1]).max() > TURN_RAD for r in rows])
+    assert 0 < turning.sum() < len(rows), "the tiny store needs chunks that steer and chunks that do not"
+    batches = MixtureBatches(shards, {"policy": 1.0}, 256, 2, seed=0, turn_weight=4.0)
+    assert np.array_equal(batches.turning(rows), turning)
+    p = batches.probabilities_of("policy")
+    assert np.isclose(p.sum(), 1.0)
+    assert np.allclose(p[turning] / p[~turning].max(), 4.0) and np.allclose(p[~turning], p[~turning][0])
+    assert MixtureBatches(shards, {"policy": 1.0}, 256, 2, seed=0, turn_weight=1.0).probabilities_of("policy") is None

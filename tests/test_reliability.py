@@ -318,7 +318,8 @@ def test_policy_inputs_are_checked(export, model_data):
     with pytest.raises(UnifiedError, match=r"state: not finite"):
         policy.act(frames, "Drive.", state=np.where(np.arange(len(state)) == 0, np.nan, state))
     with pytest.raises(UnifiedError,
-                       match=r"state: expected 19 values \(speed, heading, lane_offset, lanes_left, .*\), got 2"):
+                       match=r"state: expected 21 values \(speed, heading, lane_offset, route_heading_8m, "
+                             r"route_heading_16m, lanes_left, .*\), got 2"):
         policy.act(frames, "Drive.", state=(20.0, 0.0))
     assert policy.act(frames, "Drive.", state=state, reason=False).actions.shape == (4, 2)
 

@@ -90,3 +90,18 @@ def test_a_store_refuses_another_suite(tiny_suite, tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(UnifiedError, match="not an episode store"):
         EpisodeStore.create(tmp_path / "other", suite, seed=0)
+
+
+def test_a_store_of_the_previous_format_is_refused_naming_the_state(tmp_path, tiny_store):
+    import json
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_store, copy)
+    info = json.loads((copy / "meta" / "info.json").read_text())
+    (copy / "meta" / "info.json").write_text(json.dumps(info | {"format_version": 2, "state_names": ["speed"] * 19}))
+    with pytest.raises(UnifiedError, match=r"format_version 2: an ego state of 19 values without the navigation route"):
+        EpisodeStore(copy)
+    (copy / "meta" / "info.json").write_text(json.dumps(info | {"state_names": ["speed"] * 21}))
+    with pytest.raises(UnifiedError, match=r"info.json: state_names \['speed'"):
+        EpisodeStore(copy)

@@ -151,3 +151,55 @@ def test_merge_v0_replays_its_traffic_without_jitter_and_not_with_it(tmp_path):
 
 def load_suite_text(tmp_path, text):
     return load_suite(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("destination,sign", [("o3", 1.0), ("o1", -1.0)])
+def test_the_state_follows_the_navigation_route_and_previews_its_turns(tmp_path, destination, sign):
+    """At a junction the ego's pose is measured against the lane its route takes (not whichever lane is nearest,
+    which at the junction's mouth is the straight one), and the route's direction ahead announces the turn before
+    the expert steers into it: right (o3) positive, left (o1) negative."""
+    import numpy as np
+
+    from unified.sim.drivers import ExpertDriver
+    from unified.sim.env import STATE_NAMES
+    from unified.sim.rollout import run_episode
+
+    suite = load_suite(write(tmp_path, f"scenarios:\n  turn:\n    env: intersection-v0\n"
+                                       f"    destination: {destination}\n    instructions: [Turn.]\n"))
+    episode = run_episode(suite, suite.scenarios["turn"], ExpertDriver(), seed=3, render=False)
+    assert episode.summary.success
+    column = {name: episode.states[:, k] for k, name in enumerate(STATE_NAMES)}
+    turning = np.flatnonzero(sign * episode.actions[:, 1] > 0.3)
+    assert len(turning) >= 3, "the expert turns"
+    onset = int(turning[0])
+    assert abs(column["route_heading_16m"][0]) < 0.05  # the approach is straight
+    announced = np.flatnonzero(sign * column["route_heading_16m"][:onset] > 0.5)
+    assert len(announced) and onset - announced[0] >= 2, "the turn is announced at least 2 steps (0.4 s) ahead"
+    # The expert follows its route: never more than 1.5 m and 0.5 rad off the route's lane, and it ends on it.
+    assert np.abs(column["lane_offset"]).max() < 1.5 and np.abs(column["heading"]).max() < 0.5
+    assert abs(column["lane_offset"][-1]) < 0.2 and abs(column["route_heading_8m"][-1]) < 0.05
+
+
+def test_demonstrations_drive_with_action_noise_and_record_the_experts_action(tmp_path):
+    """DART: the car executes the expert's action plus a slowly varying perturbation of the suite's size; the
+    episode records the expert's own action (the label), the same for the same seed; evaluation drives without."""
+    import numpy as np
+
+    from unified.sim.drivers import ExpertDriver
+    from unified.sim.rollout import run_episode
+
+    suite = load_suite(write(tmp_path, "action_noise: [0.5, 0.03]\nscenarios:\n  highway:\n    env: highway-v0\n"
+                                       "    config: {lanes_count: 3, vehicles_count: 5}\n    max_steps: 60\n"))
+    scenario = suite.scenarios["highway"]
+    noisy = [run_episode(suite, scenario, ExpertDriver(), seed, render=False, jitter=True) for seed in range(3)]
+    perturbation = np.concatenate([e.executed - e.actions for e in noisy])
+    assert np.allclose(perturbation.std(0), (0.5, 0.03), rtol=0.35)
+    lag = np.mean([np.corrcoef(e.executed[1:, 1] - e.actions[1:, 1], e.executed[:-1, 1] - e.actions[:-1, 1])[0, 1]
+                   for e in noisy])
+    assert lag > 0.5  # slowly varying, not white noise
+    again = run_episode(suite, scenario, ExpertDriver(), 0, render=False, jitter=True)
+    assert np.array_equal(again.actions, noisy[0].actions) and np.array_equal(again.executed, noisy[0].executed)
+    plain = run_episode(suite, scenario, ExpertDriver(), 0, render=False)
+    assert plain.executed is None and not np.array_equal(plain.states, noisy[0].states)
+    with pytest.raises(UnifiedError, match="action_noise"):
+        load_suite(write(tmp_path, "action_noise: [-1, 0]\nscenarios:\n  h:\n    env: highway-v0\n"))

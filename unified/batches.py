@@ -13,20 +13,23 @@ from unified.errors import UnifiedError
 from unified.packing import Batch, collate
 from unified.sequences import build
 
+TURN_RAD = 0.1  # steering beyond this is a turn, a lane change or a correction; lane keeping stays within it
 MISSES_BEFORE_CLOSING = 8  # draws that fit nowhere before a batch is closed; rows end up nearly full
 
 
 class MixtureBatches:
     def __init__(self, shards: TokenShards, tasks: dict[str, float], seq_len: int, batch_size: int, seed: int,
                  image_weight: float = 0.04, task_weights: dict[str, float] | None = None, with_state: bool = True,
-                 state_dims: int | None = None, split: str = "train", balance: float = 0.0):
+                 state_dims: int | None = None, split: str = "train", balance: float = 0.0, turn_weight: float = 1.0):
         """`split="held_out"` draws from the store's held-out episodes instead, for a validation loss (tasks without
         held-out samples, such as the operator questions, are left out). `balance` > 0 draws the policy samples of
         rare decisions more often: a sample's weight is (the share of its decision) ** -balance, so 0 draws
-        uniformly and 1 gives every decision the same share."""
+        uniformly and 1 gives every decision the same share. `turn_weight` draws the policy samples whose action
+        chunk steers by more than TURN_RAD at some step (a turn, a lane change, a correction: a small share of the
+        steps, and the ones a driver must get right) that many times as often as the others."""
         self.shards, self.seq_len, self.batch_size, self.seed = shards, seq_len, batch_size, seed
         self.image_weight, self.task_weights, self.with_state = image_weight, task_weights or {}, with_state
-        self.state_dims, self.split, self.balance = state_dims, split, balance
+        self.state_dims, self.split, self.balance, self.turn_weight = state_dims, split, balance, turn_weight
         self._draw: dict[str, np.ndarray | None] = {}
         self.tasks = [t for t, w in tasks.items() if w > 0 and (split == "train" or len(shards.index(t, split)))]
         if not self.tasks:
@@ -39,15 +42,29 @@ class MixtureBatches:
         self.probabilities = weights / weights.sum()
 
     def probabilities_of(self, task: str) -> np.ndarray | None:
-        """The drawing probability of each sample of a policy task under `balance` (None: uniform)."""
-        if self.balance <= 0 or task not in ("policy", "policy_reason") or "decision" not in self.shards.arrays:
+        """The drawing probability of each sample of a policy task under `balance` and `turn_weight` (None:
+        uniform)."""
+        if task not in ("policy", "policy_reason") or (self.balance <= 0 and self.turn_weight == 1.0):
             return None
         if task not in self._draw:
-            decisions = np.asarray(self.shards.arrays["decision"][self.shards.index(task, self.split)], np.int64)
-            share = np.bincount(decisions, minlength=decisions.max() + 1) / len(decisions)
-            weights = share[decisions] ** -self.balance
+            rows = self.shards.index(task, self.split)
+            weights = np.ones(len(rows))
+            if self.balance > 0 and "decision" in self.shards.arrays:
+                decisions = np.asarray(self.shards.arrays["decision"][rows], np.int64)
+                share = np.bincount(decisions, minlength=decisions.max() + 1) / len(decisions)
+                weights *= share[decisions] ** -self.balance
+            if self.turn_weight != 1.0:
+                weights *= np.where(self.turning(rows), self.turn_weight, 1.0)
             self._draw[task] = weights / weights.sum()
         return self._draw[task]
+
+    def turning(self, rows: np.ndarray) -> np.ndarray:
+        """(N,) bool: whether the action chunk of each sample row steers by more than TURN_RAD at some step."""
+        steering = np.abs(np.asarray(self.shards.arrays["action_values"])[:, 1])
+        horizon = self.shards.horizon
+        # The chunk of row r is rows r .. r + horizon - 1 (tokenizing pads each episode's end, so it stays in it).
+        ahead = np.lib.stride_tricks.sliding_window_view(np.pad(steering, (0, horizon - 1)), horizon).max(1)
+        return ahead[np.asarray(rows, np.int64)] > TURN_RAD
 
     def batch(self, step: int, micro: int = 0, rank: int = 0) -> Batch:
         rng = np.random.default_rng([self.seed, step, micro, rank])

@@ -220,7 +220,7 @@ def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bo
     batches = MixtureBatches(shards, config.data.tasks, config.data.seq_len, config.data.batch_size, config.seed,
                              config.model.image_loss_weight, config.model.task_weights,
                              config.data.with_state and config.model.use_state, config.model.state_dims,
-                             balance=config.data.balance)
+                             balance=config.data.balance, turn_weight=config.data.turn_weight)
     teacher, reasoning = None, None
     if config.distill.teacher:
         if set(t for t, w in config.data.tasks.items() if w > 0) != {"policy"}:

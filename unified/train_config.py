@@ -39,6 +39,9 @@ class DataConfig:
     # Draw policy samples of rare decisions (slow down, yield, change lanes) more often than the common "keep lane":
     # weight (share of the sample's decision) ** -balance; 0 draws uniformly, 1 gives each decision the same share.
     balance: float = 0.0
+    # Draw policy samples whose action chunk steers beyond 0.1 rad (turns, lane changes, corrections: a few steps in
+    # a hundred) this many times as often as the others; 1 draws uniformly.
+    turn_weight: float = 1.0
 
 
 @dataclass
@@ -119,6 +122,9 @@ class TrainConfig:
             raise UnifiedError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.steps < 1 or self.save_every < 1:
             raise UnifiedError(f"steps and save_every must be at least 1, got {self.steps} and {self.save_every}")
+        if self.data.balance < 0 or self.data.turn_weight <= 0:
+            raise UnifiedError(f"data.balance must not be negative and data.turn_weight must be positive, got "
+                               f"{self.data.balance} and {self.data.turn_weight}")
         unknown = sorted(set(self.data.tasks) - {"policy_reason", "policy", "world", "text"})
         if unknown:
             raise UnifiedError(f"data.tasks: unknown task(s) {unknown}; tasks are policy_reason, policy, world, text")

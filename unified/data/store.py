@@ -34,8 +34,8 @@ from unified.sim.rollout import Episode, EpisodeSummary
 from unified.sim.suite import Suite, suite_from_dict
 
 FORMAT = "unified-episodes"
-FORMAT_VERSION = 2  # 2: the held-out split in meta/info.json, statistics over training episodes, the nearest
-# vehicles in the state
+FORMAT_VERSION = 3  # 2: the held-out split in meta/info.json, statistics over training episodes, the nearest
+# vehicles in the state; 3: the ego's pose relative to its navigation route and the route's preview in the state
 EPISODE_FILE = re.compile(r"^episode_(\d{6,})\.parquet$")
 
 SCHEMA = pa.schema([
@@ -44,7 +44,7 @@ SCHEMA = pa.schema([
     ("timestamp", pa.float32()),  # seconds since the episode began
     ("image", pa.binary()),  # PNG-encoded (H, W, 3) RGB frame seen before the action
     ("action", pa.list_(pa.float32(), 2)),  # acceleration m/s^2, steering rad
-    # speed m/s, heading relative to the lane rad, lane offset m, then the nearest vehicles (STATE_NAMES)
+    # speed m/s, heading relative to the route's lane rad, lane offset m, the route ahead, ... (STATE_NAMES)
     ("state", pa.list_(pa.float32(), len(STATE_NAMES))),
     ("instruction", pa.string()),
     ("critical_id", pa.int32()),  # -1: no critical agent
@@ -357,6 +357,12 @@ class EpisodeStore:
                 "seeds that evaluation could reuse, the ego state alone); generate the store again into a new "
                 "directory"
             )
+        if info.get("format_version") == 2:
+            raise UnifiedError(
+                f"{self.info_path}: written by an earlier version of unified (format_version 2: an ego state of "
+                f"{len(info.get('state_names', []))} values without the navigation route; this version records "
+                f"{len(STATE_NAMES)}: {', '.join(STATE_NAMES)}); generate the store again into a new directory"
+            )
         if info.get("format_version") != FORMAT_VERSION:
             raise UnifiedError(
                 f"{self.info_path}: format_version {info.get('format_version')!r}; this version of unified reads "
@@ -365,6 +371,9 @@ class EpisodeStore:
         for key in ("episodes", "steps", "fps", "image_shape", "suite", "suite_hash", "seed", "scenarios", "split"):
             if key not in info:
                 raise UnifiedError(f"{self.info_path}: missing field {key!r}")
+        if info.get("state_names") != list(STATE_NAMES):
+            raise UnifiedError(f"{self.info_path}: state_names {info.get('state_names')!r}; this version of unified "
+                               f"records {list(STATE_NAMES)}")
         return info
 
 

@@ -16,7 +16,9 @@ ACCELERATION_LIMIT = 5.0  # m/s^2
 STEERING_LIMIT = float(np.pi / 4)  # rad
 ACTION_NAMES = ("acceleration", "steering")
 ACTION_UNITS = ("m/s^2", "rad")
-# The ego state the policy reads, what a car's own sensors and map report: its speed and pose in the lane; how many
+# The ego state the policy reads, what a car's own sensors, map and navigation report: its speed and pose in the lane
+# of its route (where the road branches, the lane the navigation route takes, else the lane it is in); how the route
+# turns ahead (its direction ROUTE_PREVIEW_M metres further along, relative to the car's heading); how many
 # lanes of its road lie to its left and to its right (where a lane change can go); the vehicle ahead in its lane
 # (gap and speed difference, what adaptive cruise control's radar measures); and the NEIGHBOURS nearest other
 # vehicles within SENSE_RANGE_M (as highway-env's own Kinematics observation reports them): position and velocity
@@ -24,10 +26,12 @@ ACTION_UNITS = ("m/s^2", "rad")
 # straight ahead, at the ego's speed: nothing to react to.
 NEIGHBOURS = 3
 SENSE_RANGE_M = 60.0
-EGO_STATE_NAMES = ("speed", "heading", "lane_offset")
+ROUTE_PREVIEW_M = (8.0, 16.0)
+EGO_STATE_NAMES = ("speed", "heading", "lane_offset") + tuple(f"route_heading_{d:g}m" for d in ROUTE_PREVIEW_M)
 STATE_NAMES = EGO_STATE_NAMES + ("lanes_left", "lanes_right", "lead_gap", "lead_dv") + tuple(
     f"car{k}_{f}" for k in range(1, NEIGHBOURS + 1) for f in ("dx", "dy", "dvx", "dvy"))
-STATE_UNITS = ("m/s", "rad", "m", "lanes", "lanes", "m", "m/s") + ("m", "m", "m/s", "m/s") * NEIGHBOURS
+STATE_UNITS = (("m/s", "rad", "m") + ("rad",) * len(ROUTE_PREVIEW_M) + ("lanes", "lanes", "m", "m/s")
+               + ("m", "m", "m/s", "m/s") * NEIGHBOURS)
 
 
 def use_offscreen_rendering() -> None:

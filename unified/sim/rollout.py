@@ -9,7 +9,16 @@ import numpy as np
 from highway_env import utils
 
 from unified.sim.causation import Causation, VehicleIds, explain
-from unified.sim.env import NEIGHBOURS, SENSE_RANGE_M, STATE_NAMES, make_env, max_steps, render_frame, to_env_action
+from unified.sim.env import (
+    NEIGHBOURS,
+    ROUTE_PREVIEW_M,
+    SENSE_RANGE_M,
+    STATE_NAMES,
+    make_env,
+    max_steps,
+    render_frame,
+    to_env_action,
+)
 from unified.sim.language import pick_instruction
 from unified.sim.suite import Scenario, Suite
 from unified.sim.traffic import jitter_traffic
@@ -42,21 +51,82 @@ class Episode:
     frames: np.ndarray | None = None  # (T, H, W, 3) uint8, frame t is what the driver saw before action t
     latencies_ms: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (T,) wall time of each decision
     source: dict | None = None  # how the episode was made when not by the expert alone (a DAgger round)
-    executed: np.ndarray | None = None  # (T, 2) what the car did, where it differs from `actions` (a learner drove)
+    executed: np.ndarray | None = None  # (T, 2) what the car did, where it differs from `actions` (a learner drove,
+    # or the demonstration's action noise)
 
 
-def ego_state(ego) -> np.ndarray:
-    """(S,) speed, heading relative to the lane direction and lateral offset from the lane centre; the number of
+class Route:
+    """The navigation route of an episode, as a car's satnav gives it: the road's edges from the ego's start to the
+    scenario's destination (the simulator's shortest path), or, on open road (no destination), the lane the ego is
+    in and the road that continues it. It says which lane the car should be in where the road branches and how the
+    road it should follow bends ahead; it says nothing about speed, traffic or when to change lanes."""
+
+    def __init__(self, env, destination: str | None):
+        u = env.unwrapped
+        self.network = u.road.network
+        self.edges: list[tuple[str, str]] | None = None
+        if destination is not None:
+            start = u.vehicle.lane_index
+            path = self.network.shortest_path(start[1], destination)
+            self.edges = [start[:2]] + list(zip(path[:-1], path[1:]))
+            # Past the destination the car drives on along the road that continues it (a roundabout's exit road).
+            following = self._next(self.edges[-1] + (0,))
+            if following is not None:
+                self.edges.append(following[:2])
+
+    def lane(self, ego):
+        """(lane index, lane) of the route nearest to the ego in position and heading; on open road the ego's."""
+        if self.edges is None:
+            return ego.lane_index, ego.lane
+        candidates = [(a, b, i) for a, b in self.edges for i in range(len(self.network.graph[a][b]))]
+        distances = [self.network.get_lane(c).distance_with_heading(ego.position, ego.heading) for c in candidates]
+        index = candidates[int(np.argmin(distances))]
+        return index, self.network.get_lane(index)
+
+    def heading_ahead(self, index, lane, longitudinal: float, distance: float) -> float:
+        """The route's direction `distance` metres along it from `longitudinal` on `lane` (radians, world frame)."""
+        target = longitudinal + distance
+        while target > lane.length:
+            following = self._next(index)
+            if following is None:
+                return lane.heading_at(lane.length)
+            target -= lane.length
+            index, lane = following, self.network.get_lane(following)
+        return lane.heading_at(target)
+
+    def _next(self, index):
+        """The lane after `index`: the route's next road, past the route's end (or on open road) the road that
+        continues this lane where it ends; the same lane number where the next road has it. None where none does."""
+        a, b, i = index
+        if self.edges is not None and (a, b) in self.edges[:-1]:
+            c = self.edges[self.edges.index((a, b)) + 1][1]
+        else:
+            end = self.network.get_lane(index).position(self.network.get_lane(index).length, 0)
+            c = next((c for c in sorted(self.network.graph.get(b, {}))
+                      if np.linalg.norm(self.network.get_lane((b, c, 0)).position(0, 0) - end) < 1.0), None)
+            if c is None:
+                return None
+        lanes = self.network.graph[b][c]
+        return (b, c, i if i < len(lanes) else 0)
+
+
+def ego_state(ego, route: Route) -> np.ndarray:
+    """(S,) speed, heading relative to the route's lane and lateral offset from its centre (`Route.lane`: where the
+    road branches, the lane the route takes, else the ego's); the route's direction ROUTE_PREVIEW_M metres ahead
+    relative to the ego's heading; the number of
     lanes of its road to its left and to its right; the gap to the vehicle ahead in the ego's lane and its speed
     minus the ego's; then for each of the NEIGHBOURS nearest other
     vehicles (closest first) its position and velocity relative to the ego, in the ego's frame (see
     `unified.sim.env.STATE_NAMES`)."""
-    longitudinal, lateral = ego.lane.local_coordinates(ego.position)
-    heading = utils.wrap_to_pi(ego.heading - ego.lane.heading_at(longitudinal))
+    index, lane = route.lane(ego)
+    longitudinal, lateral = lane.local_coordinates(ego.position)
+    heading = utils.wrap_to_pi(ego.heading - lane.heading_at(longitudinal))
+    preview = [utils.wrap_to_pi(route.heading_ahead(index, lane, longitudinal, d) - ego.heading)
+               for d in ROUTE_PREVIEW_M]
     network = ego.road.network
-    sideways = [network.get_lane(index).local_coordinates(ego.position)[1]
-                for index in network.all_side_lanes(ego.lane_index)]  # > 0: that lane's centre is to the ego's left
-    width = ego.lane.width_at(longitudinal)
+    sideways = [network.get_lane(side).local_coordinates(ego.position)[1]
+                for side in network.all_side_lanes(ego.lane_index)]  # > 0: that lane's centre is to the ego's left
+    width = ego.lane.width_at(ego.lane.local_coordinates(ego.position)[0])
     lanes = [sum(s > width / 2 for s in sideways), sum(s < -width / 2 for s in sideways)]
     front, _ = ego.road.neighbour_vehicles(ego, ego.lane_index)
     gap = ego.lane_distance_to(front) if front is not None else SENSE_RANGE_M
@@ -70,7 +140,7 @@ def ego_state(ego) -> np.ndarray:
     for k, v in enumerate(near):
         slots[k, :2] = to_ego @ (v.position - ego.position)
         slots[k, 2:] = to_ego @ (v.velocity - ego.velocity)
-    return np.concatenate([[ego.speed, heading, lateral], lanes, lead, slots.reshape(-1)]).astype(np.float32)
+    return np.concatenate([[ego.speed, heading, lateral], preview, lanes, lead, slots.reshape(-1)]).astype(np.float32)
 
 
 def goal_reached(env) -> bool | None:
@@ -89,6 +159,22 @@ def jitter_start(env, offset_m: float, heading_rad: float, rng: np.random.Genera
     longitudinal, lateral = ego.lane.local_coordinates(ego.position)
     ego.position = ego.lane.position(longitudinal, lateral + rng.uniform(-offset_m, offset_m))
     ego.heading = ego.lane.heading_at(longitudinal) + rng.uniform(-heading_rad, heading_rad)
+
+
+class ActionNoise:
+    """A perturbation of the executed action that varies slowly, as a learner's errors do: an AR(1) process per
+    action dimension, x_t = RHO x_(t-1) + e_t, with stationary standard deviation `std` (m/s^2, rad)."""
+
+    RHO = 0.8  # correlation from one decision to the next: a perturbation lasts about 1 s at 5 Hz
+
+    def __init__(self, std: tuple[float, float], rng: np.random.Generator):
+        self.std, self.rng = np.asarray(std, np.float64), rng
+        self.value = self.rng.normal(0.0, 1.0, 2) * self.std
+
+    def __call__(self) -> np.ndarray:
+        innovation = self.rng.normal(0.0, 1.0, 2) * self.std * np.sqrt(1.0 - self.RHO ** 2)
+        self.value = self.RHO * self.value + innovation
+        return self.value.astype(np.float32)
 
 
 def start_episode(env, suite: Suite, scenario: Scenario, seed: int, jitter: bool = False) -> None:
@@ -111,12 +197,16 @@ def run_episode(
     jitter: bool = False,
 ) -> Episode:
     """Drive one episode of `scenario` with `driver`; `env` may be reused across episodes of the same scenario.
-    `jitter` starts the ego off its lane by up to the suite's `start_jitter` (expert demonstrations)."""
+    `jitter` (expert demonstrations) starts the ego off its lane by up to the suite's `start_jitter` and adds the
+    suite's `action_noise` to what the car executes; the driver's own action is what is recorded."""
     env = env if env is not None else make_env(suite, scenario, render=render)
     start_episode(env, suite, scenario, seed, jitter)
     driver.reset(env, scenario, seed)
     instruction = pick_instruction(scenario, np.random.default_rng(seed))
     ego = env.unwrapped.vehicle
+    route = Route(env, scenario.destination)
+    noise = ActionNoise(suite.action_noise, np.random.default_rng([seed, 4])) if jitter and any(suite.action_noise) \
+        else None
     ids = VehicleIds()
     ids(ego)  # the ego is vehicle 1
     frames, actions, states, records, executed_actions = [], [], [], [], []
@@ -132,10 +222,12 @@ def run_episode(
         intent = driver.act(env)
         latencies.append(1000.0 * (time.perf_counter() - start))
         records.append(explain(env, intent, ids))
-        states.append(ego_state(ego))
+        states.append(ego_state(ego, route))
         actions.append(intent.action)
         before = ego.position.copy()
         executed = intent.action if intent.executed is None else intent.executed
+        if noise is not None:
+            executed = executed + noise()
         executed_actions.append(executed)
         _, _, terminated, truncated, _ = env.step(to_env_action(executed))
         progress += float(np.linalg.norm(ego.position - before))
@@ -167,5 +259,6 @@ def run_episode(
         states=np.asarray(states, np.float32).reshape(-1, len(STATE_NAMES)),
         causation=records, summary=summary, frames=np.stack(frames) if frames else None,
         latencies_ms=np.asarray(latencies),
-        executed=np.asarray(executed_actions, np.float32).reshape(-1, 2) if driver.name == "dagger" else None,
+        executed=np.asarray(executed_actions, np.float32).reshape(-1, 2)
+        if driver.name == "dagger" or noise is not None else None,
     )

@@ -64,6 +64,11 @@ class Suite:
     # (metres) and off the lane's direction (radians), uniformly: the expert's corrections are in the data, so
     # that a policy learns to come back from the small drifts its own errors cause.
     start_jitter: tuple[float, float] = (0.0, 0.0)
+    # Expert demonstrations also drive with noise added to the expert's action (acceleration m/s^2, steering rad:
+    # the standard deviation of a slowly varying perturbation, see `unified.sim.rollout.ActionNoise`), while the
+    # expert's own action is what is recorded (DART: Laskey et al., 2017): the car drifts off the expert's path the
+    # way a learner's small errors make it drift, and the data shows how the expert brings it back, in turns too.
+    action_noise: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self):
         if not self.scenarios:
@@ -75,6 +80,8 @@ class Suite:
             raise ValueError(f"policy_frequency must be at least 1 Hz, got {self.policy_frequency}")
         if min(self.start_jitter) < 0:
             raise ValueError(f"start_jitter (metres, radians) must not be negative, got {self.start_jitter}")
+        if min(self.action_noise) < 0:
+            raise ValueError(f"action_noise (m/s^2, radians) must not be negative, got {self.action_noise}")
 
     @property
     def hash(self) -> str:
