@@ -179,3 +179,33 @@ def test_braking_stops_the_car_and_never_reverses():
     # Stopped, not reversing: the simulator's floor lets the speed dip one simulation step (5 m/s^2 / 15 Hz) below
     # 0 and brings it back, where without the floor it would reach -15 m/s by the end.
     assert speeds.min() >= -5.0 / 15 - 1e-3 and abs(speeds[-1]) < 0.05
+
+
+def test_a_learned_driver_reads_the_state_the_data_records():
+    """The state a policy is given in closed loop is the state the store records for the same step, navigation
+    route included: at a junction, with a destination, as on open road."""
+    from types import SimpleNamespace
+
+    from unified.eval.model_driver import ModelDriver
+
+    from unified.sim.rollout import run_episode
+    from unified.sim.suite import suite_from_dict
+
+    class Recorder:
+        class config:  # noqa: N801 - the attribute Policy.config provides
+            horizon, history = 1, 1
+
+        def __init__(self):
+            self.states = []
+
+        def act(self, frames, instruction, state, reason, continuous):
+            self.states.append(np.array(state))
+            return SimpleNamespace(actions=np.array([[0.0, 0.0]]), tokens_generated=2, reasoning=None)
+
+    suite = suite_from_dict({"image_size": [32, 32], "scenarios": {"turn": {
+        "env": "intersection-v0", "destination": "o3", "instructions": ["Turn right."], "max_steps": 25}}})
+    policy = Recorder()
+    episode = run_episode(suite, suite.scenarios["turn"], ModelDriver(policy, "direct", replan_every=1), seed=4)
+    assert len(policy.states) == episode.summary.steps >= 10
+    np.testing.assert_array_equal(np.stack(policy.states), episode.states)
+    assert episode.states[:, 4].max() > 0.5  # driving straight at the junction, the route's right bend is in view
