@@ -112,3 +112,24 @@ def test_bad_arguments(tiny_suite, tmp_path):
         generate(suite=tiny_suite, episodes=0, out=tmp_path / "d", progress=False)
     with pytest.raises(UnifiedError, match="no such file"):
         generate(suite=tmp_path / "nope.yaml", episodes=1, out=tmp_path / "d", progress=False)
+
+
+def test_an_episode_does_not_depend_on_the_episodes_run_before_it(tiny_suite, tmp_path):
+    """highway-env's intersection env changes the IDM driver model of every later episode in its process; each
+    episode starts from the library's values, so the same episodes come out before and after an intersection."""
+    from highway_env.vehicle.behavior import IDMVehicle
+
+    from unified.sim.drivers import ExpertDriver
+    from unified.sim.rollout import IDM_DEFAULTS, run_episode
+    from unified.sim.suite import suite_from_dict
+
+    generate(suite=tiny_suite, episodes=4, out=tmp_path / "before", workers=1, progress=False)
+    junction = suite_from_dict({"scenarios": {"turn": {"env": "intersection-v0", "destination": "o3",
+                                                       "instructions": ["Turn right."], "max_steps": 5}}})
+    run_episode(junction, junction.scenarios["turn"], ExpertDriver(), seed=4, render=False)
+    assert IDM_DEFAULTS["COMFORT_ACC_MIN"] != IDMVehicle.COMFORT_ACC_MIN  # what the intersection leaves behind
+    generate(suite=tiny_suite, episodes=4, out=tmp_path / "after", workers=1, progress=False)
+    before, after = EpisodeStore(tmp_path / "before"), EpisodeStore(tmp_path / "after")
+    for i in range(4):
+        np.testing.assert_array_equal(before.read_episode(i).actions, after.read_episode(i).actions)
+        np.testing.assert_array_equal(before.read_episode(i).states, after.read_episode(i).states)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from highway_env import utils
+from highway_env.vehicle.behavior import IDMVehicle
 
 from unified.sim.causation import Causation, VehicleIds, explain
 from unified.sim.env import (
@@ -177,9 +178,19 @@ class ActionNoise:
         return self.value.astype(np.float32)
 
 
+# intersection-v0 sets these class attributes of IDMVehicle (the traffic's and the expert's driver model) when it
+# places its traffic, and never restores them: every later episode of any scenario in the same process would drive
+# with the intersection's gaps and accelerations, so an episode would depend on which episodes its worker ran
+# before it. Every episode starts from the library's values (read here, before this package builds any env).
+IDM_DEFAULTS = {name: getattr(IDMVehicle, name) for name in ("DISTANCE_WANTED", "COMFORT_ACC_MAX", "COMFORT_ACC_MIN")}
+
+
 def start_episode(env, suite: Suite, scenario: Scenario, seed: int, jitter: bool = False) -> None:
     """Reset `env` to the start of episode `seed`: the env's traffic, the scenario's traffic jitter and, for
-    demonstrations (`jitter`), the ego started off its lane."""
+    demonstrations (`jitter`), the ego started off its lane. The same seed gives the same episode whatever ran
+    before it in the process."""
+    for name, value in IDM_DEFAULTS.items():
+        setattr(IDMVehicle, name, value)
     env.reset(seed=seed)
     # Braking stops the car: highway-env's kinematic model would turn a sustained brake command into driving
     # backwards (down to -40 m/s), which no car does. The expert never brakes that long; a learner may. With the
