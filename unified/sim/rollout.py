@@ -87,13 +87,15 @@ class Route:
     def heading_ahead(self, index, lane, longitudinal: float, distance: float) -> float:
         """The route's direction `distance` metres along it from `longitudinal` on `lane` (radians, world frame)."""
         target = longitudinal + distance
-        while target > lane.length:
+        for _ in range(16):  # a few roads at most: the preview is a few tens of metres
+            if target <= lane.length:
+                break
             following = self._next(index)
             if following is None:
                 return lane.heading_at(lane.length)
             target -= lane.length
             index, lane = following, self.network.get_lane(following)
-        return lane.heading_at(target)
+        return lane.heading_at(min(target, lane.length))
 
     def _next(self, index):
         """The lane after `index`: the route's next road, past the route's end (or on open road) the road that
