@@ -74,18 +74,23 @@ class Route:
             following = self._next(self.edges[-1] + (0,))
             if following is not None:
                 self.edges.append(following[:2])
+            # Every lane of every road of the route: where the car may be on it (fixed for the episode).
+            self.candidates = [(a, b, i) for a, b in self.edges for i in range(len(self.network.graph[a][b]))]
+            self.candidate_lanes = [self.network.get_lane(c) for c in self.candidates]
 
     def lane(self, ego):
         """(lane index, lane) of the route nearest to the ego in position and heading; on open road the ego's."""
         if self.edges is None:
             return ego.lane_index, ego.lane
-        candidates = [(a, b, i) for a, b in self.edges for i in range(len(self.network.graph[a][b]))]
-        distances = [self.network.get_lane(c).distance_with_heading(ego.position, ego.heading) for c in candidates]
-        index = candidates[int(np.argmin(distances))]
-        return index, self.network.get_lane(index)
+        distances = [lane.distance_with_heading(ego.position, ego.heading) for lane in self.candidate_lanes]
+        k = int(np.argmin(distances))
+        return self.candidates[k], self.candidate_lanes[k]
 
     def heading_ahead(self, index, lane, longitudinal: float, distance: float) -> float:
-        """The route's direction `distance` metres along it from `longitudinal` on `lane` (radians, world frame)."""
+        """The route's direction `distance` metres along it from `longitudinal` on `lane` (radians, world frame).
+        Not highway-env's `RoadNetwork.position_heading_along_route`: that keeps the current lane number on the next
+        road even where the next road has fewer lanes (IndexError from a roundabout's inner ring onto its exit), and
+        it knows no road past the route's end."""
         target = longitudinal + distance
         for _ in range(16):  # a few roads at most: the preview is a few tens of metres
             if target <= lane.length:
@@ -104,7 +109,8 @@ class Route:
         if self.edges is not None and (a, b) in self.edges[:-1]:
             c = self.edges[self.edges.index((a, b)) + 1][1]
         else:
-            end = self.network.get_lane(index).position(self.network.get_lane(index).length, 0)
+            current = self.network.get_lane(index)
+            end = current.position(current.length, 0)
             c = next((c for c in sorted(self.network.graph.get(b, {}))
                       if np.linalg.norm(self.network.get_lane((b, c, 0)).position(0, 0) - end) < 1.0), None)
             if c is None:
