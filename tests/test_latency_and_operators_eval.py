@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from unified.eval.latency import latency, parse_entry
@@ -60,3 +61,46 @@ def test_operators_eval_by_hops_and_the_plot(exported, tmp_path):
     assert (tmp_path / "ops.png").stat().st_size > 0
     with pytest.raises(UnifiedError, match="2 labels for 1 reports"):
         plot_operators([tmp_path / "a.json"], out=tmp_path / "x.png", labels=["a", "b"])
+
+
+def test_expert_gains_are_the_derivatives_of_highway_envs_steering_law():
+    from highway_env.road.road import Road, RoadNetwork
+    from highway_env.vehicle.controller import ControlledVehicle
+    from unified.eval.state_response import expert_gains
+
+    road = Road(RoadNetwork.straight_road_network(lanes=1, length=1000))
+    lane = ("0", "1", 0)
+    for speed in (8.0, 20.0):
+        def steer(heading=0.0, lateral=0.0, speed=speed):
+            car = ControlledVehicle(road, road.network.get_lane(lane).position(100, lateral), heading, speed)
+            return car.steering_control(lane)
+
+        gains = expert_gains(np.array([speed]))
+        assert (steer(heading=0.005) - steer(heading=-0.005)) / 0.01 == pytest.approx(gains["heading"][0], rel=0.02)
+        assert (steer(lateral=0.05) - steer(lateral=-0.05)) / 0.1 == pytest.approx(gains["lane_offset"][0], rel=0.02)
+
+
+def test_state_response_reads_the_steering_slope_of_a_policy(exported, model_data, tmp_path, monkeypatch):
+    from unified.eval.state_response import state_response
+
+    from unified.policy import ActionResult, Policy
+
+    # A policy whose first steering command is -1.5 x heading + 0.2 x offset (and a second step that is not read).
+    def act(self, frames, instruction, state=None, reason=True, **kwargs):
+        steer = -1.5 * state[1] + 0.2 * state[2]
+        return ActionResult(np.array([[0.0, steer], [0.0, 9.0]]), None, 2, 1.0)
+
+    monkeypatch.setattr(Policy, "act", act)
+    report = state_response(model=exported, data=model_data / "store", observations=5, json=tmp_path / "r.json",
+                            progress=False)
+    rows = report["per_state"]
+    assert report["observations"] == 5 and report["mean_speed"] >= 5.0
+    assert rows["heading"]["model_slope"] == pytest.approx(-1.5) and rows["lane_offset"]["model_slope"] == \
+        pytest.approx(0.2)
+    assert rows["heading"]["unmoved"] == 0.0
+    # The expert's reference is its gain at the observations' speeds; the share is the ratio of the two.
+    assert rows["heading"]["expert_slope"] < 0 and rows["lane_offset"]["expert_slope"] < 0
+    assert rows["heading"]["share_of_expert"] == pytest.approx(-1.5 / rows["heading"]["expert_slope"])
+    assert json.loads((tmp_path / "r.json").read_text())["report"] == "state_response"
+    with pytest.raises(UnifiedError, match="must be positive"):
+        state_response(model=exported, data=model_data / "store", heading=0.0, progress=False)

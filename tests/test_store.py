@@ -102,6 +102,9 @@ def test_a_store_of_the_previous_format_is_refused_naming_the_state(tmp_path, ti
     (copy / "meta" / "info.json").write_text(json.dumps(info | {"format_version": 2, "state_names": ["speed"] * 19}))
     with pytest.raises(UnifiedError, match=r"format_version 2: an ego state of 19 values without the navigation route"):
         EpisodeStore(copy)
+    (copy / "meta" / "info.json").write_text(json.dumps(info | {"format_version": 3}))
+    with pytest.raises(UnifiedError, match=r"format_version 3: .* not the lane the expert steers for"):
+        EpisodeStore(copy)
     (copy / "meta" / "info.json").write_text(json.dumps(info | {"state_names": ["speed"] * 21}))
     with pytest.raises(UnifiedError, match=r"info.json: state_names \['speed'"):
         EpisodeStore(copy)

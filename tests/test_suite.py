@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from unified.errors import UnifiedError
@@ -96,6 +97,29 @@ def test_demonstrations_start_off_the_lane_and_the_expert_brings_the_car_back(tm
         load_suite(write(tmp_path, "start_jitter: [-1, 0]\nscenarios:\n  h:\n    env: highway-v0\n"))
 
 
+def test_demonstrations_are_moved_off_the_lane_again_every_jitter_every_decisions(tmp_path):
+    from unified.sim.drivers import ExpertDriver
+    from unified.sim.rollout import run_episode
+
+    text = ("start_jitter: [1.0, 0.1]\njitter_every: 10\nscenarios:\n  highway:\n    env: highway-v0\n"
+            "    config: {lanes_count: 3, vehicles_count: 5}\n    max_steps: 40\n")
+    suite = load_suite(write(tmp_path, text))
+    once = load_suite(write(tmp_path, text.replace("jitter_every: 10", "jitter_every: 0")))
+    jumps = []
+    for seed in range(3):
+        again = run_episode(suite, suite.scenarios["highway"], ExpertDriver(), seed, render=False, jitter=True)
+        plain = run_episode(once, once.scenarios["highway"], ExpertDriver(), seed, render=False, jitter=True)
+        assert again.summary.success and plain.summary.success
+        # Up to step 9 the two are the same episode; at step 10 the car has been moved by up to 1 m and 0.1 rad.
+        np.testing.assert_allclose(again.states[:10], plain.states[:10], atol=1e-5)
+        moved = again.states[10, 1:3] - plain.states[10, 1:3]
+        assert abs(moved[0]) <= 0.1 + 1e-5 and abs(moved[1]) <= 1.0 + 1e-5
+        jumps.append(abs(moved[1]))
+        assert abs(again.states[-1, 2]) < 0.25  # and the expert brings it back each time
+    assert max(jumps) > 0.3  # the re-jitters really move the car
+    with pytest.raises(UnifiedError, match="jitter_every"):
+        load_suite(write(tmp_path, "jitter_every: -1\nscenarios:\n  h:\n    env: highway-v0\n"))
+
 def test_an_unknown_destination_is_refused_naming_the_road_nodes(tmp_path):
     path = write(tmp_path, "scenarios:\n  a:\n    env: intersection-v0\n    destination: o9\n")
     with pytest.raises(UnifiedError, match=r"scenarios\.a\.destination: 'o9' is not a node.*nodes: .*o1"):
@@ -179,6 +203,50 @@ def test_the_state_follows_the_navigation_route_and_previews_its_turns(tmp_path,
     assert np.abs(column["lane_offset"]).max() < 1.5 and np.abs(column["heading"]).max() < 0.5
     assert abs(column["lane_offset"][-1]) < 0.2 and abs(column["route_heading_8m"][-1]) < 0.05
 
+
+def test_the_state_measures_the_pose_against_the_lane_the_expert_steers_for(tmp_path):
+    """Along a route the state's heading and offset are measured against the lane highway-env's route following
+    (the expert's) targets, so the expert's recorded steering can be read from the state: at the roundabout, where
+    the nearest route lane was the entry road while the expert already steered onto the ring's inner lane, the
+    expert's linearised lane-keeping law on the state did not correlate with its steering (-0.05 on these six
+    episodes), and now does (0.64; the rest is the ring's curvature, which the route preview carries)."""
+    import numpy as np
+    from unified.eval.state_response import expert_gains
+
+    from unified.sim.drivers import ExpertDriver
+    from unified.sim.env import make_env
+    from unified.sim.rollout import Route, ego_state, run_episode, start_episode
+
+    suite = load_suite(write(tmp_path, "scenarios:\n  roundabout:\n    env: roundabout-v0\n    destination: exs\n"
+                                       "    config: {duration: 14}\n    instructions: [Exit.]\n"))
+    scenario = suite.scenarios["roundabout"]
+    env = make_env(suite, scenario, render=False)
+    states, steering = [], []
+    for seed in range(6):
+        episode = run_episode(suite, scenario, ExpertDriver(), seed=seed, render=False, env=env)
+        assert episode.summary.success
+        states.append(episode.states)
+        steering.append(episode.actions[:, 1])
+    states, steering = np.concatenate(states), np.concatenate(steering)
+    moving = states[:, 0] >= 5.0
+    gains = expert_gains(states[moving, 0])
+    law = np.clip(gains["heading"] * states[moving, 1] + gains["lane_offset"] * states[moving, 2], -0.785, 0.785)
+    assert np.corrcoef(law, steering[moving])[0, 1] > 0.5
+    # The lane it measures against is the expert's target lane at every step of an episode, and asking seldom (as a
+    # policy re-planning every few steps does) gives the same lane as asking at every step.
+    expert = ExpertDriver()
+    start_episode(env, suite, scenario, seed=2)
+    expert.reset(env, scenario, 2)
+    every, seldom = Route(env, scenario.destination), Route(env, scenario.destination)
+    for t in range(60):
+        action = expert.act(env).action
+        assert every.lane(env.unwrapped.vehicle)[0] == expert.shadow.target_lane_index
+        if t % 5 == 0:
+            assert seldom.lane(env.unwrapped.vehicle)[0] == expert.shadow.target_lane_index
+            assert np.array_equal(ego_state(env.unwrapped.vehicle, seldom), ego_state(env.unwrapped.vehicle, every))
+        env.step(action)
+        if env.unwrapped.vehicle.crashed:
+            break
 
 def test_demonstrations_drive_with_action_noise_and_record_the_experts_action(tmp_path):
     """DART: the car executes the expert's action plus a slowly varying perturbation of the suite's size; the

@@ -10,6 +10,7 @@ import pytest
 from unified.tokenizers.fit import Tokenizers, fit
 
 from unified.data.generate import generate
+from unified.data.store import EpisodeStore
 from unified.errors import UnifiedError
 from unified.layout import TokenLayout
 
@@ -30,7 +31,8 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tokdir(store, tmp_path_factory):
     out = tmp_path_factory.mktemp("tok") / "tokenizers"
-    fit(data=store, out=out, image_steps=40, horizon=4, text_vocab=400, fast_vocab=600, progress=False)
+    fit(data=store, out=out, image_steps=40, horizon=4, text_vocab=400, fast_vocab=600, state_binning="equal_count",
+        progress=False)
     return out
 
 
@@ -51,6 +53,15 @@ def test_fit_writes_a_complete_directory(tokdir, store):
     stats = json.loads((store / "meta" / "info.json").read_text())["action_stats"]
     assert info["options"]["action_range"] == "full"
     assert list(tokenizers.action.q01) == stats["min"] and list(tokenizers.action.q99) == stats["max"]
+    # Equal-count state bins (an option) are placed on the states of the training episodes alone, never the
+    # held-out ones.
+    assert info["options"]["state_binning"] == "equal_count"
+    episodes = EpisodeStore(store)
+    train = np.concatenate([episodes.read_episode(i, frames=False).states for i in episodes.train_indices()])
+    everything = np.concatenate([episodes.read_episode(i, frames=False).states for i in episodes.indices()])
+    quantiles = np.arange(1, tokenizers.state.bins) / tokenizers.state.bins
+    np.testing.assert_allclose(tokenizers.state.edges, np.quantile(train.astype(np.float64), quantiles, axis=0).T)
+    assert not np.allclose(tokenizers.state.edges, np.quantile(everything, quantiles, axis=0).T)
 
 
 def test_eval_json_has_the_documented_figures(tokdir, store):

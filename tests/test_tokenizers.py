@@ -66,6 +66,38 @@ def test_bins_clip_outside_the_quantiles():
     assert ids.tolist() == [[0, 255]]
 
 
+
+def test_equal_count_bins_resolve_dense_values_that_uniform_bins_merge(tmp_path):
+    # A heading within +-0.05 rad nine times in ten but reaching +-0.7 rad: uniform bins over min..max give the
+    # dense part a handful of tokens, equal-count bins about nine in ten of them.
+    rng = np.random.default_rng(0)
+    heading = np.concatenate([rng.uniform(-0.05, 0.05, 9000), rng.uniform(-0.7, 0.7, 1000)])
+    speed = rng.uniform(0, 30, 10000)
+    samples = np.stack([heading, speed], 1)
+    stats = {"names": ["heading", "speed"], "q01": list(samples.min(0)), "q99": list(samples.max(0))}
+    equal = BinActionTokenizer.from_samples(samples, stats, bins=64)
+    uniform = BinActionTokenizer.from_stats(stats, bins=64, per_dimension=True)
+    dense = samples[np.abs(heading) < 0.05]
+    assert len(np.unique(uniform.encode(dense[:, None])[:, 0])) <= 6
+    assert len(np.unique(equal.encode(dense[:, None])[:, 0])) >= 50
+    counts = np.bincount(equal.encode(samples[:, None])[:, 0], minlength=64)
+    assert counts.min() > 0.8 * len(samples) / 64 and counts.max() < 1.2 * len(samples) / 64
+    ids = equal.encode(samples[:, None])
+    assert ids[:, 1].min() >= 64 and ids[:, 1].max() < 128  # each dimension its own ids
+    # Ordered: a larger value never gets a smaller id; decoding lands inside the value's own bin.
+    order = np.argsort(heading)
+    assert np.all(np.diff(ids[order, 0]) >= 0)
+    decoded = equal.decode(ids)[:, 0]
+    lower = np.concatenate([[stats["q01"][0]], equal.edges[0]])[ids[:, 0]]
+    upper = np.concatenate([equal.edges[0], [stats["q99"][0]]])[ids[:, 0]]
+    assert np.all((decoded[:, 0] >= lower - 1e-9) & (decoded[:, 0] <= upper + 1e-9))
+    equal.save_pretrained(tmp_path)
+    assert np.array_equal(BinActionTokenizer.from_pretrained(tmp_path).encode(samples[:, None]), ids)
+    with pytest.raises(UnifiedError, match="non-decreasing"):
+        BinActionTokenizer(equal.q01, equal.q99, 64, equal.names, True, (equal.edges[0][::-1], equal.edges[1]))
+    with pytest.raises(UnifiedError, match="samples"):
+        BinActionTokenizer.from_samples(samples[:, :1], stats)
+
 @pytest.fixture(scope="module")
 def fast():
     rng = np.random.default_rng(0)

@@ -123,6 +123,7 @@ def fit(
     max_frames: int = 20000, text_vocab: int = 1024, action_bins: int = 256, state_bins: int = 64,
     horizon: int = 10, fast_scale: float = 10.0, fast_vocab: int = 1024, seed: int = 0, shared_bins: bool = False,
     action_range: Literal["full", "quantiles"] = "full",
+    state_binning: Literal["uniform", "equal_count"] = "uniform",
     overwrite: bool = False,
     progress: bool = True,
 ) -> Tokenizers:
@@ -131,9 +132,11 @@ def fit(
     `operators` adds an operator data set to the text corpus; `text_from` uses the tokenizer of a local
     pretrained LM directory instead of training one. `horizon` is the action chunk length FAST is fitted for.
     Action bins span the training actions' whole range (`action_range full`, min to max) or their q01..q99
-    (`quantiles`, clipping the rest). Each action and state dimension has its own bins unless `shared_bins` (one set
-    of bins for all dimensions, as earlier versions had). An existing tokenizer directory at `out` is replaced only
-    with `overwrite`; anything else there is refused.
+    (`quantiles`, clipping the rest). State bins are equal-width from min to max (`state_binning uniform`) or
+    equal-count over the training episodes' states (`equal_count`: finest where states are dense). Each
+    action and state dimension has its own bins unless `shared_bins` (one set of bins for all dimensions, as earlier
+    versions had). An existing tokenizer directory at `out` is replaced only with `overwrite`; anything else there
+    is refused.
     """
     store = EpisodeStore(data)
     fit_on, held_out = store.train_indices(), store.held_out_indices()
@@ -186,7 +189,13 @@ def fit(
         # speeds a policy reaches when it brakes too long) must still read differently from the quantile itself.
         span = store.info["state_stats"] | {"q01": store.info["state_stats"]["min"],
                                             "q99": store.info["state_stats"]["max"]}
-        state = BinActionTokenizer.from_stats(span, bins=state_bins, per_dimension=not shared_bins)
+        if state_binning == "equal_count":
+            # The expert steers on a heading error of hundredths of a radian, inside a range of +-0.7 rad: equal-
+            # width bins would give the common headings a handful of tokens, equal-count bins give them most.
+            states = np.concatenate([store.read_episode(i, frames=False).states for i in fit_on])
+            state = BinActionTokenizer.from_samples(states, span, bins=state_bins, per_dimension=not shared_bins)
+        else:
+            state = BinActionTokenizer.from_stats(span, bins=state_bins, per_dimension=not shared_bins)
         say(f"action: {action_bins} bins; FAST {fast.bpe_vocab_size} tokens over {len(chunks)} chunks of {horizon}",
             flush=True)
 
@@ -204,7 +213,7 @@ def fit(
                 "text_from": None if text_from is None else str(text_from), "action_bins": action_bins,
                 "state_bins": state_bins, "horizon": horizon, "fast_scale": fast_scale, "fast_vocab": fast_vocab,
                 "seed": seed, "operators": None if operators is None else str(operators), "shared_bins": shared_bins,
-                "action_range": action_range,
+                "action_range": action_range, "state_binning": state_binning,
             },
             "image_config": asdict(image_config),
         }

@@ -34,6 +34,8 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "tokenizer eval": ("unified.tokenizers.evaluate", "evaluate", "PSNR, codebook usage, encode speed, action errors"),
     "eval closed-loop": ("unified.eval.closed_loop", "closed_loop", "drive a suite with a driver and report success"),
     "eval world-model": ("unified.eval.world_model", "world_model", "imagined vs real frames: PSNR, SSIM, accuracy"),
+    "eval state-response": ("unified.eval.state_response", "state_response",
+                            "does the policy steer by its heading and lane offset, as the expert does?"),
     "eval reasoning": ("unified.eval.reasoning", "reasoning", "generated explanations vs the simulator's causes"),
     "eval operators": ("unified.eval.operators", "operators_eval", "multi-hop comparison accuracy by number of hops"),
     "eval plot-operators": ("unified.eval.operators", "plot_operators", "accuracy against hops of operator reports"),

@@ -34,8 +34,9 @@ from unified.sim.rollout import Episode, EpisodeSummary
 from unified.sim.suite import Suite, suite_from_dict
 
 FORMAT = "unified-episodes"
-FORMAT_VERSION = 3  # 2: the held-out split in meta/info.json, statistics over training episodes, the nearest
-# vehicles in the state; 3: the ego's pose relative to its navigation route and the route's preview in the state
+FORMAT_VERSION = 4  # 2: the held-out split in meta/info.json, statistics over training episodes, the nearest
+# vehicles in the state; 3: the ego's pose relative to its navigation route and the route's preview in the state;
+# 4: that pose measured against the lane the route follows (the expert's target lane), not the nearest route lane
 EPISODE_FILE = re.compile(r"^episode_(\d{6,})\.parquet$")
 
 SCHEMA = pa.schema([
@@ -362,6 +363,13 @@ class EpisodeStore:
                 f"{self.info_path}: written by an earlier version of unified (format_version 2: an ego state of "
                 f"{len(info.get('state_names', []))} values without the navigation route; this version records "
                 f"{len(STATE_NAMES)}: {', '.join(STATE_NAMES)}); generate the store again into a new directory"
+            )
+        if info.get("format_version") == 3:
+            raise UnifiedError(
+                f"{self.info_path}: written by an earlier version of unified (format_version 3: the ego's heading and "
+                "lane offset measured against the nearest lane of its route, which at a roundabout's entry is not the "
+                "lane the expert steers for; this version measures them against the lane the route follows); "
+                "generate the store again into a new directory"
             )
         if info.get("format_version") != FORMAT_VERSION:
             raise UnifiedError(

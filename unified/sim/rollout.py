@@ -60,7 +60,15 @@ class Route:
     """The navigation route of an episode, as a car's satnav gives it: the road's edges from the ego's start to the
     scenario's destination (the simulator's shortest path), or, on open road (no destination), the lane the ego is
     in and the road that continues it. It says which lane the car should be in where the road branches and how the
-    road it should follow bends ahead; it says nothing about speed, traffic or when to change lanes."""
+    road it should follow bends ahead; it says nothing about speed, traffic or when to change lanes.
+
+    Along a route the lane to follow is chosen as highway-env's own route following chooses it (`ControlledVehicle.
+    follow_road`, which the expert runs): the ego's starting lane, then, each time the car passes the end of that
+    lane, the route's next road, on the lane number that continues it or, where the number of lanes changes (onto a
+    roundabout's two-lane ring, off it onto a one-lane exit), the lane nearest the car's place on the lane it
+    leaves. So the state measures the car's pose against the lane the expert steers for, not against whichever
+    route lane happens to be nearest (at a roundabout's entry that was the entry road while the expert was already
+    steering onto the ring's inner lane, and the recorded steering could not be read from the state)."""
 
     def __init__(self, env, destination: str | None):
         u = env.unwrapped
@@ -74,17 +82,27 @@ class Route:
             following = self._next(self.edges[-1] + (0,))
             if following is not None:
                 self.edges.append(following[:2])
-            # Every lane of every road of the route: where the car may be on it (fixed for the episode).
-            self.candidates = [(a, b, i) for a, b in self.edges for i in range(len(self.network.graph[a][b]))]
-            self.candidate_lanes = [self.network.get_lane(c) for c in self.candidates]
+            self.target = start
 
     def lane(self, ego):
-        """(lane index, lane) of the route nearest to the ego in position and heading; on open road the ego's."""
+        """(lane index, lane) the route follows where the ego is (see the class); on open road the ego's own. Call
+        it as the car moves (at every step or every few steps): passing a lane's end moves it to the next lane."""
         if self.edges is None:
             return ego.lane_index, ego.lane
-        distances = [lane.distance_with_heading(ego.position, ego.heading) for lane in self.candidate_lanes]
-        k = int(np.argmin(distances))
-        return self.candidates[k], self.candidate_lanes[k]
+        for _ in range(len(self.edges)):  # several lanes at once if called seldom and the lanes are short
+            lane = self.network.get_lane(self.target)
+            if not lane.after_end(ego.position):
+                break
+            a, b, i = self.target
+            following = self._next(self.target)
+            if following is None:
+                break
+            # highway-env's choice: the same lane number where the next road has as many lanes, else the lane
+            # nearest the car's place projected on the lane centre it leaves.
+            projected = lane.position(lane.local_coordinates(ego.position)[0], 0)
+            number, _ = self.network.next_lane_given_next_road(a, b, i, following[1], None, projected)
+            self.target = (b, following[1], number)
+        return self.target, self.network.get_lane(self.target)
 
     def heading_ahead(self, index, lane, longitudinal: float, distance: float) -> float:
         """The route's direction `distance` metres along it from `longitudinal` on `lane` (radians, world frame).
@@ -216,8 +234,9 @@ def run_episode(
     jitter: bool = False,
 ) -> Episode:
     """Drive one episode of `scenario` with `driver`; `env` may be reused across episodes of the same scenario.
-    `jitter` (expert demonstrations) starts the ego off its lane by up to the suite's `start_jitter` and adds the
-    suite's `action_noise` to what the car executes; the driver's own action is what is recorded."""
+    `jitter` (expert demonstrations) starts the ego off its lane by up to the suite's `start_jitter` (and moves it
+    so again every `jitter_every` decisions) and adds the suite's `action_noise` to what the car executes; the
+    driver's own action is what is recorded."""
     env = env if env is not None else make_env(suite, scenario, render=render)
     start_episode(env, suite, scenario, seed, jitter)
     driver.reset(env, scenario, seed)
@@ -234,7 +253,10 @@ def run_episode(
     # ego to have driven onto it: the envs' own arrival tests accept any exit.
     reached = scenario.destination is None
     limit = max_steps(env, scenario, suite.policy_frequency)
+    rejitter = np.random.default_rng([seed, 5]) if jitter and suite.jitter_every and any(suite.start_jitter) else None
     for t in range(limit):
+        if rejitter is not None and t and t % suite.jitter_every == 0:
+            jitter_start(env, *suite.start_jitter, rejitter)
         if render:
             frames.append(render_frame(env, f"scenario {scenario.name!r}, seed {seed}, step {t}"))
         start = time.perf_counter()

@@ -64,6 +64,10 @@ class Suite:
     # (metres) and off the lane's direction (radians), uniformly: the expert's corrections are in the data, so
     # that a policy learns to come back from the small drifts its own errors cause.
     start_jitter: tuple[float, float] = (0.0, 0.0)
+    # ... and again every `jitter_every` decisions (0: at the start only): the car is moved off its lane by up to
+    # `start_jitter` in the middle of the road too, on highways, at merges, in turns and on roundabout rings, and the
+    # expert's way back is in the data wherever a learner may drift.
+    jitter_every: int = 0
     # Expert demonstrations also drive with noise added to the expert's action (acceleration m/s^2, steering rad:
     # the standard deviation of a slowly varying perturbation, see `unified.sim.rollout.ActionNoise`), while the
     # expert's own action is what is recorded (DART: Laskey et al., 2017): the car drifts off the expert's path the
@@ -80,6 +84,8 @@ class Suite:
             raise ValueError(f"policy_frequency must be at least 1 Hz, got {self.policy_frequency}")
         if min(self.start_jitter) < 0:
             raise ValueError(f"start_jitter (metres, radians) must not be negative, got {self.start_jitter}")
+        if self.jitter_every < 0:
+            raise ValueError(f"jitter_every (decisions) must not be negative, got {self.jitter_every}")
         if min(self.action_noise) < 0:
             raise ValueError(f"action_noise (m/s^2, radians) must not be negative, got {self.action_noise}")
 

@@ -1,0 +1,118 @@
+"""`unified eval state-response`: does a policy steer by its state, as the expert does?
+
+The expert's steering is a feedback law on the car's pose in its lane (highway-env's `ControlledVehicle.
+steering_control`): a heading error of 0.02 rad at 8 m/s moves its wheel by about 0.06 rad. A learned driver that
+has not learned this law drives the expert's average path blind and leaves the road at the first drift. This
+command measures it directly: on held-out observations it moves one state value (the heading, or the lateral
+offset, against the route's lane) by +-delta, everything else unchanged, and reads how far the policy's first
+steering command moves (a central difference), beside the expert's own gain at the same speed (the derivative of
+its steering law at the lane centre, from the library's constants).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from unified.errors import UnifiedError
+
+# state name -> default perturbation (heading in rad, offset in m): inside the expert's linear range at 5 m/s.
+PERTURBED = {"heading": 0.02, "lane_offset": 0.2}
+MIN_SPEED = 5.0  # m/s: below it the expert's gains grow without bound and its steering saturates
+
+
+def expert_gains(speed: np.ndarray) -> dict[str, np.ndarray]:
+    """d steering / d heading and d steering / d lateral offset of highway-env's lane-following law at the lane
+    centre, to first order, at each `speed`: steering = arctan(2 tan(arcsin(L / 2v * KP_H * (ref - heading)))),
+    ref = lane heading + arcsin(-KP_LAT * offset / v), so d/d heading = -L KP_H / v and d/d offset =
+    -L KP_H KP_LAT / v^2."""
+    from highway_env.vehicle.controller import ControlledVehicle as C
+
+    speed = np.asarray(speed, np.float64)
+    return {"heading": -C.LENGTH * C.KP_HEADING / speed,
+            "lane_offset": -C.LENGTH * C.KP_HEADING * C.KP_LATERAL / speed ** 2}
+
+
+def state_response(*, model: Path, data: Path, observations: int = 60, heading: float = PERTURBED["heading"],
+                   offset: float = PERTURBED["lane_offset"], json: Path | None = None, progress: bool = True) -> dict:
+    """Move the heading by +-`heading` rad and the lane offset by +-`offset` m in `observations` held-out
+    observations of `data` (speed >= 5 m/s) and report the mean change of the model's first steering command per
+    unit, beside the expert's gain at the same speeds."""
+    from unified.data.store import EpisodeStore
+    from unified.outputs import check_file, write_report
+    from unified.policy import Policy
+    from unified.sim.env import STATE_NAMES
+
+    if heading <= 0 or offset <= 0:
+        raise UnifiedError(f"--heading and --offset must be positive, got {heading} and {offset}")
+    if json is not None:
+        check_file(json, "state_response", [model, data])
+    policy = Policy.from_pretrained(model)
+    if not policy.config.use_state:
+        raise UnifiedError(f"{model}: this model reads no state (use_state is off); there is nothing to perturb")
+    names = list(policy.tokenizers.state.names)
+    if names[:3] != list(STATE_NAMES[:3]):
+        raise UnifiedError(f"{model}: its state starts {names[:3]}, not {list(STATE_NAMES[:3])}")
+    store = EpisodeStore(data)
+    indices = store.held_out_indices(stratified=True)
+    if not indices:
+        raise UnifiedError(f"{data}: the store holds no held-out episodes ({store.rule.description})")
+    # Observations spread evenly over the held-out episodes (round robin over scenarios), moving cars only.
+    candidates = []
+    for index in indices:
+        episode = store.read_episode(index)
+        moving = np.flatnonzero(episode.states[:, 0] >= MIN_SPEED)
+        candidates.append((episode, moving))
+    per_episode = max(1, -(-observations // len(candidates)))
+    seen = []
+    for episode, moving in candidates:
+        for t in moving[np.linspace(0, len(moving) - 1, min(per_episode, len(moving))).astype(int)] if len(moving) \
+                else []:
+            seen.append((episode, int(t)))
+    seen = seen[:observations]
+    if not seen:
+        raise UnifiedError(f"{data}: no held-out step has the car moving at {MIN_SPEED} m/s or more")
+    history = policy.config.history
+    deltas = {"heading": heading, "lane_offset": offset}
+    slopes = {name: [] for name in deltas}
+    speeds = []
+    for episode, t in tqdm(seen, desc="state response", unit="obs", disable=not progress):
+        frames = episode.frames[max(0, t - history + 1):t + 1]
+        speeds.append(float(episode.states[t, 0]))
+        for name, delta in deltas.items():
+            steer = []
+            for sign in (1.0, -1.0):
+                state = episode.states[t].copy()
+                state[names.index(name)] += sign * delta
+                result = policy.act(frames, episode.instruction, state=state, reason=False)
+                steer.append(float(np.asarray(result.actions)[0, 1]))
+            slopes[name].append((steer[0] - steer[1]) / (2 * delta))
+    speeds = np.asarray(speeds)
+    gains = expert_gains(speeds)
+    rows = {}
+    rng = np.random.default_rng(0)
+    for name in deltas:
+        values = np.asarray(slopes[name])
+        boot = [values[rng.integers(0, len(values), len(values))].mean() for _ in range(2000)]
+        rows[name] = {
+            "delta": deltas[name], "model_slope": float(values.mean()),
+            "model_slope_ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+            "expert_slope": float(gains[name].mean()),
+            "share_of_expert": float(values.mean() / gains[name].mean()),
+            "unmoved": float(np.mean(values == 0.0)),
+        }
+    report = {"model": str(model), "data": str(data), "observations": len(seen),
+              "mean_speed": float(speeds.mean()), "per_state": rows}
+    print(f"steering response to the state, {len(seen)} held-out observations of {data} (mean speed "
+          f"{speeds.mean():.1f} m/s), first step of the chunk, central differences:")
+    units = {"heading": "rad", "lane_offset": "m"}
+    for name, row in rows.items():
+        low, high = row["model_slope_ci95"]
+        print(f"  {name} +-{row['delta']} {units[name]}: model {row['model_slope']:+.2f} [{low:+.2f}, {high:+.2f}] "
+              f"rad per {units[name]}, expert {row['expert_slope']:+.2f} ({row['share_of_expert']:.0%} of it); the "
+              f"command did not move in {row['unmoved']:.0%} of observations")
+    if json is not None:
+        write_report(Path(json), report, "state_response")
+    return report
