@@ -121,6 +121,7 @@ def output_cases(model_data, export, run):
         "eval distill": lambda f, t: ["--study", ROOT / "recipes" / "study.yaml", "--out", f],
         "eval ablation": lambda f, t: ["--spec", ROOT / "recipes" / "ablation.yaml", "--out", f],
         "bench latency": lambda f, t: ["--models", export, "--data", store, "--json", t],
+        "eval state-response": lambda f, t: ["--model", export, "--data", store, "--json", t],
     }
 
 
