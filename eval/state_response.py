@@ -68,9 +68,9 @@ def state_response(*, model: Path, data: Path, observations: int = 60, heading: 
     per_episode = max(1, -(-observations // len(candidates)))
     seen = []
     for episode, moving in candidates:
-        for t in moving[np.linspace(0, len(moving) - 1, min(per_episode, len(moving))).astype(int)] if len(moving) \
-                else []:
-            seen.append((episode, int(t)))
+        if len(moving):
+            picks = np.linspace(0, len(moving) - 1, min(per_episode, len(moving))).astype(int)
+            seen.extend((episode, int(t)) for t in moving[picks])
     seen = seen[:observations]
     if not seen:
         raise UnifiedError(f"{data}: no held-out step has the car moving at {MIN_SPEED} m/s or more")

@@ -3,6 +3,7 @@
 Each numbered defect of the reliability issue has a test here that fails on the code before it was fixed, and
 one property test runs every verb that takes an output path against a directory holding a user's file."""
 
+import contextlib
 import errno
 import inspect
 import json
@@ -20,6 +21,7 @@ import torch
 
 from unified.cli import VERBS, main
 from unified.errors import UnifiedError
+from unified.launcher import shared_buffers
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -191,6 +193,20 @@ def training_processes(run: Path) -> list[psutil.Process]:
     return found
 
 
+def master_port(run: Path, process: subprocess.Popen | None = None, timeout: float = 120) -> str:
+    """The port the DeepSpeed launcher of `run` was given (its command line), waiting for it to start."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for p in training_processes(run):
+            with contextlib.suppress(psutil.Error):
+                command = p.cmdline()
+                if "--master_port" in command:
+                    return command[command.index("--master_port") + 1]
+        assert process is None or process.poll() is None, "the run ended before its launcher was seen"
+        time.sleep(0.05)
+    raise AssertionError("no launcher with --master_port")
+
+
 def wait_until_gone(run: Path, timeout: float = 60) -> list:
     deadline = time.time() + timeout
     while time.time() < deadline and training_processes(run):
@@ -210,17 +226,31 @@ def test_a_killed_trainer_takes_its_ranks_with_it_and_a_run_has_one_owner(model_
                              f"run_dir={run}", f"data={shards}", *TINY, "--resume"],
                             capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert second.returncode == 2 and f'"pid": {first.pid}' in second.stderr, second.stderr
-    # SIGTERM on `unified train`: the launcher and both ranks stop.
+    # The CPU ranks share memory through DeepSpeed's all-reduce buffers in /dev/shm, named after the port.
+    port = master_port(run)
+    assert shared_buffers(["--master_port", port]), "the ranks' shared buffers exist while the run trains"
+    # SIGTERM on `unified train`: the launcher and both ranks stop, and their buffers are removed.
     first.send_signal(signal.SIGTERM)
     first.wait(timeout=60)
     assert wait_until_gone(run) == []
+    assert shared_buffers(["--master_port", port]) == []
     logged = (run / "losses.jsonl").read_text()
     # SIGKILL: nothing can run in the killed process, yet the ranks notice (the guard's parent-death signal).
     third = start_training(run, shards, resume=True)
     wait_for_steps(run, third, len(logged.splitlines()) + 2)
+    port = master_port(run)
     third.kill()
     third.wait()
     assert wait_until_gone(run) == []
+    assert shared_buffers(["--master_port", port]) == []
+    # A run that ends by itself removes them too.
+    short = run.parent / "short"
+    finished = subprocess.Popen([str(BIN / "unified"), "train", "--recipe", str(DEBUG), "--ranks", "2",
+                                 f"run_dir={short}", f"data={shards}", *TINY, "steps=3"], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port = master_port(short, finished)
+    assert finished.wait(timeout=300) == 0
+    assert shared_buffers(["--master_port", port]) == []
     # 4: starting again without --resume is refused, and the run is left as it was.
     before = snapshot(run / "checkpoints"), (run / "losses.jsonl").read_text()
     again = subprocess.run([str(BIN / "unified"), "train", "--recipe", str(DEBUG), "--ranks", "1",
