@@ -51,8 +51,9 @@ class BinActionTokenizer:
 
     With `edges` (from `from_samples`) the bins are equal-count instead of equal-width: bin k of a dimension holds
     the values between its k-th and (k+1)-th edge, so each bin holds about as many training values as any other and
-    the resolution is finest where the data is dense. The state uses them: a heading that spans +-0.7 rad but is
-    within +-0.05 rad nine steps in ten gets about 50 distinct tokens there, not 5.
+    the resolution is finest where the data is dense. The state may use them (`tokenizer fit --state-binning
+    equal_count`): a heading that spans +-0.7 rad but is within +-0.05 rad nine steps in ten then gets about 50
+    distinct tokens there, not 5.
     """
 
     q01: tuple[float, ...]
