@@ -28,9 +28,10 @@ def parse_entry(entry: str) -> tuple[str, str]:
     return path, mode
 
 
-def observations(data: Path, count: int, history: int) -> list[tuple[np.ndarray, str, np.ndarray]]:
+def observations(data: Path, count: int, history: int,
+                 min_speed: float | None = None) -> list[tuple[np.ndarray, str, np.ndarray]]:
     """`count` (frames, instruction, state) observations spread over the held-out episodes of a store (round robin
-    over its scenarios)."""
+    over its scenarios); with `min_speed`, only steps where the car moves at least that fast (m/s)."""
     from unified.data.store import EpisodeStore
 
     store = EpisodeStore(data)
@@ -41,7 +42,11 @@ def observations(data: Path, count: int, history: int) -> list[tuple[np.ndarray,
     per_episode = max(1, -(-count // len(indices)))
     for index in indices:
         episode = store.read_episode(index)
-        for t in np.linspace(0, len(episode.actions) - 1, per_episode).astype(int):
+        steps = np.arange(len(episode.actions)) if min_speed is None else \
+            np.flatnonzero(episode.states[:, 0] >= min_speed)
+        if not len(steps):
+            continue
+        for t in steps[np.linspace(0, len(steps) - 1, per_episode).astype(int)]:
             out.append((episode.frames[max(0, t - history + 1):t + 1], episode.instruction, episode.states[t]))
         if len(out) >= count:
             break

@@ -40,7 +40,8 @@ def state_response(*, model: Path, data: Path, observations: int = 60, heading: 
     """Move the heading by +-`heading` rad and the lane offset by +-`offset` m in `observations` held-out
     observations of `data` (speed >= 5 m/s) and report the mean change of the model's first steering command per
     unit, beside the expert's gain at the same speeds."""
-    from unified.data.store import EpisodeStore
+    from unified.eval.latency import observations as held_out_observations
+
     from unified.outputs import check_file, write_report
     from unified.policy import Policy
     from unified.sim.env import STATE_NAMES
@@ -55,38 +56,20 @@ def state_response(*, model: Path, data: Path, observations: int = 60, heading: 
     names = list(policy.tokenizers.state.names)
     if names[:3] != list(STATE_NAMES[:3]):
         raise UnifiedError(f"{model}: its state starts {names[:3]}, not {list(STATE_NAMES[:3])}")
-    store = EpisodeStore(data)
-    indices = store.held_out_indices(stratified=True)
-    if not indices:
-        raise UnifiedError(f"{data}: the store holds no held-out episodes ({store.rule.description})")
-    # Observations spread evenly over the held-out episodes (round robin over scenarios), moving cars only.
-    candidates = []
-    for index in indices:
-        episode = store.read_episode(index)
-        moving = np.flatnonzero(episode.states[:, 0] >= MIN_SPEED)
-        candidates.append((episode, moving))
-    per_episode = max(1, -(-observations // len(candidates)))
-    seen = []
-    for episode, moving in candidates:
-        if len(moving):
-            picks = np.linspace(0, len(moving) - 1, min(per_episode, len(moving))).astype(int)
-            seen.extend((episode, int(t)) for t in moving[picks])
-    seen = seen[:observations]
+    seen = held_out_observations(data, observations, policy.config.history, min_speed=MIN_SPEED)
     if not seen:
         raise UnifiedError(f"{data}: no held-out step has the car moving at {MIN_SPEED} m/s or more")
-    history = policy.config.history
     deltas = {"heading": heading, "lane_offset": offset}
     slopes = {name: [] for name in deltas}
     speeds = []
-    for episode, t in tqdm(seen, desc="state response", unit="obs", disable=not progress):
-        frames = episode.frames[max(0, t - history + 1):t + 1]
-        speeds.append(float(episode.states[t, 0]))
+    for frames, instruction, observed in tqdm(seen, desc="state response", unit="obs", disable=not progress):
+        speeds.append(float(observed[0]))
         for name, delta in deltas.items():
             steer = []
             for sign in (1.0, -1.0):
-                state = episode.states[t].copy()
+                state = observed.copy()
                 state[names.index(name)] += sign * delta
-                result = policy.act(frames, episode.instruction, state=state, reason=False)
+                result = policy.act(frames, instruction, state=state, reason=False)
                 steer.append(float(np.asarray(result.actions)[0, 1]))
             slopes[name].append((steer[0] - steer[1]) / (2 * delta))
     speeds = np.asarray(speeds)
