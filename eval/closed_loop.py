@@ -12,6 +12,7 @@ from typing import Any, Literal
 import numpy as np
 from tqdm import tqdm
 from unified.eval.model_driver import ENSEMBLE, REPLAN_EVERY
+from unified.eval.state_mlp import is_state_mlp
 from unified.eval.stats import compare_paired, mean_interval, wilson_interval
 
 from unified.errors import UnifiedError
@@ -62,10 +63,15 @@ class _Worker:
             cls.suites[evaluation.suite] = load_suite(evaluation.suite)
         suite = cls.suites[evaluation.suite]
         scenario = suite.scenarios[scenario_name]
-        key = (evaluation.suite, scenario_name, evaluation.learned)
+        from unified.eval.state_mlp import state_mlp_driver
+
+        state_only = evaluation.learned and is_state_mlp(evaluation.model)
+        key = (evaluation.suite, scenario_name, evaluation.learned and not state_only)
         if key not in cls.envs:
-            cls.envs[key] = make_env(suite, scenario, render=evaluation.learned)
-        if evaluation.learned:
+            cls.envs[key] = make_env(suite, scenario, render=key[2])
+        if state_only:
+            driver = state_mlp_driver(evaluation.model, evaluation.replan_every, evaluation.ensemble)
+        elif evaluation.learned:
             from unified.eval.model_driver import ModelDriver
 
             from unified.policy import Policy
@@ -117,21 +123,23 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
 def closed_loop(
     *, model: str, scenarios: Path, episodes: int = 20, workers: int = 1, seed: int = EVAL_SEED,
     json: Path | None = None, mode: Literal["reason", "direct", "continuous"] = "reason",
-    replan_every: int | None = REPLAN_EVERY, ensemble: float | None = ENSEMBLE, train_store: list[Path] = (),
-    progress: bool = True,
+    replan_every: int | None = REPLAN_EVERY, ensemble: float | None = ENSEMBLE, no_ensemble: bool = False,
+    train_store: list[Path] = (), progress: bool = True,
 ) -> dict[str, Any]:
     """Drive `episodes` episodes of every scenario in the suite `scenarios` with `model` (an exported model
     directory, or the scripted expert, random or constant driver) and return (and with `json`, write) the
     report. A model reasons before acting (`mode reason`), acts directly (`direct`) or reads its continuous
     head (`continuous`), and re-plans every `replan_every` steps (default 5; its chunk length or more: each chunk
     executed to its end), blending the chunks that cover a step with weights exp(-ensemble * i), oldest first
-    (default 0.5). `train_store` (one or more episode stores a model trained on): refuse evaluation episodes that
-    share a simulator seed with their training episodes, and report those whose traffic is a near-replay of one."""
+    (default 0.5); `no_ensemble` executes the newest plan alone (with `replan_every 1`: its first action at every
+    step, receding-horizon control). `train_store` (one or more episode stores a model trained on): refuse
+    evaluation episodes that share a simulator seed with their training episodes, and report those whose traffic
+    is a near-replay of one."""
     from unified.outputs import check_file
 
     if json is not None:  # a bad path fails now, not after the evaluation
         check_file(json, "closed-loop", [model if model not in DRIVERS else None, scenarios, *train_store])
-    evaluation = Evaluation(model, str(scenarios), mode, replan_every, ensemble)
+    evaluation = Evaluation(model, str(scenarios), mode, replan_every, None if no_ensemble else ensemble)
     report = evaluate([evaluation], episodes, workers, seed, progress)[evaluation]
     if train_store:
         report["overlap"] = overlap_of(report, list(train_store), progress)
@@ -167,9 +175,9 @@ def evaluate(evaluations: list[Evaluation], episodes: int, workers: int = 1, see
     (each loads a suite, an environment or a model once). Episode i of a scenario has the same seed whoever
     drives it, so every driver meets the same traffic."""
     for e in evaluations:
-        if e.learned and not (Path(e.model) / "unified.json").is_file():
-            raise UnifiedError(f"--model: {e.model!r} is neither an exported model directory (with unified.json) "
-                               f"nor a driver ({', '.join(DRIVERS)})")
+        if e.learned and not (Path(e.model) / "unified.json").is_file() and not is_state_mlp(e.model):
+            raise UnifiedError(f"--model: {e.model!r} is neither an exported model directory (with unified.json), "
+                               f"a state-MLP baseline (with state_mlp.json) nor a driver ({', '.join(DRIVERS)})")
         if e.mode not in ("reason", "direct", "continuous"):
             raise UnifiedError(f"--mode: {e.mode!r} is not reason, direct or continuous")
         if e.replan_every is not None and e.replan_every < 1:
@@ -193,7 +201,8 @@ def evaluate(evaluations: list[Evaluation], episodes: int, workers: int = 1, see
         mine = [r for r in records if r["evaluation"] == e]
         reports[e] = {
             "report_version": REPORT_VERSION,
-            "model": e.model if not e.learned else f"{Path(e.model).name} ({e.mode})",
+            "model": e.model if not e.learned else
+            f"{Path(e.model).name} ({'state MLP' if is_state_mlp(e.model) else e.mode})",
             "model_path": str(e.model) if e.learned else None,
             "mode": e.mode if e.learned else None,
             "replan_every": e.replan_every if e.learned else None,
@@ -217,7 +226,11 @@ EPISODE_FIELDS = ("scenario", "index", "seed", "success", "collision", "offroad"
 
 def _fingerprint(model: str) -> str:
     """The weights' fingerprint, after checking every file of the export against its manifest's checksums (the
-    workers then load it with the quick size check)."""
+    workers then load it with the quick size check); a state MLP's: the checksum of its weights file."""
+    if is_state_mlp(model):
+        import hashlib
+
+        return hashlib.sha256((Path(model) / "model.safetensors").read_bytes()).hexdigest()[:16]
     from unified.model_dir import verify_model, weights_fingerprint  # torch: only where a learned model is evaluated
 
     verify_model(model, "full")

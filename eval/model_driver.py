@@ -28,6 +28,7 @@ REPLAN_EVERY, ENSEMBLE = 5, 0.5
 
 class ModelDriver:
     name = "model"
+    needs_frames = True  # a policy reads the rendered frame; a state-only planner does not
 
     def __init__(self, policy, mode: Mode = "reason", replan_every: int | None = REPLAN_EVERY,
                  ensemble: float | None = ENSEMBLE):
@@ -61,7 +62,7 @@ class ModelDriver:
         current = [(s, c) for s, c in self.chunks if s + len(c) > t]
         replan = t % self.replan_every == 0 or not current
         history = self.policy.config.history
-        if replan or history > 1:  # a policy that sees one frame needs none between its decisions
+        if self.needs_frames and (replan or history > 1):  # one frame: none needed between decisions
             frame = render_frame(env, f"{self.where}, step {t}")
             self.frames = (self.frames + [frame])[-history:]
         if replan:

@@ -42,6 +42,8 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "eval plot-training": ("unified.eval.training_plot", "plot_training", "loss curves per task of runs, as a PNG"),
     "eval distill": ("unified.eval.study", "distill", "teacher vs action-only students: the distillation study"),
     "eval ablation": ("unified.eval.ablation", "ablation", "what made the driver drive: one lever per row, a table"),
+    "baseline fit-state-mlp": ("unified.eval.state_mlp", "fit_state_mlp",
+                               "behaviour cloning from the ego state alone: a small MLP, a baseline to drive"),
     "bench latency": ("unified.eval.latency", "latency", "decision latency of models on the same observations"),
     "eval compare": ("unified.eval.closed_loop", "compare", "a Markdown table of closed-loop reports (--json files)"),
 }

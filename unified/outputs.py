@@ -47,6 +47,8 @@ KINDS = {
     "model": Kind("exported model", "unified.json", "unified-model",
                   ("config.json", "generation_config.json", "model.safetensors", "action_head.safetensors",
                    "unified.json", "layout.json", "tokenizers", "stats.json", "manifest.json", "cache")),
+    "state_mlp": Kind("state-MLP directory", "state_mlp.json", "unified-state-mlp",
+                      ("state_mlp.json", "model.safetensors")),
     "ablation": Kind("ablation directory", "ablation_dir.json", "unified-ablation",
                      ("ablation_dir.json", "ablation.json", "ablation.md", "rows")),
     "study": Kind("study directory", "study.json", "unified-study",

@@ -1,0 +1,97 @@
+"""The state-only behaviour-cloning baseline: trained on training episodes only, learns, drives, refuses bad paths."""
+
+import json
+
+import numpy as np
+import pytest
+from unified.eval.closed_loop import closed_loop
+from unified.eval.state_mlp import StateMLP, fit_state_mlp
+
+from unified.data.store import EpisodeStore
+from unified.errors import UnifiedError
+
+
+def _labels(store: EpisodeStore, indices, horizon: int = 1):
+    from unified.eval.state_mlp import _chunks
+
+    episodes = [store.read_episode(i, frames=False) for i in indices]
+    return (np.concatenate([e.states for e in episodes]),
+            np.concatenate([_chunks(e.actions, horizon) for e in episodes]))
+
+
+@pytest.fixture(scope="module")
+def split_store(tmp_path_factory):
+    """The tiny suite, 6 episodes, every second episode of each scenario held out."""
+    from conftest import TINY_SUITE
+
+    from unified.data.generate import generate
+
+    root = tmp_path_factory.mktemp("split")
+    (root / "tiny.yaml").write_text(TINY_SUITE)
+    generate(suite=root / "tiny.yaml", episodes=6, out=root / "data", held_out_every=2, progress=False)
+    return root / "data"
+
+
+def test_fits_the_training_episodes_only_and_learns_them(split_store, tmp_path):
+    store = EpisodeStore(split_store)
+    assert store.held_out_indices() and store.train_indices()
+    config = fit_state_mlp(data=split_store, out=tmp_path / "mlp", steps=400, batch_size=32, progress=False)
+    assert config["trained_on"] == store.train_indices()
+    assert not set(config["trained_on"]) & set(store.held_out_indices())
+    saved = json.loads((tmp_path / "mlp" / "state_mlp.json").read_text())
+    assert saved["trained_on"] == config["trained_on"] and saved["samples"] == sum(
+        len(store.read_episode(i, frames=False).actions) for i in store.train_indices())
+    # It learned its training labels: its L1 error is well below that of the best constant (the median).
+    mlp = StateMLP.load(tmp_path / "mlp")
+    states, chunks = _labels(store, store.train_indices())
+    predicted = np.stack([mlp.plan(s) for s in states])
+    assert predicted.shape == chunks.shape
+    error = np.abs(predicted - chunks).mean(axis=(0, 1))
+    constant = np.abs(chunks - np.median(chunks, axis=0)).mean(axis=(0, 1))
+    assert error[0] < 0.5 * constant[0], (error, constant)
+
+
+def test_bins_decode_to_bin_centres_within_the_recorded_range(tiny_store, tmp_path):
+    config = fit_state_mlp(data=tiny_store, out=tmp_path / "mlp", horizon=3, bins=16, steps=50, batch_size=16,
+                           progress=False)
+    mlp = StateMLP.load(tmp_path / "mlp")
+    low, high = np.asarray(config["action_low"]), np.asarray(config["action_high"])
+    store = EpisodeStore(tiny_store)
+    states, chunks = _labels(store, store.train_indices(), horizon=3)
+    plan = mlp.plan(states[0])
+    assert plan.shape == (3, 2) and (plan >= low).all() and (plan <= high).all()
+    bins = (plan - low) / (high - low) * 16 - 0.5  # the index of a bin centre: a whole number
+    np.testing.assert_allclose(bins, np.round(bins), atol=1e-6)
+    # Every training label falls in a bin whose centre is within half a bin of it.
+    targets = mlp.targets(chunks)
+    centres = low + (targets + 0.5) / 16 * (high - low)
+    assert (np.abs(centres - chunks) <= (high - low) / 32 + 1e-6).all()
+
+
+def test_refuses_to_write_over_its_store_or_a_directory_of_another_kind(tiny_store, tmp_path):
+    with pytest.raises(UnifiedError, match="--out"):
+        fit_state_mlp(data=tiny_store, out=tiny_store, steps=1, progress=False)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "thesis.txt").write_text("a week of work")
+    with pytest.raises(UnifiedError):
+        fit_state_mlp(data=tiny_store, out=tmp_path / "notes", steps=1, progress=False)
+    assert (tmp_path / "notes" / "thesis.txt").read_text() == "a week of work"
+    fit_state_mlp(data=tiny_store, out=tmp_path / "mlp", steps=1, progress=False)
+    with pytest.raises(UnifiedError, match="overwrite"):
+        fit_state_mlp(data=tiny_store, out=tmp_path / "mlp", steps=1, progress=False)
+    fit_state_mlp(data=tiny_store, out=tmp_path / "mlp", steps=1, overwrite=True, progress=False)
+    with pytest.raises(UnifiedError, match="--bins"):
+        fit_state_mlp(data=tiny_store, out=tmp_path / "other", bins=1, progress=False)
+
+
+def test_drives_in_closed_loop_planning_at_every_step_without_blending(tiny_store, tmp_path):
+    fit_state_mlp(data=tiny_store, out=tmp_path / "mlp", horizon=4, steps=20, batch_size=16, progress=False)
+    suite = tiny_store.parent / "tiny.yaml"
+    report = closed_loop(model=str(tmp_path / "mlp"), scenarios=suite, episodes=1, replan_every=1,
+                         no_ensemble=True, progress=False)
+    assert report["model"] == "mlp (state MLP)" and report["replan_every"] == 1 and report["ensemble"] is None
+    assert report["overall"]["episodes"] == len(report["episodes"]) > 0
+    assert len(report["fingerprint"]) == 16
+    # Every step it drove was one decision: it planned at every step.
+    latency = report["overall"]["decision_latency_ms"]
+    assert latency["decisions"] == sum(e["steps"] for e in report["episodes"])
