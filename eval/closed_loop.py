@@ -12,7 +12,7 @@ from typing import Any, Literal
 import numpy as np
 from tqdm import tqdm
 from unified.eval.model_driver import ENSEMBLE, REPLAN_EVERY
-from unified.eval.state_mlp import is_state_mlp
+from unified.eval.state_mlp import StateMLP, StateMLPDriver, is_state_mlp
 from unified.eval.stats import compare_paired, mean_interval, wilson_interval
 
 from unified.errors import UnifiedError
@@ -63,14 +63,14 @@ class _Worker:
             cls.suites[evaluation.suite] = load_suite(evaluation.suite)
         suite = cls.suites[evaluation.suite]
         scenario = suite.scenarios[scenario_name]
-        from unified.eval.state_mlp import state_mlp_driver
-
         state_only = evaluation.learned and is_state_mlp(evaluation.model)
         key = (evaluation.suite, scenario_name, evaluation.learned and not state_only)
         if key not in cls.envs:
             cls.envs[key] = make_env(suite, scenario, render=key[2])
         if state_only:
-            driver = state_mlp_driver(evaluation.model, evaluation.replan_every, evaluation.ensemble)
+            if evaluation.model not in cls.policies:  # loaded once per worker, as a policy is
+                cls.policies[evaluation.model] = StateMLP.load(evaluation.model)
+            driver = StateMLPDriver(cls.policies[evaluation.model], evaluation.replan_every, evaluation.ensemble)
         elif evaluation.learned:
             from unified.eval.model_driver import ModelDriver
 

@@ -15,11 +15,14 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from tqdm import tqdm
+from unified.eval.model_driver import ModelDriver
 
 from unified.errors import UnifiedError
+from unified.sim.rollout import ego_state
 
 MARKER = "state_mlp.json"
 FORMAT = "unified-state-mlp"
@@ -160,25 +163,19 @@ def is_state_mlp(path: str | Path) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
-def state_mlp_driver(directory: str | Path, replan_every: int | None, ensemble: float | None):
-    """A `ModelDriver` that plans with the state-only MLP in `directory` (no frames rendered)."""
-    from types import SimpleNamespace
 
-    from unified.eval.model_driver import ModelDriver
+class StateMLPDriver(ModelDriver):
+    """A `ModelDriver` that plans with a loaded `StateMLP` (no frames rendered)."""
 
-    from unified.sim.rollout import ego_state
+    needs_frames = False
 
-    mlp = StateMLP.load(directory)
+    def __init__(self, mlp: StateMLP, replan_every: int | None, ensemble: float | None):
+        planner = SimpleNamespace(config=SimpleNamespace(horizon=mlp.horizon, history=1))
+        super().__init__(planner, "direct", replan_every, ensemble)
+        self.mlp = mlp
 
-    class StateMLPDriver(ModelDriver):
-        needs_frames = False
-
-        def plan(self, env) -> np.ndarray:
-            start = time.perf_counter()
-            actions = mlp.plan(ego_state(env.unwrapped.vehicle, self.route)).astype(np.float32)
-            self.decisions.append({"latency_ms": 1000 * (time.perf_counter() - start), "tokens": 0,
-                                   "reasoning": None})
-            return actions
-
-    planner = SimpleNamespace(config=SimpleNamespace(horizon=mlp.horizon, history=1))
-    return StateMLPDriver(planner, "direct", replan_every, ensemble)
+    def plan(self, env) -> np.ndarray:
+        start = time.perf_counter()
+        actions = self.mlp.plan(ego_state(env.unwrapped.vehicle, self.route)).astype(np.float32)
+        self.decisions.append({"latency_ms": 1000 * (time.perf_counter() - start), "tokens": 0, "reasoning": None})
+        return actions

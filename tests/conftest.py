@@ -43,6 +43,18 @@ def tiny_store(tmp_path_factory) -> Path:
     return root / "data"
 
 
+@pytest.fixture(scope="session")
+def split_store(tmp_path_factory) -> Path:
+    """The tiny suite, 5 episodes of each of its 2 scenarios, every 5th of each held out: episodes 8 (highway)
+    and 9 (merge)."""
+    from unified.data.generate import generate
+
+    root = tmp_path_factory.mktemp("split")
+    (root / "tiny.yaml").write_text(TINY_SUITE)
+    generate(suite=root / "tiny.yaml", episodes=10, out=root / "data", held_out_every=5, progress=False)
+    return root / "data"
+
+
 MODEL_SUITE = """\
 name: model-test
 image_size: [32, 32]

@@ -19,19 +19,6 @@ def _labels(store: EpisodeStore, indices, horizon: int = 1):
             np.concatenate([_chunks(e.actions, horizon) for e in episodes]))
 
 
-@pytest.fixture(scope="module")
-def split_store(tmp_path_factory):
-    """The tiny suite, 6 episodes, every second episode of each scenario held out."""
-    from conftest import TINY_SUITE
-
-    from unified.data.generate import generate
-
-    root = tmp_path_factory.mktemp("split")
-    (root / "tiny.yaml").write_text(TINY_SUITE)
-    generate(suite=root / "tiny.yaml", episodes=6, out=root / "data", held_out_every=2, progress=False)
-    return root / "data"
-
-
 def test_fits_the_training_episodes_only_and_learns_them(split_store, tmp_path):
     store = EpisodeStore(split_store)
     assert store.held_out_indices() and store.train_indices()

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from unified.tokenizers.fit import Tokenizers, fit
 
-from unified.data.generate import generate
 from unified.data.store import EpisodeStore
 from unified.errors import UnifiedError
 from unified.layout import TokenLayout
@@ -18,14 +17,8 @@ UNIFIED = str(Path(sys.executable).parent / "unified")
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    from conftest import TINY_SUITE
-
-    root = tmp_path_factory.mktemp("fit")
-    (root / "tiny.yaml").write_text(TINY_SUITE)
-    # 5 episodes of each of the 2 scenarios, every 5th of each held out: episodes 8 (highway) and 9 (merge).
-    generate(suite=root / "tiny.yaml", episodes=10, out=root / "data", held_out_every=5, progress=False)
-    return root / "data"
+def store(split_store):
+    return split_store
 
 
 @pytest.fixture(scope="module")
