@@ -232,6 +232,13 @@ def test_a_small_model_overfits_a_handful_of_episodes(shards, tokenizers, data):
 def test_continuous_action_head_trains_and_acts(shards, tokenizers, data, tmp_path):
     from unified.data.store import EpisodeStore
 
+    # The head's targets are normalised over the range the policy unnormalises its output with (the action
+    # tokenizer's), not the store's q01/q99: otherwise a zero steering target comes back as an offset.
+    normalizer = tokenizers.action.normalizer
+    for row in shards.index("policy")[:: max(1, len(shards.index("policy")) // 20)]:
+        sample = shards.sample("policy", int(row))
+        expected = np.clip(shards.action_values(int(row)), normalizer.q01, normalizer.q99)
+        np.testing.assert_allclose(normalizer.unnormalize(sample.action_values), expected, atol=1e-5)
     model = tiny_model(shards.layout, action_head=True)
     batch = batches(shards, ["policy"], rows=8)[0].to_torch()
     assert batch["head_targets"].shape[1:] == (H, 2) and (batch["head_targets"].abs() <= 1).all()

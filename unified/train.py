@@ -174,6 +174,9 @@ def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bo
     if shards.horizon != config.model.horizon or shards.history != config.model.history:
         raise UnifiedError(f"{shards_dir}: shards were made with horizon {shards.horizon}, history {shards.history}; "
                            f"the model needs {config.model.horizon}, {config.model.history}")
+    if config.model.action_head and shards.action_normalizer is None:
+        raise UnifiedError(f"{shards_dir}/meta.json: no action_range (the shards predate the continuous head's "
+                           "targets); tokenize the store again with `unified data tokenize`")
     tokenizer_dir = Path(shards.meta["tokenizer"])
     if main_rank:
         if not (run_dir / "tokenizers" / "layout.json").is_file():

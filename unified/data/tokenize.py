@@ -119,6 +119,10 @@ def tokenize(
             "operators": len(operator_rows.get("question", [])), "operator_hops": operator_hops if operators else None,
             "tokens_per_image": tokenizers.image.config.tokens_per_image, "action_dim": tokenizers.action.dim,
             "state_dim": tokenizers.state.dim, "action_stats": store.info["action_stats"],
+            # The range the action tokenizer normalises over, and so the one a continuous head's targets are
+            # normalised over: the policy unnormalises the head's output with the tokenizer's normaliser.
+            "action_range": {"q01": list(tokenizers.action.normalizer.q01),
+                             "q99": list(tokenizers.action.normalizer.q99)},
             "state_stats": store.info["state_stats"], "fps": store.info["fps"],
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -171,7 +175,9 @@ class TokenShards:
         self._index: dict[tuple[str, str], np.ndarray] = {}
         from unified.tokenizers.normalization import QuantileNormalizer
 
-        self.action_normalizer = QuantileNormalizer.from_stats(self.meta["action_stats"], f"{meta_path}: action_stats")
+        # None for shards written before the range was recorded: they give no continuous-head targets.
+        self.action_normalizer = (QuantileNormalizer.from_stats(self.meta["action_range"], f"{meta_path}: action_range")
+                                  if "action_range" in self.meta else None)
 
     def _text(self, row: int) -> np.ndarray:
         offsets = self.arrays["text_offsets"]
@@ -219,8 +225,9 @@ class TokenShards:
             sample.instruction = self._text(int(a["instruction"][row]))
             sample.state = np.asarray(a["state"][row][:state_dims], np.int64) if with_state else None
             sample.reason = self._text(int(a["reason"][row]))
-            values = np.asarray(a["action_values"][row:row + self.horizon], np.float64)
-            sample.action_values = self.action_normalizer.normalize(values).astype(np.float32)
+            if self.action_normalizer is not None:
+                values = np.asarray(a["action_values"][row:row + self.horizon], np.float64)
+                sample.action_values = self.action_normalizer.normalize(values).astype(np.float32)
         if task == "world":
             sample.next_frame = np.asarray(a["image"][row + self.horizon], np.int64)
         return sample
