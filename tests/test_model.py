@@ -261,6 +261,51 @@ def test_continuous_action_head_trains_and_acts(shards, tokenizers, data, tmp_pa
                                                          state=episode.states[0], reason=False, continuous=True)
 
 
+def test_a_continuous_head_that_reads_the_state(shards, tokenizers, data, tmp_path):
+    """model.action_head_state: the head reads the ego state as values normalised over the state tokenizer's range,
+    the same in training (from the shards) and when the policy acts (from the state it is given)."""
+    from unified.data.store import EpisodeStore
+
+    store, normalizer, dim = EpisodeStore(data / "store"), tokenizers.state.normalizer, tokenizers.state.dim
+    for row in shards.index("policy")[::7][:10]:
+        sample = shards.sample("policy", int(row))
+        episode, step = (int(x) for x in sample.id.split()[1::2])
+        recorded = np.clip(store.read_episode(episode).states[step], normalizer.q01, normalizer.q99)
+        np.testing.assert_allclose(normalizer.unnormalize(sample.state_values), recorded, rtol=1e-5, atol=1e-4)
+    assert shards.sample("policy", int(shards.index("policy")[0]), with_state=False).state_values is None
+    batch = batches(shards, ["policy"], rows=8)[0].to_torch()
+    assert batch["head_states"].shape == (len(batch["head_index"]), dim)
+
+    torch.manual_seed(0)
+    model = UnifiedModel(ModelConfig(**TINY, action_head=True, action_head_state=True), shards.layout, state_size=dim)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    l1 = []
+    for _ in range(40):
+        loss, metrics = model(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        l1.append(float(metrics["loss/action_head_l1"]))
+    assert np.mean(l1[-5:]) < 0.8 * l1[0], l1
+    save_model(model.eval(), tokenizers, tmp_path / "m")
+    episode = store.read_episode(0)
+    loaded, in_memory = Policy.from_pretrained(tmp_path / "m"), Policy(model, tokenizers)
+    for t in (0, 5):
+        args = (episode.frames[t], episode.instruction)
+        actions = loaded.act(*args, state=episode.states[t], reason=False, continuous=True).actions
+        np.testing.assert_allclose(actions, in_memory.act(*args, state=episode.states[t], reason=False,
+                                                          continuous=True).actions, atol=1e-5)
+    # The head's own state input matters: the same prompt with another state given to the head acts otherwise.
+    ids = in_memory.prompt(episode.frames[0], episode.instruction, episode.states[0]) + [shards.layout.special("<act>")]
+    moved = episode.states[0].copy()
+    moved[0] += 5.0
+    assert not np.allclose(in_memory._continuous(ids, episode.states[0]), in_memory._continuous(ids, moved))
+    with pytest.raises(UnifiedError, match="reads the ego state"):
+        in_memory._continuous(ids, None)
+    with pytest.raises(UnifiedError, match="needs model.action_head: true"):
+        ModelConfig(**TINY, action_head_state=True)
+
+
 def test_init_from_a_local_pretrained_lm(shards, tokenizers, tmp_path):
     """The backbone starts from a local LM directory; its token i becomes the layout's text token i."""
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast

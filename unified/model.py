@@ -42,9 +42,14 @@ class ModelConfig:
     action_head: bool = False  # a small bidirectional transformer over H learned queries, trained with L1
     action_head_layers: int = 2
     action_head_weight: float = 1.0  # weight of its L1 loss (on actions normalised to [-1, 1])
+    # The head also reads the ego state as continuous values (normalised over the state tokenizer's range, added to
+    # every query through a small MLP), as a VLA's action expert reads proprioception beside the backbone's features.
+    action_head_state: bool = False
     action_dim: int = 2
 
     def __post_init__(self):
+        if self.action_head_state and not self.action_head:
+            raise UnifiedError("model.action_head_state: true needs model.action_head: true (it is that head's input)")
         unknown = sorted(set(self.task_weights) - set(TASKS))
         if unknown:
             raise UnifiedError(f"model.task_weights: unknown task(s) {unknown}; tasks are {', '.join(TASKS)}")
@@ -109,20 +114,34 @@ def ordinal_init(model: UnifiedModel, segment: str, block: int, seed: int = 0) -
 
 class ActionHead(nn.Module):
     """H learned queries attend to each other (bidirectionally) and to the backbone's hidden states of the
-    prompt; each query becomes one step of the chunk, in normalised units ([-1, 1] between q01 and q99)."""
+    prompt; each query becomes one step of the chunk, in normalised units ([-1, 1] over the action tokenizer's
+    range). With `state_size`, the normalised ego state is embedded by an MLP and added to every query."""
 
-    def __init__(self, hidden: int, horizon: int, action_dim: int, layers: int, heads: int):
+    def __init__(self, hidden: int, horizon: int, action_dim: int, layers: int, heads: int, state_size: int = 0):
         super().__init__()
         self.queries = nn.Parameter(torch.randn(horizon, hidden) * 0.02)
+        self.state_in = nn.Sequential(nn.Linear(state_size, hidden), nn.GELU(), nn.Linear(hidden, hidden)) \
+            if state_size else None
         layer = nn.TransformerDecoderLayer(hidden, heads, 2 * hidden, dropout=0.0, batch_first=True, norm_first=True)
         self.blocks = nn.TransformerDecoder(layer, layers)
         self.out = nn.Linear(hidden, action_dim)
 
-    def forward(self, memory: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
-        """memory (S, P, C) hidden states, padding (S, P) True where empty -> (S, H, D) normalised actions."""
+    def forward(self, memory: torch.Tensor, padding: torch.Tensor, states: torch.Tensor | None = None) -> torch.Tensor:
+        """memory (S, P, C) hidden states, padding (S, P) True where empty, states (S, K) normalised ego states (for
+        a head built with `state_size`) -> (S, H, D) normalised actions."""
         queries = self.queries.unsqueeze(0).expand(len(memory), -1, -1)
+        if self.state_in is not None:
+            if states is None or states.shape[-1] != self.state_in[0].in_features:
+                raise UnifiedError(f"the action head reads {self.state_in[0].in_features} state values, got "
+                                   f"{None if states is None else tuple(states.shape)}")
+            queries = queries + self.state_in(states.to(queries.dtype)).unsqueeze(1)
         # Linear output: a tanh here saturates early in training and its gradient vanishes; callers clip.
         return self.out(self.blocks(queries, memory, memory_key_padding_mask=padding))
+
+
+def state_values(state_dim: int, config: ModelConfig) -> int:
+    """How many of a state tokenizer's `state_dim` values the model reads (`config.state_dims`: the first N)."""
+    return len(range(state_dim)[:config.state_dims])
 
 
 def gather_prompts(hidden: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,7 +157,9 @@ def gather_prompts(hidden: torch.Tensor, index: torch.Tensor) -> tuple[torch.Ten
 class UnifiedModel(nn.Module):
     """`forward(batch) -> (loss, metrics)` for training; `logits` for generation."""
 
-    def __init__(self, config: ModelConfig, layout: TokenLayout, backbone=None):
+    def __init__(self, config: ModelConfig, layout: TokenLayout, backbone=None, state_size: int = 0):
+        """`state_size`: how many state values a head that reads the state gets (`state_values`, from the state
+        tokenizer)."""
         super().__init__()
         self.config, self.layout = config, layout
         self.backbone = backbone if backbone is not None else build_backbone(config, layout)
@@ -150,8 +171,11 @@ class UnifiedModel(nn.Module):
         self.register_buffer("image_ids", torch.from_numpy(layout.mask("image")), persistent=False)
         self.action_head = None
         if config.action_head:
+            if config.action_head_state and state_size < 1:
+                raise UnifiedError("model.action_head_state: the head reads the state but was given no state size")
             self.action_head = ActionHead(self.backbone.config.hidden_size, config.horizon, config.action_dim,
-                                          config.action_head_layers, self.backbone.config.num_attention_heads)
+                                          config.action_head_layers, self.backbone.config.num_attention_heads,
+                                          state_size if config.action_head_state else 0)
 
     @property
     def num_parameters(self) -> int:
@@ -168,11 +192,13 @@ class UnifiedModel(nn.Module):
             return out.logits, out.cache, out.hidden_states[-1]
         return out.logits, out.cache
 
-    def continuous_actions(self, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """(S, H, D) normalised actions from the hidden states of each policy prompt (see `gather_prompts`)."""
+    def continuous_actions(self, hidden: torch.Tensor, index: torch.Tensor,
+                           states: torch.Tensor | None = None) -> torch.Tensor:
+        """(S, H, D) normalised actions from the hidden states of each policy prompt (see `gather_prompts`) and,
+        for a head that reads it, the (S, K) normalised ego states."""
         if self.action_head is None:
             raise UnifiedError("this model has no continuous action head (model.action_head: false)")
-        return self.action_head(*gather_prompts(hidden, index))
+        return self.action_head(*gather_prompts(hidden, index), states)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """Weighted cross-entropy on the target spans of a packed batch (see `packing.Batch.to_torch`), plus the
@@ -214,7 +240,7 @@ class UnifiedModel(nn.Module):
                     metrics[f"accuracy/{task}"] = (correct & in_task).sum() / n
             metrics["tokens"] = has_target.sum()
         if use_head:
-            predicted = self.continuous_actions(out[2], batch["head_index"])
+            predicted = self.continuous_actions(out[2], batch["head_index"], batch.get("head_states"))
             l1 = F.l1_loss(predicted.float(), batch["head_targets"])
             loss = loss + self.config.action_head_weight * l1
             metrics["loss/action_head_l1"] = l1.detach()

@@ -27,7 +27,7 @@ from unified.checkpoint import sha256_file
 from unified.config import from_dict
 from unified.errors import UnifiedError
 from unified.layout import TokenLayout
-from unified.model import ModelConfig, UnifiedModel
+from unified.model import ModelConfig, UnifiedModel, state_values
 from unified.tokenizers.fit import Tokenizers
 
 FORMAT = "unified-model"
@@ -142,7 +142,7 @@ def load_model(directory: str | Path, device: str = "cpu",
     if tokenizers.layout != layout:
         raise UnifiedError(f"{directory}: layout.json does not match the tokenizers' layout")
     backbone = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="sdpa")
-    model = UnifiedModel(config, layout, backbone=backbone)
+    model = UnifiedModel(config, layout, backbone=backbone, state_size=state_values(tokenizers.state.dim, config))
     if model.action_head is not None:
         from safetensors.torch import load_file
 

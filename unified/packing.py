@@ -42,6 +42,7 @@ class Batch:
     sample_ids: list[list[str]]
     head_index: np.ndarray  # (S, 3) [row, first position, position of <act>] of each policy sample with values
     head_targets: np.ndarray  # (S, H, D) its normalised action chunk
+    head_states: np.ndarray  # (S, K) its normalised ego state ((S, 0) where the shards hold none)
 
     @property
     def efficiency(self) -> float:
@@ -60,6 +61,7 @@ class Batch:
             "task_ids": torch.from_numpy(self.task_ids).to(device),
             "head_index": torch.from_numpy(self.head_index).to(device),
             "head_targets": torch.from_numpy(self.head_targets).to(device),
+            "head_states": torch.from_numpy(self.head_states).to(device),
         }
 
 
@@ -89,7 +91,7 @@ def collate(rows: list[list[Built]], seq_len: int, layout: TokenLayout) -> Batch
     position_ids = np.zeros((b, seq_len), np.int64)
     task_ids = np.full((b, seq_len), -1, np.int8)
     masks = np.zeros((b, 1, seq_len, seq_len), bool)
-    sample_ids, head_index, head_targets = [], [], []
+    sample_ids, head_index, head_targets, head_states = [], [], [], []
     for r, row in enumerate(rows):
         segment = np.full(seq_len, -1, np.int64)
         block = np.full(seq_len, -1, np.int16)
@@ -110,6 +112,7 @@ def collate(rows: list[list[Built]], seq_len: int, layout: TokenLayout) -> Batch
             if built.action_values is not None:
                 head_index.append((r, start, start + built.spans["actions"][0]))  # up to and with the first <act>
                 head_targets.append(built.action_values)
+                head_states.append(built.state_values if built.state_values is not None else np.zeros(0, np.float32))
             start = stop
         masks[r, 0] = attention_mask(segment, block)
         sample_ids.append([x.id for x in row])
@@ -117,6 +120,7 @@ def collate(rows: list[list[Built]], seq_len: int, layout: TokenLayout) -> Batch
         input_ids, targets, weights, position_ids, masks, task_ids, sample_ids,
         np.asarray(head_index, np.int64).reshape(-1, 3),
         np.stack(head_targets).astype(np.float32) if head_targets else np.zeros((0, 0, 0), np.float32),
+        np.stack(head_states).astype(np.float32) if head_states else np.zeros((0, 0), np.float32),
     )
 
 

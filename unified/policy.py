@@ -130,7 +130,8 @@ class Policy:
         prompt = self.prompt(frames, instruction, state)
         self.check_context(prompt, reason)
         if continuous and not reason:
-            return ActionResult(self._continuous(prompt + [act]), None, 0, 1000 * (time.perf_counter() - start))
+            return ActionResult(self._continuous(prompt + [act], state), None, 0,
+                                1000 * (time.perf_counter() - start))
         decoder = Decoder(self.model, np.random.default_rng(seed))
         decoder.feed(prompt)
         reasoning = None
@@ -141,7 +142,7 @@ class Policy:
                                         temperature=temperature)
             reasoning = self.tokenizers.text.decode([layout.to_local("text", text_ids)])[0] if text_ids else ""
         if continuous:
-            actions = self._continuous(decoder.ids + [act])
+            actions = self._continuous(decoder.ids + [act], state)
             return ActionResult(actions, reasoning, decoder.generated, 1000 * (time.perf_counter() - start))
         action_ids = decoder.generate_blocks(act, self.action_masks(), self.config.horizon,
                                              self.tokenizers.action.dim, greedy=greedy, temperature=temperature)
@@ -150,16 +151,22 @@ class Policy:
                             1000 * (time.perf_counter() - start))
 
     @torch.inference_mode()
-    def _continuous(self, ids: list[int]) -> np.ndarray:
+    def _continuous(self, ids: list[int], state=None) -> np.ndarray:
         if self.model.action_head is None:
             raise UnifiedError("this policy has no continuous action head: act with continuous=False")
         device = next(self.model.parameters()).device
+        states = None
+        if self.config.action_head_state:  # the head reads the state as the shards gave it: normalised, first N
+            if state is None:
+                raise UnifiedError("this policy's action head reads the ego state: pass state=...")
+            normalised = self.tokenizers.state.normalizer.normalize(_state(state, self.tokenizers.state))
+            states = torch.tensor(normalised[:self.config.state_dims][None], dtype=torch.float32, device=device)
         n = len(ids)
         mask = torch.ones(n, n, dtype=torch.bool, device=device).tril()[None, None]
         _, _, hidden = self.model.logits(torch.tensor([ids], device=device), mask,
                                          torch.arange(n, device=device)[None], hidden=True)
         index = torch.tensor([[0, 0, n - 1]], device=device)
-        normalised = self.model.continuous_actions(hidden, index)[0].float().clamp(-1, 1).cpu().numpy()
+        normalised = self.model.continuous_actions(hidden, index, states)[0].float().clamp(-1, 1).cpu().numpy()
         return self.tokenizers.action.normalizer.unnormalize(normalised).astype(np.float32)
 
 

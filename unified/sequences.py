@@ -41,6 +41,7 @@ class Sample:
     steps: np.ndarray | None = None  # (n,) text ids of the scratchpad, may be empty (text task)
     answer: np.ndarray | None = None  # (n,) text ids (text task)
     action_values: np.ndarray | None = None  # (H, D) the chunk normalised to [-1, 1], for a continuous head
+    state_values: np.ndarray | None = None  # (S,) the ego state normalised to [-1, 1], for a head that reads it
     id: str = ""  # where it came from, e.g. "episode 12 step 40", for error reports
 
 
@@ -54,6 +55,7 @@ class Built:
     id: str = ""
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> [start, stop) positions
     action_values: np.ndarray | None = None  # (H, D) normalised chunk (policy tasks), for a continuous head
+    state_values: np.ndarray | None = None  # (S,) normalised ego state (policy tasks), for a head that reads it
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -148,7 +150,7 @@ def build_policy(sample: Sample, layout: TokenLayout, reason: bool, image_weight
         w.special("</reason>", target=True)
     _action_chunk(w, sample.actions, target=True)
     built = w.finish("policy_reason" if reason else "policy", sample.id, image_weight, task_weight)
-    built.action_values = sample.action_values
+    built.action_values, built.state_values = sample.action_values, sample.state_values
     return built
 
 

@@ -146,7 +146,7 @@ def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bo
     from unified.config import to_dict
     from unified.data.tokenize import TokenShards
     from unified.distill import distill_targets
-    from unified.model import UnifiedModel
+    from unified.model import UnifiedModel, state_values
     from unified.sequences import TASKS
     from unified.train_config import deepspeed_config, load_recipe
 
@@ -177,6 +177,13 @@ def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bo
     if config.model.action_head and shards.action_normalizer is None:
         raise UnifiedError(f"{shards_dir}/meta.json: no action_range (the shards predate the continuous head's "
                            "targets); tokenize the store again with `unified data tokenize`")
+    if config.model.action_head_state:
+        if shards.state_normalizer is None:
+            raise UnifiedError(f"{shards_dir}/meta.json: no state values (the shards predate a head that reads the "
+                               "state); tokenize the store again with `unified data tokenize`")
+        if not (config.data.with_state and config.model.use_state):
+            raise UnifiedError("model.action_head_state: true needs the state in the data (data.with_state and "
+                               "model.use_state)")
     tokenizer_dir = Path(shards.meta["tokenizer"])
     if main_rank:
         if not (run_dir / "tokenizers" / "layout.json").is_file():
@@ -198,7 +205,7 @@ def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bo
             start_step, same_world = saved["step"], saved["world_size"] == world
 
     torch.manual_seed(config.seed)
-    model = UnifiedModel(config.model, layout)
+    model = UnifiedModel(config.model, layout, state_size=state_values(shards.meta["state_dim"], config.model))
     initial = None
     if resume_dir is not None and not same_world:
         initial = checkpoint.load_weights(resume_dir)

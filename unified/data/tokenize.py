@@ -7,6 +7,7 @@ samples for training come only from the training episodes (`TokenShards.index(ta
     SHARDS/meta.json       counts, horizon, history, tasks, the source store and tokenizer directory
     SHARDS/layout.json     the token layout all ids below are global in
     SHARDS/*.npy           image (N, 64), action (N, D), action_values (N, D) float32, state (N, S),
+                           state_values (N, S) float32,
                            episode (N,), step (N,), instruction (N,), reason (N,) -> rows of the text table,
                            text_ids (flat), text_offsets (K + 1,), operator_* (M,) rows of the text table
 """
@@ -81,7 +82,8 @@ def tokenize(
     with staged_dir(out, "shards", [data, tokenizer, operators], overwrite) as staging:
         table = _TextTable(tokenizers)
         columns: dict[str, list[np.ndarray]] = {k: [] for k in (
-            "image", "action", "action_values", "state", "episode", "step", "instruction", "reason", "decision")}
+            "image", "action", "action_values", "state", "state_values", "episode", "step", "instruction", "reason",
+            "decision")}
         episodes = []
         for index in tqdm(store.indices(), desc="tokenize", unit="ep", disable=not progress, dynamic_ncols=True):
             episode = store.read_episode(index)
@@ -90,6 +92,7 @@ def tokenize(
             columns["action"].append(layout.to_global("action", tokenizers.action.encode(episode.actions[:, None])))
             columns["action_values"].append(episode.actions.astype(np.float32))
             columns["state"].append(layout.to_global("state", tokenizers.state.encode(episode.states[:, None])))
+            columns["state_values"].append(episode.states.astype(np.float32))
             columns["episode"].append(np.full(n, index, np.int32))
             columns["step"].append(np.arange(n, dtype=np.int32))
             columns["instruction"].append(np.full(n, table.row(episode.instruction), np.int32))
@@ -123,6 +126,8 @@ def tokenize(
             # normalised over: the policy unnormalises the head's output with the tokenizer's normaliser.
             "action_range": {"q01": list(tokenizers.action.normalizer.q01),
                              "q99": list(tokenizers.action.normalizer.q99)},
+            # Likewise the state tokenizer's range, over which a head that reads the state sees it normalised.
+            "state_range": {"q01": list(tokenizers.state.normalizer.q01), "q99": list(tokenizers.state.normalizer.q99)},
             "state_stats": store.info["state_stats"], "fps": store.info["fps"],
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -178,6 +183,8 @@ class TokenShards:
         # None for shards written before the range was recorded: they give no continuous-head targets.
         self.action_normalizer = (QuantileNormalizer.from_stats(self.meta["action_range"], f"{meta_path}: action_range")
                                   if "action_range" in self.meta else None)
+        self.state_normalizer = (QuantileNormalizer.from_stats(self.meta["state_range"], f"{meta_path}: state_range")
+                                 if "state_range" in self.meta and "state_values" in self.arrays else None)
 
     def _text(self, row: int) -> np.ndarray:
         offsets = self.arrays["text_offsets"]
@@ -228,6 +235,9 @@ class TokenShards:
             if self.action_normalizer is not None:
                 values = np.asarray(a["action_values"][row:row + self.horizon], np.float64)
                 sample.action_values = self.action_normalizer.normalize(values).astype(np.float32)
+            if with_state and self.state_normalizer is not None:
+                values = self.state_normalizer.normalize(np.asarray(a["state_values"][row], np.float64))
+                sample.state_values = values[:state_dims].astype(np.float32)
         if task == "world":
             sample.next_frame = np.asarray(a["image"][row + self.horizon], np.int64)
         return sample
