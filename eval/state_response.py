@@ -12,6 +12,7 @@ its steering law at the lane centre, from the library's constants).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -36,16 +37,20 @@ def expert_gains(speed: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def state_response(*, model: Path, data: Path, observations: int = 60, heading: float = PERTURBED["heading"],
-                   offset: float = PERTURBED["lane_offset"], json: Path | None = None, progress: bool = True) -> dict:
+                   offset: float = PERTURBED["lane_offset"], mode: Literal["direct", "continuous"] = "direct",
+                   json: Path | None = None, progress: bool = True) -> dict:
     """Move the heading by +-`heading` rad and the lane offset by +-`offset` m in `observations` held-out
     observations of `data` (speed >= 5 m/s) and report the mean change of the model's first steering command per
-    unit, beside the expert's gain at the same speeds."""
+    unit, beside the expert's gain at the same speeds. The command is read from the action tokens (`mode direct`)
+    or from the continuous head (`continuous`)."""
     from unified.eval.latency import observations as held_out_observations
 
     from unified.outputs import check_file, write_report
     from unified.policy import Policy
     from unified.sim.env import STATE_NAMES
 
+    if mode not in ("direct", "continuous"):
+        raise UnifiedError(f"--mode: {mode!r} is not direct or continuous")
     if heading <= 0 or offset <= 0:
         raise UnifiedError(f"--heading and --offset must be positive, got {heading} and {offset}")
     if json is not None:
@@ -69,7 +74,7 @@ def state_response(*, model: Path, data: Path, observations: int = 60, heading: 
             for sign in (1.0, -1.0):
                 state = observed.copy()
                 state[names.index(name)] += sign * delta
-                result = policy.act(frames, instruction, state=state, reason=False)
+                result = policy.act(frames, instruction, state=state, reason=False, continuous=mode == "continuous")
                 steer.append(float(np.asarray(result.actions)[0, 1]))
             slopes[name].append((steer[0] - steer[1]) / (2 * delta))
     speeds = np.asarray(speeds)
@@ -86,9 +91,9 @@ def state_response(*, model: Path, data: Path, observations: int = 60, heading: 
             "share_of_expert": float(values.mean() / gains[name].mean()),
             "unmoved": float(np.mean(values == 0.0)),
         }
-    report = {"model": str(model), "data": str(data), "observations": len(seen),
+    report = {"model": str(model), "mode": mode, "data": str(data), "observations": len(seen),
               "mean_speed": float(speeds.mean()), "per_state": rows}
-    print(f"steering response to the state, {len(seen)} held-out observations of {data} (mean speed "
+    print(f"steering response to the state ({mode}), {len(seen)} held-out observations of {data} (mean speed "
           f"{speeds.mean():.1f} m/s), first step of the chunk, central differences:")
     units = {"heading": "rad", "lane_offset": "m"}
     for name, row in rows.items():

@@ -85,9 +85,10 @@ def test_state_response_reads_the_steering_slope_of_a_policy(exported, model_dat
 
     from unified.policy import ActionResult, Policy
 
-    # A policy whose first steering command is -1.5 x heading + 0.2 x offset (and a second step that is not read).
-    def act(self, frames, instruction, state=None, reason=True, **kwargs):
-        steer = -1.5 * state[1] + 0.2 * state[2]
+    # A policy whose first steering command is -1.5 x heading + 0.2 x offset (and a second step that is not read);
+    # its continuous head, asked with --mode continuous, steers twice as hard.
+    def act(self, frames, instruction, state=None, reason=True, continuous=False, **kwargs):
+        steer = (2.0 if continuous else 1.0) * (-1.5 * state[1] + 0.2 * state[2])
         return ActionResult(np.array([[0.0, steer], [0.0, 9.0]]), None, 2, 1.0)
 
     monkeypatch.setattr(Policy, "act", act)
@@ -102,5 +103,10 @@ def test_state_response_reads_the_steering_slope_of_a_policy(exported, model_dat
     assert rows["heading"]["expert_slope"] < 0 and rows["lane_offset"]["expert_slope"] < 0
     assert rows["heading"]["share_of_expert"] == pytest.approx(-1.5 / rows["heading"]["expert_slope"])
     assert json.loads((tmp_path / "r.json").read_text())["report"] == "state_response"
+    head = state_response(model=exported, data=model_data / "store", observations=5, mode="continuous",
+                          progress=False)
+    assert head["mode"] == "continuous" and head["per_state"]["heading"]["model_slope"] == pytest.approx(-3.0)
+    with pytest.raises(UnifiedError, match="not direct or continuous"):
+        state_response(model=exported, data=model_data / "store", mode="reason", progress=False)
     with pytest.raises(UnifiedError, match="must be positive"):
         state_response(model=exported, data=model_data / "store", heading=0.0, progress=False)

@@ -74,7 +74,8 @@ def test_the_study_end_to_end_on_tiny_settings(model_data, tmp_path, capsys):
             "ground_truth": {"recipe": str(ROOT / "recipes" / "action_only.yaml"), "overrides": TINY,
                              "init_from_teacher": True, "modes": ["direct"]},
             "distilled": {"recipe": str(ROOT / "recipes" / "distill_action_only.yaml"),
-                          "overrides": [*TINY, "model.action_head=true"], "distill": True,
+                          "overrides": [*TINY, "model.action_head=true", "model.action_head_state=true"],
+                          "distill": True,
                           "modes": ["continuous", "direct"]},
         },
         "suites": {"in_distribution": str(model_data / "suite.yaml"),
@@ -108,6 +109,10 @@ def test_the_study_end_to_end_on_tiny_settings(model_data, tmp_path, capsys):
     assert set(rows[("teacher", "reason")]["reasoning_accuracy"]) == {"in_distribution"}
     assert saved["figures"]["student"] == rows[("distilled", "continuous")]["label"]
     assert set(saved["figures"]["success_ratio"]) == {"in_distribution", "out_of_distribution"}
+    # Its head reads the state (model.action_head_state), through training, export and loading.
+    from unified.model_dir import load_model
+
+    assert load_model(out / "models" / "distilled")[0].action_head.state_in is not None
     # The distilled student learned from the teacher reading its own reasoning, and the report says so.
     assert saved["teacher_reasoning"] == "generated"
     assert list((tmp_path / "teacher" / "cache").glob("reasoning-*.npz"))
