@@ -38,9 +38,22 @@ def tokenizers(data):
     return Tokenizers.from_pretrained(data / "tok")
 
 
-def tiny_model(layout, **overrides):
+def tiny_model(layout, state_size=0, **overrides):
     torch.manual_seed(0)
-    return UnifiedModel(ModelConfig(**(TINY | overrides)), layout)
+    return UnifiedModel(ModelConfig(**(TINY | overrides)), layout, state_size=state_size)
+
+
+def fit_head(model, batch, steps=40):
+    """Train `model` on one batch; its continuous head's L1 must fall."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    l1 = []
+    for _ in range(steps):
+        loss, metrics = model(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        l1.append(float(metrics["loss/action_head_l1"]))
+    assert np.mean(l1[-5:]) < 0.8 * l1[0], l1
 
 
 def batches(shards, tasks, seq_len=256, batch_size=4, rows=None):
@@ -242,15 +255,7 @@ def test_continuous_action_head_trains_and_acts(shards, tokenizers, data, tmp_pa
     model = tiny_model(shards.layout, action_head=True)
     batch = batches(shards, ["policy"], rows=8)[0].to_torch()
     assert batch["head_targets"].shape[1:] == (H, 2) and (batch["head_targets"].abs() <= 1).all()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    l1 = []
-    for _ in range(40):
-        loss, metrics = model(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        l1.append(float(metrics["loss/action_head_l1"]))
-    assert np.mean(l1[-5:]) < 0.8 * l1[0], l1
+    fit_head(model, batch)
     episode = EpisodeStore(data / "store").read_episode(0)
     save_model(model.eval(), tokenizers, tmp_path / "m")
     policy = Policy.from_pretrained(tmp_path / "m")
@@ -276,17 +281,8 @@ def test_a_continuous_head_that_reads_the_state(shards, tokenizers, data, tmp_pa
     batch = batches(shards, ["policy"], rows=8)[0].to_torch()
     assert batch["head_states"].shape == (len(batch["head_index"]), dim)
 
-    torch.manual_seed(0)
-    model = UnifiedModel(ModelConfig(**TINY, action_head=True, action_head_state=True), shards.layout, state_size=dim)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    l1 = []
-    for _ in range(40):
-        loss, metrics = model(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        l1.append(float(metrics["loss/action_head_l1"]))
-    assert np.mean(l1[-5:]) < 0.8 * l1[0], l1
+    model = tiny_model(shards.layout, state_size=dim, action_head=True, action_head_state=True)
+    fit_head(model, batch)
     save_model(model.eval(), tokenizers, tmp_path / "m")
     episode = store.read_episode(0)
     loaded, in_memory = Policy.from_pretrained(tmp_path / "m"), Policy(model, tokenizers)

@@ -12,7 +12,7 @@ import torch
 
 from unified.errors import UnifiedError
 from unified.generation import Decoder
-from unified.model import UnifiedModel
+from unified.model import UnifiedModel, state_values
 from unified.model_dir import Verify, load_model
 from unified.sequences import action_chunk
 from unified.tokenizers.fit import Tokenizers
@@ -115,7 +115,7 @@ class Policy:
     def _fixed_tokens(self) -> int:
         """Prompt tokens besides the instruction: <bos>, the frames with their markers, the state with its markers."""
         per_frame = self.tokenizers.image.config.tokens_per_image + 2
-        state = len(np.arange(self.tokenizers.state.dim)[:self.config.state_dims]) + 2 if self.config.use_state else 0
+        state = state_values(self.tokenizers.state.dim, self.config) + 2 if self.config.use_state else 0
         return 1 + self.config.history * per_frame + state
 
     def act(self, frames, instruction: str, state=None, reason: bool = True, greedy: bool = True,
