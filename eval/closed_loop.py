@@ -36,6 +36,7 @@ class Evaluation:
     mode: str = "reason"  # for a model: reason, direct or continuous
     replan_every: int | None = None  # for a model: steps between decisions (default: its chunk length)
     ensemble: float | None = None  # for a model: temporal ensembling of overlapping chunks (weight exp(-k i))
+    readout: str = "mode"  # for a model acting by tokens: mode, mean or median of each action token's bins
 
     @property
     def learned(self) -> bool:
@@ -79,7 +80,7 @@ class _Worker:
             if evaluation.model not in cls.policies:
                 cls.policies[evaluation.model] = Policy.from_pretrained(evaluation.model)
             driver = ModelDriver(cls.policies[evaluation.model], evaluation.mode, evaluation.replan_every,
-                                 evaluation.ensemble)
+                                 evaluation.ensemble, evaluation.readout)
         else:
             driver = DRIVERS[evaluation.model]()
         episode = run_episode(suite, scenario, driver, seed, index=index, render=False, env=cls.envs[key])
@@ -124,7 +125,7 @@ def closed_loop(
     *, model: str, scenarios: Path, episodes: int = 20, workers: int = 1, seed: int = EVAL_SEED,
     json: Path | None = None, mode: Literal["reason", "direct", "continuous"] = "reason",
     replan_every: int | None = REPLAN_EVERY, ensemble: float | None = ENSEMBLE, no_ensemble: bool = False,
-    train_store: list[Path] = (), progress: bool = True,
+    readout: Literal["mode", "mean", "median"] = "mode", train_store: list[Path] = (), progress: bool = True,
 ) -> dict[str, Any]:
     """Drive `episodes` episodes of every scenario in the suite `scenarios` with `model` (an exported model
     directory, or the scripted expert, random or constant driver) and return (and with `json`, write) the
@@ -132,14 +133,15 @@ def closed_loop(
     head (`continuous`), and re-plans every `replan_every` steps (default 5; its chunk length or more: each chunk
     executed to its end), blending the chunks that cover a step with weights exp(-ensemble * i), oldest first
     (default 0.5); `no_ensemble` executes the newest plan alone (with `replan_every 1`: its first action at every
-    step, receding-horizon control). `train_store` (one or more episode stores a model trained on): refuse
-    evaluation episodes that share a simulator seed with their training episodes, and report those whose traffic
-    is a near-replay of one."""
+    step, receding-horizon control). `readout` turns a model's action tokens into values: the chosen bin's centre
+    (mode), or the mean or median of the bin centres under each token's distribution. `train_store` (one or
+    more episode stores a model trained on): refuse evaluation episodes that share a simulator seed with their
+    training episodes, and report those whose traffic is a near-replay of one."""
     from unified.outputs import check_file
 
     if json is not None:  # a bad path fails now, not after the evaluation
         check_file(json, "closed-loop", [model if model not in DRIVERS else None, scenarios, *train_store])
-    evaluation = Evaluation(model, str(scenarios), mode, replan_every, None if no_ensemble else ensemble)
+    evaluation = Evaluation(model, str(scenarios), mode, replan_every, None if no_ensemble else ensemble, readout)
     report = evaluate([evaluation], episodes, workers, seed, progress)[evaluation]
     if train_store:
         report["overlap"] = overlap_of(report, list(train_store), progress)
@@ -180,6 +182,8 @@ def evaluate(evaluations: list[Evaluation], episodes: int, workers: int = 1, see
                                f"a state-MLP baseline (with state_mlp.json) nor a driver ({', '.join(DRIVERS)})")
         if e.mode not in ("reason", "direct", "continuous"):
             raise UnifiedError(f"--mode: {e.mode!r} is not reason, direct or continuous")
+        if e.readout not in ("mode", "mean", "median"):
+            raise UnifiedError(f"--readout: {e.readout!r} is not mode, mean or median")
         if e.replan_every is not None and e.replan_every < 1:
             raise UnifiedError(f"--replan-every must be at least 1 step, got {e.replan_every}")
         if e.ensemble is not None and e.ensemble < 0:
@@ -202,11 +206,13 @@ def evaluate(evaluations: list[Evaluation], episodes: int, workers: int = 1, see
         reports[e] = {
             "report_version": REPORT_VERSION,
             "model": e.model if not e.learned else
-            f"{Path(e.model).name} ({'state MLP' if is_state_mlp(e.model) else e.mode})",
+            f"{Path(e.model).name} ({'state MLP' if is_state_mlp(e.model) else e.mode}"
+            f"{'' if e.readout == 'mode' or is_state_mlp(e.model) else ', ' + e.readout + ' readout'})",
             "model_path": str(e.model) if e.learned else None,
             "mode": e.mode if e.learned else None,
             "replan_every": e.replan_every if e.learned else None,
             "ensemble": e.ensemble if e.learned else None,
+            "readout": e.readout if e.learned else None,
             "fingerprint": _fingerprint(e.model) if e.learned else None,
             "suite": suite.name,
             "suite_path": e.suite,

@@ -31,8 +31,8 @@ class ModelDriver:
     needs_frames = True  # a policy reads the rendered frame; a state-only planner does not
 
     def __init__(self, policy, mode: Mode = "reason", replan_every: int | None = REPLAN_EVERY,
-                 ensemble: float | None = ENSEMBLE):
-        self.policy, self.mode, self.ensemble = policy, mode, ensemble
+                 ensemble: float | None = ENSEMBLE, readout: str = "mode"):
+        self.policy, self.mode, self.ensemble, self.readout = policy, mode, ensemble, readout
         self.replan_every = replan_every or policy.config.horizon
         self.decisions: list[dict] = []
 
@@ -51,7 +51,8 @@ class ModelDriver:
         start = time.perf_counter()
         state = ego_state(env.unwrapped.vehicle, self.route)
         result = self.policy.act(np.stack(self.frames), self.instruction, state=state,
-                                 reason=self.mode == "reason", continuous=self.mode == "continuous")
+                                 reason=self.mode == "reason", continuous=self.mode == "continuous",
+                                 readout=self.readout)
         self.decisions.append({"latency_ms": 1000 * (time.perf_counter() - start),
                                "tokens": result.tokens_generated, "reasoning": result.reasoning})
         return np.asarray(result.actions, np.float32)

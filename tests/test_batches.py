@@ -1,4 +1,4 @@
-"""Decision-balanced sampling of the policy tasks (`data.balance`)."""
+"""How training batches draw the policy tasks: decision balance, turn weight, image dropout."""
 
 import numpy as np
 import pytest
@@ -56,3 +56,39 @@ def test_turn_weight_draws_the_chunks_that_steer_more_often(shards):
     assert np.isclose(p.sum(), 1.0)
     assert np.allclose(p[turning] / p[~turning].max(), 4.0) and np.allclose(p[~turning], p[~turning][0])
     assert MixtureBatches(shards, {"policy": 1.0}, 256, 2, seed=0, turn_weight=1.0).probabilities_of("policy") is None
+
+
+def test_image_dropout_leaves_the_frame_out_of_that_share_of_policy_prompts(shards):
+    """`data.image_dropout` p: a policy sample's prompt is built without its frame with probability p; the other
+    tasks keep theirs, and p = 0 draws exactly the batches a run without the option draws."""
+    from unified.errors import UnifiedError
+    from unified.packing import TASKS
+    from unified.train_config import load_recipe
+
+    image = shards.layout.mask("image")
+    tasks = {"policy": 1.0, "policy_reason": 1.0, "world": 1.0}
+
+    def image_tokens_per_task(batch):
+        counts = {}
+        for task, name in enumerate(TASKS):
+            counts[name] = int((image[batch.input_ids] & (batch.task_ids == task)).sum())
+        return counts
+
+    plain = [MixtureBatches(shards, tasks, 256, 2, seed=0).batch(s) for s in range(4)]
+    zero = [MixtureBatches(shards, tasks, 256, 2, seed=0, image_dropout=0.0).batch(s) for s in range(4)]
+    assert all(np.array_equal(a.input_ids, b.input_ids) for a, b in zip(plain, zero))
+    every = [MixtureBatches(shards, tasks, 256, 2, seed=0, image_dropout=1.0).batch(s) for s in range(4)]
+    counts = [image_tokens_per_task(b) for b in every]
+    assert all(c["policy"] == c["policy_reason"] == 0 for c in counts) and sum(c["world"] for c in counts) > 0
+    assert all(image_tokens_per_task(b)["policy"] > 0 for b in plain[:1])
+    # Half: over many samples about half of the policy prompts keep their frame.
+    half = MixtureBatches(shards, {"policy": 1.0}, 256, 2, seed=0, image_dropout=0.5)
+    open_marker = shards.layout.special("<img>")
+    framed, total = 0, 0
+    for s in range(20):
+        b = half.batch(s)
+        framed += int((b.input_ids == open_marker).sum())
+        total += sum(len(row) for row in b.sample_ids)
+    assert 0.3 < framed / total < 0.7, (framed, total)
+    with pytest.raises(UnifiedError, match=r"data.image_dropout .* in \[0, 1\]; got 1.5"):
+        load_recipe("recipes/debug.yaml", ["data.image_dropout=1.5"])

@@ -86,6 +86,37 @@ def test_loss_is_computed_on_targets_only(shards):
     assert metrics["tokens"] == (tensors["targets"] != IGNORE).sum()
 
 
+def test_action_targets_spread_over_neighbouring_bins(shards, tokenizers):
+    """`action_label_sigma`: an action position's loss is the cross-entropy against a Gaussian over its own
+    dimension's bins (a narrow one is the one-hot loss); every other position keeps its loss."""
+    batch = batches(shards, ["policy_reason", "world"], rows=6)[0].to_torch()
+    bins, span = tokenizers.action.bins, shards.layout.segment("action")
+    hard_model = tiny_model(shards.layout)
+    hard, _ = hard_model(batch)
+    narrow = tiny_model(shards.layout, action_label_sigma=1e-3)
+    with pytest.raises(UnifiedError, match="call spread_action_targets"):
+        narrow(batch)
+    narrow.spread_action_targets(bins)
+    torch.testing.assert_close(narrow(batch)[0], hard)
+    wide = tiny_model(shards.layout, action_label_sigma=2.0)
+    wide.spread_action_targets(bins)
+    targets = wide.action_targets
+    assert targets.shape == (span.size, span.size) and torch.allclose(targets.sum(1), torch.ones(span.size))
+    i = bins + 5  # the second dimension's sixth bin: nothing of it falls on the first dimension's bins
+    assert targets[i, :bins].sum() == 0 and targets[i, i] > targets[i, i + 1] > targets[i, i + 3] > 0
+    logits, _ = wide.logits(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+    t, w = batch["targets"], batch["weights"]
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), t.flatten(), ignore_index=IGNORE,
+                                           reduction="none").view_as(t)
+    hit = (t >= span.start) & (t < span.stop)
+    assert hit.any()
+    soft = -(targets[t[hit] - span.start] * torch.log_softmax(logits[hit], -1)[:, span.start:span.stop]).sum(-1)
+    expected = (torch.where(hit, torch.zeros_like(ce).masked_scatter(hit, soft), ce) * w).sum() / w.sum()
+    torch.testing.assert_close(wide(batch)[0], expected)
+    with pytest.raises(UnifiedError, match="action_label_sigma is a width in bins"):
+        ModelConfig(action_label_sigma=-1)
+
+
 def test_cached_generation_equals_uncached(shards):
     model = tiny_model(shards.layout).eval()
     built = build(shards.sample("policy_reason", int(shards.index("policy_reason")[3])), shards.layout)
@@ -160,6 +191,47 @@ def test_bad_inputs(shards, tokenizers, tmp_path):
     # A checkpoint whose vocabulary does not match the tokenizers' layout is refused.
     with pytest.raises(UnifiedError, match="do not belong together"):
         UnifiedModel(ModelConfig(**TINY), TokenLayout.build(10, 16, 8, 8), backbone=tiny_model(shards.layout).backbone)
+
+
+def test_action_token_readouts(shards, tokenizers, data):
+    """The mean and median readouts of an action token's distribution over its dimension's bins, on a known
+    distribution; and through `act`: keeping the distributions changes no chosen token, greedy picks their most
+    likely bin, and each readout is computed from them."""
+    from unified.data.store import EpisodeStore
+
+    policy = Policy(tiny_model(shards.layout).eval(), tokenizers)
+    tok, start = tokenizers.action, shards.layout.segment("action").start
+    first = start + tok.offsets()
+    centres = tok.centres()
+    probs = np.zeros((1, tok.dim, shards.layout.vocab_size))
+    for d in range(tok.dim):  # 0.6 on bin 3, 0.4 on bin 10 of every dimension
+        probs[0, d, first[d] + 3], probs[0, d, first[d] + 10] = 0.6, 0.4
+    mean = tok.normalizer.unnormalize(0.6 * centres[:, 3] + 0.4 * centres[:, 10])
+    np.testing.assert_allclose(policy.read_out(probs, "mean")[0], mean)
+    np.testing.assert_allclose(policy.read_out(probs, "median")[0], tok.normalizer.unnormalize(centres[:, 3]))
+    probs[0, :, :] = 0
+    for d in range(tok.dim):  # 0.3 on bin 3, 0.7 on bin 10: the median moves to bin 10
+        probs[0, d, first[d] + 3], probs[0, d, first[d] + 10] = 0.3, 0.7
+    np.testing.assert_allclose(policy.read_out(probs, "median")[0], tok.normalizer.unnormalize(centres[:, 10]))
+
+    episode = EpisodeStore(data / "store").read_episode(0)
+    prompt = policy.prompt(episode.frames[3], episode.instruction, episode.states[3])
+    act, masks = shards.layout.special("<act>"), policy.action_masks()
+    plain, kept = Decoder(policy.model), Decoder(policy.model)
+    plain.feed(prompt)
+    kept.feed(prompt)
+    chosen = kept.generate_blocks(act, masks, H, tok.dim, keep_probs=True)
+    assert plain.generate_blocks(act, masks, H, tok.dim) == chosen
+    assert kept.block_probs.shape == (H, tok.dim, shards.layout.vocab_size)
+    np.testing.assert_allclose(kept.block_probs.sum(-1), 1.0)
+    assert (kept.block_probs[:, :, ~masks[0]][:, 0] == 0).all()
+    assert kept.block_probs.argmax(-1).reshape(-1).tolist() == chosen
+    args = (episode.frames[3], episode.instruction)
+    for readout in ("mean", "median"):
+        np.testing.assert_allclose(policy.act(*args, state=episode.states[3], reason=False, readout=readout).actions,
+                                   policy.read_out(kept.block_probs, readout), rtol=1e-5, atol=1e-6)
+    with pytest.raises(UnifiedError, match="readout: 'average' is not one of mode, mean, median"):
+        policy.act(*args, state=episode.states[3], reason=False, readout="average")
 
 
 def test_export_round_trip_identical_logits_and_actions(shards, tokenizers, tmp_path):

@@ -102,7 +102,7 @@ class BinActionTokenizer:
     def vocab_size(self) -> int:
         return self.bins * (self.dim if self.per_dimension else 1)
 
-    def _offsets(self) -> np.ndarray:
+    def offsets(self) -> np.ndarray:
         """(D,) the first id of each dimension: 0 for all when the dimensions share their bins."""
         return np.arange(self.dim) * self.bins if self.per_dimension else np.zeros(self.dim, np.int64)
 
@@ -123,7 +123,7 @@ class BinActionTokenizer:
         else:
             unit = (self.normalizer.normalize(actions) + 1) / 2  # [0, 1]
             ids = np.clip(np.floor(unit * self.bins + self.shift), 0, self.bins - 1).astype(np.int64)
-        ids = ids.astype(np.int64) + self._offsets()
+        ids = ids.astype(np.int64) + self.offsets()
         return ids.reshape(len(ids), -1)
 
     def centres(self) -> np.ndarray:
@@ -143,7 +143,7 @@ class BinActionTokenizer:
             ids = ids[None]
         if ids.shape[-1] % self.dim:
             raise UnifiedError(f"bin action tokenizer: {ids.shape[-1]} ids is not a whole number of {self.dim}-d steps")
-        ids = ids.reshape(len(ids), -1, self.dim) - self._offsets()
+        ids = ids.reshape(len(ids), -1, self.dim) - self.offsets()
         if ids.min() < 0 or ids.max() >= self.bins:
             raise UnifiedError("bin action tokenizer: an id belongs to another dimension than its position says")
         return self.normalizer.unnormalize(np.take_along_axis(self.centres().T, ids.reshape(-1, self.dim), 0)

@@ -20,16 +20,20 @@ MISSES_BEFORE_CLOSING = 8  # draws that fit nowhere before a batch is closed; ro
 class MixtureBatches:
     def __init__(self, shards: TokenShards, tasks: dict[str, float], seq_len: int, batch_size: int, seed: int,
                  image_weight: float = 0.04, task_weights: dict[str, float] | None = None, with_state: bool = True,
-                 state_dims: int | None = None, split: str = "train", balance: float = 0.0, turn_weight: float = 1.0):
+                 state_dims: int | None = None, split: str = "train", balance: float = 0.0, turn_weight: float = 1.0,
+                 image_dropout: float = 0.0):
         """`split="held_out"` draws from the store's held-out episodes instead, for a validation loss (tasks without
         held-out samples, such as the operator questions, are left out). `balance` > 0 draws the policy samples of
         rare decisions more often: a sample's weight is (the share of its decision) ** -balance, so 0 draws
         uniformly and 1 gives every decision the same share. `turn_weight` draws the policy samples whose action
         chunk steers by more than TURN_RAD at some step (a turn, a lane change, a correction: a small share of the
-        steps, and the ones a driver must get right) that many times as often as the others."""
+        steps, and the ones a driver must get right) that many times as often as the others. `image_dropout` is the
+        share of policy samples built without their frame(s) (no `<img>` span: the prompt is the instruction and the
+        state)."""
         self.shards, self.seq_len, self.batch_size, self.seed = shards, seq_len, batch_size, seed
         self.image_weight, self.task_weights, self.with_state = image_weight, task_weights or {}, with_state
         self.state_dims, self.split, self.balance, self.turn_weight = state_dims, split, balance, turn_weight
+        self.image_dropout = image_dropout
         self._draw: dict[str, np.ndarray | None] = {}
         self.tasks = [t for t, w in tasks.items() if w > 0 and (split == "train" or len(shards.index(t, split)))]
         if not self.tasks:
@@ -78,6 +82,9 @@ class MixtureBatches:
             pick = int(rng.integers(len(index))) if p is None else int(rng.choice(len(index), p=p))
             sample = self.shards.sample(task, int(index[pick]), with_state=self.with_state,
                                         state_dims=self.state_dims)
+            # Drawn only when asked for, so that runs without it see the batches they always did.
+            if self.image_dropout > 0 and task.startswith("policy") and rng.random() < self.image_dropout:
+                sample.frames = sample.frames[:0]
             built = build(sample, self.shards.layout, self.image_weight, self.task_weights)
             if len(built) > self.seq_len:
                 raise UnifiedError(f"sample {built.id!r} ({built.task}) has {len(built)} tokens, more than "

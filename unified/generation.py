@@ -82,17 +82,23 @@ class Decoder:
         return out
 
     def generate_blocks(self, marker: int, allowed: np.ndarray, blocks: int, per_block: int, greedy: bool = True,
-                        temperature: float = 1.0) -> list[int]:
+                        temperature: float = 1.0, keep_probs: bool = False) -> list[int]:
         """An action chunk `marker a_0 marker a_1 ... marker a_{blocks-1}` of `per_block` tokens a step, written in
         `per_block` forward passes: under the action-chunk mask a block sees the prompt and itself only, so
         every block advances at once. `allowed` is (V,) bool, or (per_block, V) to give each token of a step its
-        own range (one per action dimension). Returns the chosen tokens step by step, (blocks * per_block,)."""
+        own range (one per action dimension). Returns the chosen tokens step by step, (blocks * per_block,).
+        `keep_probs` keeps each token's distribution over its allowed ids (softmax at temperature 1) in
+        `self.block_probs`, (blocks, per_block, V), for a readout other than the chosen token."""
         allowed = np.array(np.broadcast_to(allowed, (per_block, len(np.atleast_2d(allowed)[0]))))
         stride = per_block + 1
         starts = self.next_position + stride * np.arange(blocks)  # position of each block's marker
         logits = self.feed([marker] * blocks, np.arange(blocks), starts)  # (blocks, V)
         chosen = np.zeros((blocks, per_block), np.int64)
+        self.block_probs = np.zeros((blocks, per_block, logits.shape[-1])) if keep_probs else None
         for r in range(per_block):
+            if keep_probs:
+                masked = logits.masked_fill(~torch.from_numpy(allowed[r]).to(logits.device), -torch.inf)
+                self.block_probs[:, r] = torch.softmax(masked.double(), -1).cpu().numpy()
             chosen[:, r] = [self._choose(logits[k], allowed[r], greedy, temperature) for k in range(blocks)]
             self.generated += blocks
             if r + 1 < per_block:  # the last tokens are not fed: nothing is predicted from them

@@ -31,6 +31,9 @@ class ModelConfig:
     # -- loss
     image_loss_weight: float = 0.04  # image tokens are many and individually unimportant (prior art: 0.04)
     z_loss: float = 0.0  # weight of log(Z)^2, keeps logits from drifting in long runs
+    # The action tokens' targets spread over the neighbouring bins of their dimension: a Gaussian this many bins
+    # wide (0: the recorded bin alone), so that a near miss costs less than a far one.
+    action_label_sigma: float = 0.0
     task_weights: dict[str, float] = field(default_factory=dict)  # task -> weight, default 1
     # -- what the model reads and writes (the data side reads these instead of repeating them)
     history: int = 1  # frames in the observation
@@ -53,6 +56,9 @@ class ModelConfig:
         unknown = sorted(set(self.task_weights) - set(TASKS))
         if unknown:
             raise UnifiedError(f"model.task_weights: unknown task(s) {unknown}; tasks are {', '.join(TASKS)}")
+        if self.action_label_sigma < 0:
+            raise UnifiedError(f"model.action_label_sigma is a width in bins, at least 0; got "
+                               f"{self.action_label_sigma}")
         if self.hidden_size % self.num_heads:
             raise UnifiedError(f"model: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
 
@@ -177,6 +183,19 @@ class UnifiedModel(nn.Module):
                                           config.action_head_layers, self.backbone.config.num_attention_heads,
                                           state_size if config.action_head_state else 0)
 
+    def spread_action_targets(self, bins: int) -> None:
+        """Build the soft targets of `action_label_sigma` for action tokenizers of `bins` bins per dimension: row i is
+        the target distribution over the action segment when the recorded token is its id i, a Gaussian over the
+        bins of i's own dimension."""
+        span = self.layout.segment("action")
+        if span.size % bins:
+            raise UnifiedError(f"action_label_sigma: the action segment of {span.size} ids is not made of blocks of "
+                               f"{bins} bins")
+        ids = torch.arange(span.size)
+        same = (ids[:, None] // bins) == (ids[None] // bins)
+        kernel = torch.exp(-0.5 * ((ids[:, None] - ids[None]).float() / self.config.action_label_sigma) ** 2) * same
+        self.register_buffer("action_targets", kernel / kernel.sum(1, keepdim=True), persistent=False)
+
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -200,6 +219,18 @@ class UnifiedModel(nn.Module):
             raise UnifiedError("this model has no continuous action head (model.action_head: false)")
         return self.action_head(*gather_prompts(hidden, index), states)
 
+    def _spread_action_ce(self, logits: torch.Tensor, targets: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
+        """`ce` with the action positions' cross-entropy taken against the spread targets instead."""
+        if getattr(self, "action_targets", None) is None:
+            raise UnifiedError("model.action_label_sigma > 0: call spread_action_targets(bins) before training")
+        span = self.layout.segment("action")
+        hit = (targets >= span.start) & (targets < span.stop)
+        if not hit.any():
+            return ce
+        logp = F.log_softmax(logits[hit], -1)[:, span.start:span.stop]  # (N, A)
+        soft = self.action_targets[targets[hit] - span.start]  # (N, A)
+        return ce.masked_scatter(hit, -(soft * logp).sum(-1))
+
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """Weighted cross-entropy on the target spans of a packed batch (see `packing.Batch.to_torch`), plus the
         continuous head's L1 when the model has one.
@@ -213,6 +244,8 @@ class UnifiedModel(nn.Module):
         targets, weights = batch["targets"], batch["weights"]
         ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
         ce = ce.view_as(targets)  # (B, T), 0 where targets == IGNORE
+        if self.config.action_label_sigma > 0:
+            ce = self._spread_action_ce(logits, targets, ce)
         total_weight = weights.sum().clamp_min(1e-8)
         loss = (ce * weights).sum() / total_weight
         metrics = {}

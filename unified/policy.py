@@ -55,6 +55,9 @@ def _state(state, tokenizer) -> np.ndarray:
     return values
 
 
+READOUTS = ("mode", "mean", "median")
+
+
 class Policy:
     """Frames + instruction (+ ego state) -> optional reasoning -> an action chunk in the simulator's units."""
 
@@ -119,12 +122,18 @@ class Policy:
         return 1 + self.config.history * per_frame + state
 
     def act(self, frames, instruction: str, state=None, reason: bool = True, greedy: bool = True,
-            temperature: float = 1.0, seed: int = 0, continuous: bool = False) -> ActionResult:
+            temperature: float = 1.0, seed: int = 0, continuous: bool = False, readout: str = "mode") -> ActionResult:
         """frames (T, H, W, 3) uint8, newest last -> ActionResult with (H, 2) actions.
 
         The action tokens of all H steps are written together, in as many forward passes as an action has
-        dimensions (see `Decoder.generate_blocks`). `continuous` reads the actions from the continuous head
-        instead: one forward pass over the prompt (and the reasoning, if any)."""
+        dimensions (see `Decoder.generate_blocks`). `readout` turns each action token's distribution over its
+        bins into a value: "mode" the centre of the chosen bin (greedy: the most likely), "mean" the
+        probability-weighted mean of the bin centres, "median" the centre of the bin where the cumulative
+        probability passes one half (each later token is still conditioned on the chosen earlier ones).
+        `continuous` reads the actions from the continuous head instead: one forward pass over the prompt (and
+        the reasoning, if any)."""
+        if readout not in READOUTS:
+            raise UnifiedError(f"readout: {readout!r} is not one of {', '.join(READOUTS)}")
         start = time.perf_counter()
         layout, act = self.layout, self.layout.special("<act>")
         prompt = self.prompt(frames, instruction, state)
@@ -145,10 +154,30 @@ class Policy:
             actions = self._continuous(decoder.ids + [act], state)
             return ActionResult(actions, reasoning, decoder.generated, 1000 * (time.perf_counter() - start))
         action_ids = decoder.generate_blocks(act, self.action_masks(), self.config.horizon,
-                                             self.tokenizers.action.dim, greedy=greedy, temperature=temperature)
-        actions = self.tokenizers.action.decode(layout.to_local("action", action_ids)[None])[0]
+                                             self.tokenizers.action.dim, greedy=greedy, temperature=temperature,
+                                             keep_probs=readout != "mode")
+        if readout == "mode":
+            actions = self.tokenizers.action.decode(layout.to_local("action", action_ids)[None])[0]
+        else:
+            actions = self.read_out(decoder.block_probs, readout)
         return ActionResult(actions.astype(np.float32), reasoning, decoder.generated,
                             1000 * (time.perf_counter() - start))
+
+    def read_out(self, probs: np.ndarray, readout: str) -> np.ndarray:
+        """probs (H, D, V): each action token's distribution over the vocabulary -> (H, D) actions, the mean or the
+        median of its dimension's bin centres under it."""
+        tokenizer = self.tokenizers.action
+        first = self.layout.segment("action").start + tokenizer.offsets()
+        centres = tokenizer.centres()  # (D, bins), normalised
+        out = np.zeros(probs.shape[:2])
+        for d in range(tokenizer.dim):
+            p = probs[:, d, first[d]:first[d] + tokenizer.bins]
+            p = p / p.sum(-1, keepdims=True)
+            if readout == "mean":
+                out[:, d] = p @ centres[d]
+            else:
+                out[:, d] = centres[d][np.minimum((p.cumsum(-1) < 0.5).sum(-1), tokenizer.bins - 1)]
+        return tokenizer.normalizer.unnormalize(out)
 
     @torch.inference_mode()
     def _continuous(self, ids: list[int], state=None) -> np.ndarray:

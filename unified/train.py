@@ -223,6 +223,10 @@ def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bo
         run_tokenizers = Tokenizers.from_pretrained(tokenizer_dir)
         ordinal_init(model, "action", run_tokenizers.action.bins, config.seed)
         ordinal_init(model, "state", run_tokenizers.state.bins, config.seed + 1)
+    if config.model.action_label_sigma > 0:
+        from unified.tokenizers.fit import Tokenizers
+
+        model.spread_action_targets(Tokenizers.from_pretrained(tokenizer_dir).action.bins)
     if config.lora.enabled:
         note = add_lora(model, config.lora)
         if main_rank:
@@ -230,7 +234,8 @@ def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bo
     batches = MixtureBatches(shards, config.data.tasks, config.data.seq_len, config.data.batch_size, config.seed,
                              config.model.image_loss_weight, config.model.task_weights,
                              config.data.with_state and config.model.use_state, config.model.state_dims,
-                             balance=config.data.balance, turn_weight=config.data.turn_weight)
+                             balance=config.data.balance, turn_weight=config.data.turn_weight,
+                             image_dropout=config.data.image_dropout)
     teacher, reasoning = None, None
     if config.distill.teacher:
         if set(t for t, w in config.data.tasks.items() if w > 0) != {"policy"}:

@@ -42,6 +42,9 @@ class DataConfig:
     # Draw policy samples whose action chunk steers beyond 0.1 rad (turns, lane changes, corrections: a few steps in
     # a hundred) this many times as often as the others; 1 draws uniformly.
     turn_weight: float = 1.0
+    # The share of policy samples (with and without reasoning) whose prompt leaves out the frame(s): the state and the
+    # instruction alone must then give the action, so the policy cannot lean only on recognising the picture.
+    image_dropout: float = 0.0
 
 
 @dataclass
@@ -125,6 +128,9 @@ class TrainConfig:
         if self.data.balance < 0 or self.data.turn_weight <= 0:
             raise UnifiedError(f"data.balance must not be negative and data.turn_weight must be positive, got "
                                f"{self.data.balance} and {self.data.turn_weight}")
+        if not 0 <= self.data.image_dropout <= 1:
+            raise UnifiedError(f"data.image_dropout is a share of the policy samples, in [0, 1]; got "
+                               f"{self.data.image_dropout}")
         unknown = sorted(set(self.data.tasks) - {"policy_reason", "policy", "world", "text"})
         if unknown:
             raise UnifiedError(f"data.tasks: unknown task(s) {unknown}; tasks are policy_reason, policy, world, text")
