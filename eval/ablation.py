@@ -15,6 +15,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from unified.tokenizers.action import READOUTS
+
 from unified.config import apply_overrides, from_dict, load_yaml
 from unified.errors import UnifiedError
 
@@ -29,6 +31,7 @@ class Row:
     same_model_as: int | None = None  # evaluate that row's model again (an execution-only lever)
     dagger_from: int | None = None  # fine-tune that row's model on a DAgger round it drove (its execution)
     compare_with: int | None = None  # the row its lever is added to (default: dagger_from, else the row above)
+    readout: str = "mode"  # how the action tokens become values: mode, mean or median of each token's bins
 
 
 @dataclass
@@ -52,6 +55,8 @@ class AblationConfig:
         if not self.modes or set(self.modes) - {"direct", "reason"}:
             raise UnifiedError(f"ablation modes: expected a non-empty list of direct and reason, got {self.modes}")
         for k, row in enumerate(self.rows):
+            if row.readout not in READOUTS:
+                raise UnifiedError(f"ablation rows[{k}].readout: {row.readout!r} is not one of {', '.join(READOUTS)}")
             for ref in (row.same_model_as, row.dagger_from, row.compare_with):
                 if ref is not None and not 0 <= ref < k:
                     raise UnifiedError(f"ablation rows[{k}]: refers to row {ref}, which is not an earlier row")
@@ -89,7 +94,7 @@ def ablation(overrides: list[str] = (), *, spec: Path, out: Path) -> dict:
         against = next((r for r in (row.compare_with, row.dagger_from) if r is not None), k - 1)
         fingerprint = weights_fingerprint(model)
         for mode in config.modes:
-            evaluations = {label: Evaluation(str(model), path, mode, row.replan_every, row.ensemble)
+            evaluations = {label: Evaluation(str(model), path, mode, row.replan_every, row.ensemble, row.readout)
                            for label, path in config.suites.items()}
             reports = {}
             for label, e in evaluations.items():
@@ -133,6 +138,7 @@ def _reusable(path: Path, e, episodes: int, fingerprint: str) -> dict | None:
     report = jsonlib.loads(path.read_text())
     same = (report.get("fingerprint") == fingerprint and report.get("mode") == e.mode
             and report.get("replan_every") == e.replan_every and report.get("ensemble") == e.ensemble
+            and report.get("readout", "mode") == e.readout
             and report.get("episodes_per_scenario") == episodes
             and report.get("suite_hash") == load_suite(e.suite).hash)
     if same:

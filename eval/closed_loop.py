@@ -14,6 +14,7 @@ from tqdm import tqdm
 from unified.eval.model_driver import ENSEMBLE, REPLAN_EVERY
 from unified.eval.state_mlp import StateMLP, StateMLPDriver, is_state_mlp
 from unified.eval.stats import compare_paired, mean_interval, wilson_interval
+from unified.tokenizers.action import READOUT
 
 from unified.errors import UnifiedError
 from unified.sim.drivers import DRIVERS
@@ -36,7 +37,7 @@ class Evaluation:
     mode: str = "reason"  # for a model: reason, direct or continuous
     replan_every: int | None = None  # for a model: steps between decisions (default: its chunk length)
     ensemble: float | None = None  # for a model: temporal ensembling of overlapping chunks (weight exp(-k i))
-    readout: str = "mode"  # for a model acting by tokens: mode, mean or median of each action token's bins
+    readout: str = READOUT  # for a model acting by tokens: mode, mean or median of each action token's bins
 
     @property
     def learned(self) -> bool:
@@ -125,7 +126,7 @@ def closed_loop(
     *, model: str, scenarios: Path, episodes: int = 20, workers: int = 1, seed: int = EVAL_SEED,
     json: Path | None = None, mode: Literal["reason", "direct", "continuous"] = "reason",
     replan_every: int | None = REPLAN_EVERY, ensemble: float | None = ENSEMBLE, no_ensemble: bool = False,
-    readout: Literal["mode", "mean", "median"] = "mode", train_store: list[Path] = (), progress: bool = True,
+    readout: Literal["mode", "mean", "median"] = READOUT, train_store: list[Path] = (), progress: bool = True,
 ) -> dict[str, Any]:
     """Drive `episodes` episodes of every scenario in the suite `scenarios` with `model` (an exported model
     directory, or the scripted expert, random or constant driver) and return (and with `json`, write) the
@@ -134,9 +135,9 @@ def closed_loop(
     executed to its end), blending the chunks that cover a step with weights exp(-ensemble * i), oldest first
     (default 0.5); `no_ensemble` executes the newest plan alone (with `replan_every 1`: its first action at every
     step, receding-horizon control). `readout` turns a model's action tokens into values: the chosen bin's centre
-    (mode), or the mean or median of the bin centres under each token's distribution. `train_store` (one or
-    more episode stores a model trained on): refuse evaluation episodes that share a simulator seed with their
-    training episodes, and report those whose traffic is a near-replay of one."""
+    (mode), or the mean or median (the default) of the bin centres under each token's distribution.
+    `train_store` (one or more episode stores a model trained on): refuse evaluation episodes that share a
+    simulator seed with their training episodes, and report those whose traffic is a near-replay of one."""
     from unified.outputs import check_file
 
     if json is not None:  # a bad path fails now, not after the evaluation
@@ -207,7 +208,7 @@ def evaluate(evaluations: list[Evaluation], episodes: int, workers: int = 1, see
             "report_version": REPORT_VERSION,
             "model": e.model if not e.learned else
             f"{Path(e.model).name} ({'state MLP' if is_state_mlp(e.model) else e.mode}"
-            f"{'' if e.readout == 'mode' or is_state_mlp(e.model) else ', ' + e.readout + ' readout'})",
+            f"{'' if e.readout == READOUT or is_state_mlp(e.model) else ', ' + e.readout + ' readout'})",
             "model_path": str(e.model) if e.learned else None,
             "mode": e.mode if e.learned else None,
             "replan_every": e.replan_every if e.learned else None,
@@ -336,3 +337,41 @@ def compare(reports: list[Path]) -> str:
                   + "\n".join(paired))
     print("success / collision / off-road rate per model\n" + table, flush=True)
     return table
+
+
+def compare_runs(*, first: list[Path], second: list[Path]) -> dict:
+    """One lever on several training runs: `first[k]` and `second[k]` are closed-loop reports (`--json`) of run
+    k without and with it (e.g. the recipe on training seed k), driven on the same evaluation episodes. Prints each
+    run's paired difference and McNemar p, and the pooled test over all runs' episodes."""
+    from unified.eval.stats import compare_pooled
+
+    if len(first) != len(second) or not first:
+        raise UnifiedError(f"--first and --second name one report per training run each, in the same order; got "
+                           f"{len(first)} and {len(second)}")
+    loaded = []
+    for path in [*first, *second]:
+        try:
+            report = jsonlib.loads(Path(path).read_text())
+            report["episodes"], report["model"], report["suite_hash"]  # noqa: B018 - the fields pairing needs
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UnifiedError(f"{path}: not a closed-loop report written by --json ({e})") from None
+        loaded.append(report)
+    pairs = list(zip(loaded[:len(first)], loaded[len(first):]))
+    for (a, b), pa, pb in zip(pairs, first, second):
+        if a["suite_hash"] != b["suite_hash"]:
+            raise UnifiedError(f"{pa} and {pb}: reports of different suites ({a['suite']}, {b['suite']}) do not pair")
+    try:
+        result = compare_pooled(pairs)
+    except ValueError as e:
+        raise UnifiedError(f"compare-runs: {e}") from None
+    lines = ["| run | first | second | pairs | success first / second | difference [95% paired bootstrap] | "
+             "discordant (first only / second only) | McNemar p |", "|---|---|---|---|---|---|---|---|"]
+    rows = [(str(k), a["model"], b["model"], c) for k, ((a, b), c) in enumerate(zip(pairs, result["runs"]))]
+    rows.append(("**pooled**", "", "", result["pooled"]))
+    for run, name_a, name_b, c in rows:
+        d, m = c["difference"], c["mcnemar"]
+        lines.append(f"| {run} | {name_a} | {name_b} | {c['pairs']} | {c['first_rate']:.2f} / {c['second_rate']:.2f} | "
+                     f"{d['difference']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] | "
+                     f"{m['only_second']} / {m['only_first']} | {m['p_value']:.3g} |")
+    print("\n".join(lines), flush=True)
+    return result

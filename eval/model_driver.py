@@ -11,6 +11,7 @@ import time
 from typing import Literal
 
 import numpy as np
+from unified.tokenizers.action import READOUT
 
 from unified.sim.drivers import Intent, passive_intent
 from unified.sim.env import render_frame
@@ -31,7 +32,7 @@ class ModelDriver:
     needs_frames = True  # a policy reads the rendered frame; a state-only planner does not
 
     def __init__(self, policy, mode: Mode = "reason", replan_every: int | None = REPLAN_EVERY,
-                 ensemble: float | None = ENSEMBLE, readout: str = "mode"):
+                 ensemble: float | None = ENSEMBLE, readout: str = READOUT):
         self.policy, self.mode, self.ensemble, self.readout = policy, mode, ensemble, readout
         self.replan_every = replan_every or policy.config.horizon
         self.decisions: list[dict] = []

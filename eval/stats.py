@@ -88,6 +88,28 @@ def compare_paired(first: dict, second: dict, key: str = "success") -> dict | No
             "mcnemar": mcnemar_exact(b, a), "difference": paired_difference(b, a)}
 
 
+def compare_pooled(pairs: list[tuple[dict, dict]], key: str = "success") -> dict:
+    """The same lever measured on several training runs: `pairs` holds one (first, second) pair of closed-loop
+    reports per run (e.g. per training seed, the recipe without and with the lever). Returns each run's paired
+    comparison and the pooled one, over the episodes of all runs together (McNemar and the paired bootstrap on
+    the concatenated pairs). The pooled test conditions on these runs: it says whether the lever changed these
+    models, and, with few runs, nothing about how much another run of the recipe would vary."""
+    runs, firsts, seconds = [], [], []
+    for k, (first, second) in enumerate(pairs):
+        a, b = paired_outcomes(first, second, key)
+        if len(a) == 0:
+            raise ValueError(f"run {k}: the two reports share no episode (scenario and simulator seed)")
+        runs.append(compare_paired(first, second, key))
+        firsts.append(a)
+        seconds.append(b)
+    if not runs:
+        raise ValueError("no pair of reports to compare")
+    a, b = np.concatenate(firsts), np.concatenate(seconds)
+    pooled = {"pairs": int(len(a)), "first_rate": float(a.mean()), "second_rate": float(b.mean()),
+              "mcnemar": mcnemar_exact(b, a), "difference": paired_difference(b, a)}
+    return {"runs": runs, "pooled": pooled}
+
+
 def non_inferior(comparison: dict, first_rate: float, share: float) -> bool:
     """Whether the second driver keeps at least `share` of the first's rate by the paired interval: the lower
     end of the interval of (second - first) is at least -(1 - share) x the first's rate."""

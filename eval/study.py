@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from unified.tokenizers.action import READOUT
+
 from unified.config import apply_overrides, from_dict, load_yaml, to_dict
 from unified.errors import UnifiedError
 
@@ -56,6 +58,7 @@ class StudyConfig:
     # chunks that cover a step with weights exp(-ensemble * i), oldest first (None: no blending).
     replan_every: int | None = None
     ensemble: float | None = None
+    readout: str = READOUT  # how action tokens become values: mode, mean or median of each token's bins
     workers: int = 2
     baselines: list[str] = field(default_factory=lambda: ["expert", "random", "constant"])
     # Held-out episodes per suite (same keys as suites): reasoning accuracy and the observations timed.
@@ -251,11 +254,12 @@ def _closed_loop(config: StudyConfig, out: Path, drivers: list[tuple[str, str | 
         for name, mode in drivers:
             learned = mode is not None
             evaluation = Evaluation(str(models[name]) if learned else name, str(suite_path), mode or "reason",
-                                    config.replan_every if learned else None, config.ensemble if learned else None)
+                                    config.replan_every if learned else None, config.ensemble if learned else None,
+                                    config.readout)
             expected = {"suite_hash": suite_hash, "episodes_per_scenario": config.episodes,
                         "report_version": REPORT_VERSION,
                         **({"mode": mode, "fingerprint": prints[name], "replan_every": config.replan_every,
-                            "ensemble": config.ensemble} if learned else {"model": name})}
+                            "ensemble": config.ensemble, "readout": config.readout} if learned else {"model": name})}
             path = out / "eval" / f"{name}_{mode or 'scripted'}_{label}.json"
             wanted[(name, mode, label)] = (evaluation, path, _cached(path, **expected))
     for _, path, report in wanted.values():

@@ -21,6 +21,9 @@ def test_the_shipped_ablation_maps_onto_its_config():
         from_dict(AblationConfig, {"rows": [{"name": "a", "compare_with": 1}]}, "x")
     with pytest.raises(UnifiedError, match="refers to row 2, which is not an earlier row"):
         from_dict(AblationConfig, {"rows": [{"name": "a", "same_model_as": 2}]}, "x")
+    assert config.rows[-1].readout == "median" and config.rows[-1].same_model_as is not None
+    with pytest.raises(UnifiedError, match=r"rows\[0\].readout: 'argmax' is not one of mode, mean, median"):
+        from_dict(AblationConfig, {"rows": [{"name": "a", "readout": "argmax"}]}, "x")
 
 
 def test_the_table_shows_both_modes_and_the_training_time():

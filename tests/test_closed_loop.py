@@ -8,6 +8,27 @@ from unified.errors import UnifiedError
 from unified.sim.seeds import is_evaluation_seed
 
 
+def test_compare_runs_pools_one_lever_over_training_runs(tmp_path, capsys):
+    from unified.eval.closed_loop import compare_runs
+
+    def write(name, outcomes, suite_hash="h"):
+        episodes = [{"scenario": "s", "seed": seed, "success": ok} for seed, ok in enumerate(outcomes)]
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"model": name, "suite": "train", "suite_hash": suite_hash, "episodes": episodes}))
+        return path
+
+    first = [write("base_s0", [0, 0, 1, 1]), write("base_s1", [1, 0, 0])]
+    second = [write("lever_s0", [1, 1, 1, 1]), write("lever_s1", [1, 1, 0])]
+    result = compare_runs(first=first, second=second)
+    table = capsys.readouterr().out
+    assert result["pooled"]["pairs"] == 7 and "| **pooled** |  |  | 7 | 0.43 / 0.86 | +0.43 [" in table
+    assert "| 0 | base_s0 | lever_s0 | 4 | 0.50 / 1.00 | +0.50 [" in table and "| 0 / 2 |" in table
+    with pytest.raises(UnifiedError, match="one report per training run each, in the same order; got 2 and 1"):
+        compare_runs(first=first, second=second[:1])
+    with pytest.raises(UnifiedError, match="reports of different suites"):
+        compare_runs(first=first[:1], second=[write("other", [1, 1, 1, 1], suite_hash="g")])
+
+
 @pytest.mark.slow
 def test_expert_beats_random_and_constant_speed(tmp_path):
     suite = tmp_path / "s.yaml"
@@ -115,7 +136,7 @@ class _ChunkPolicy:
     def __init__(self):
         self.plans = 0
 
-    def act(self, frames, instruction, state, reason, continuous):
+    def act(self, frames, instruction, state, reason, continuous, readout="mode"):
         from types import SimpleNamespace
 
         self.plans += 1
@@ -198,7 +219,7 @@ def test_a_learned_driver_reads_the_state_the_data_records():
         def __init__(self):
             self.states = []
 
-        def act(self, frames, instruction, state, reason, continuous):
+        def act(self, frames, instruction, state, reason, continuous, readout="mode"):
             self.states.append(np.array(state))
             return SimpleNamespace(actions=np.array([[0.0, 0.0]]), tokens_generated=2, reasoning=None)
 

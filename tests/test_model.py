@@ -299,7 +299,8 @@ def test_a_small_model_overfits_a_handful_of_episodes(shards, tokenizers, data):
     for e in episodes:
         episode = store.read_episode(e)
         for t in (0, 5, 10):
-            result = policy.act(episode.frames[t], episode.instruction, state=episode.states[t], reason=False)
+            result = policy.act(episode.frames[t], episode.instruction, state=episode.states[t], reason=False,
+                                readout="mode")  # the greedy tokens themselves
             expert = np.clip(episode.actions[t:t + H], tokenizers.action.q01, tokenizers.action.q99)
             # The expert's own bin: its action encoded and decoded (edge bins absorb what lies beyond q01/q99).
             own = tokenizers.action.decode(tokenizers.action.encode(expert[None]))[0]

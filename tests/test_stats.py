@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from unified.eval.stats import (
     compare_paired,
+    compare_pooled,
     mcnemar_exact,
     mean_interval,
     non_inferior,
@@ -65,3 +66,23 @@ def test_pairing_uses_the_seed_and_the_non_inferiority_margin():
     sure = {"difference": {"difference": 0.0, "ci95": [-0.05, 0.05]}}
     unsure = {"difference": {"difference": 0.0, "ci95": [-0.3, 0.3]}}
     assert non_inferior(sure, 0.8, 0.9) and not non_inferior(unsure, 0.8, 0.9)
+
+
+def test_a_lever_on_several_training_runs_pools_their_pairs():
+    def report(outcomes):
+        return {"episodes": [{"scenario": "s", "seed": seed, "success": ok} for seed, ok in outcomes]}
+
+    # Run 0: the lever wins 3 episodes and loses none; run 1: it wins 2 and loses 1; each pairs on its own seeds.
+    base0 = report([(1, False), (2, False), (3, False), (4, True)])
+    lever0 = report([(1, True), (2, True), (3, True), (4, True)])
+    base1, lever1 = report([(1, False), (2, False), (3, True)]), report([(3, False), (2, True), (1, True)])
+    result = compare_pooled([(base0, lever0), (base1, lever1)])
+    assert [r["pairs"] for r in result["runs"]] == [4, 3]
+    assert result["runs"][0]["difference"]["difference"] == pytest.approx(0.75)
+    pooled = result["pooled"]
+    assert pooled["pairs"] == 7 and pooled["difference"]["difference"] == pytest.approx(4 / 7)
+    # Discordant pairs add up over the runs: 5 for the lever (the second), 1 against, the exact binomial p of 1 in 6.
+    assert (pooled["mcnemar"]["only_first"], pooled["mcnemar"]["only_second"]) == (5, 1)
+    assert pooled["mcnemar"]["p_value"] == pytest.approx(mcnemar_exact([1] * 5 + [0], [0] * 5 + [1])["p_value"])
+    with pytest.raises(ValueError, match="run 1: the two reports share no episode"):
+        compare_pooled([(base0, lever0), (base1, report([(9, True)]))])

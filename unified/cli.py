@@ -46,6 +46,8 @@ VERBS: dict[str, tuple[str, str, str]] = {
                                "behaviour cloning from the ego state alone: a small MLP, a baseline to drive"),
     "bench latency": ("unified.eval.latency", "latency", "decision latency of models on the same observations"),
     "eval compare": ("unified.eval.closed_loop", "compare", "a Markdown table of closed-loop reports (--json files)"),
+    "eval compare-runs": ("unified.eval.closed_loop", "compare_runs",
+                          "one lever on several training runs: per-run and pooled paired tests"),
 }
 HIDDEN = {"progress"}  # parameters for Python callers only
 # Every numeric option is a count (at least 1) unless named here; floats must be positive unless named here.

@@ -15,6 +15,7 @@ from unified.generation import Decoder
 from unified.model import UnifiedModel, state_values
 from unified.model_dir import Verify, load_model
 from unified.sequences import action_chunk
+from unified.tokenizers.action import READOUT, READOUTS
 from unified.tokenizers.fit import Tokenizers
 
 
@@ -53,9 +54,6 @@ def _state(state, tokenizer) -> np.ndarray:
     if not np.isfinite(values).all():
         raise UnifiedError(f"state: not finite ({dict(zip(tokenizer.names, values.tolist()))})")
     return values
-
-
-READOUTS = ("mode", "mean", "median")
 
 
 class Policy:
@@ -122,14 +120,15 @@ class Policy:
         return 1 + self.config.history * per_frame + state
 
     def act(self, frames, instruction: str, state=None, reason: bool = True, greedy: bool = True,
-            temperature: float = 1.0, seed: int = 0, continuous: bool = False, readout: str = "mode") -> ActionResult:
+            temperature: float = 1.0, seed: int = 0, continuous: bool = False, readout: str = READOUT) -> ActionResult:
         """frames (T, H, W, 3) uint8, newest last -> ActionResult with (H, 2) actions.
 
         The action tokens of all H steps are written together, in as many forward passes as an action has
         dimensions (see `Decoder.generate_blocks`). `readout` turns each action token's distribution over its
         bins into a value: "mode" the centre of the chosen bin (greedy: the most likely), "mean" the
         probability-weighted mean of the bin centres, "median" the centre of the bin where the cumulative
-        probability passes one half (each later token is still conditioned on the chosen earlier ones).
+        probability passes one half, the default (each later token is still conditioned on the chosen earlier
+        ones).
         `continuous` reads the actions from the continuous head instead: one forward pass over the prompt (and
         the reasoning, if any)."""
         if readout not in READOUTS:
