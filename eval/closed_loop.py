@@ -135,7 +135,7 @@ def closed_loop(
     executed to its end), blending the chunks that cover a step with weights exp(-ensemble * i), oldest first
     (default 0.5); `no_ensemble` executes the newest plan alone (with `replan_every 1`: its first action at every
     step, receding-horizon control). `readout` turns a model's action tokens into values: the chosen bin's centre
-    (mode), or the mean or median (the default) of the bin centres under each token's distribution.
+    (mode, the default), or the mean or median of the bin centres under each token's distribution.
     `train_store` (one or more episode stores a model trained on): refuse evaluation episodes that share a
     simulator seed with their training episodes, and report those whose traffic is a near-replay of one."""
     from unified.outputs import check_file

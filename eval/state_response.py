@@ -16,6 +16,7 @@ from typing import Literal
 
 import numpy as np
 from tqdm import tqdm
+from unified.tokenizers.action import READOUT
 
 from unified.errors import UnifiedError
 
@@ -38,11 +39,13 @@ def expert_gains(speed: np.ndarray) -> dict[str, np.ndarray]:
 
 def state_response(*, model: Path, data: Path, observations: int = 60, heading: float = PERTURBED["heading"],
                    offset: float = PERTURBED["lane_offset"], mode: Literal["direct", "continuous"] = "direct",
-                   json: Path | None = None, progress: bool = True) -> dict:
+                   readout: Literal["mode", "mean", "median"] = READOUT, json: Path | None = None,
+                   progress: bool = True) -> dict:
     """Move the heading by +-`heading` rad and the lane offset by +-`offset` m in `observations` held-out
     observations of `data` (speed >= 5 m/s) and report the mean change of the model's first steering command per
-    unit, beside the expert's gain at the same speeds. The command is read from the action tokens (`mode direct`)
-    or from the continuous head (`continuous`)."""
+    unit, beside the expert's gain at the same speeds. The command is read from the action tokens
+    (`mode direct`, each token read by `readout`, as `Policy.act` reads it) or from the continuous head
+    (`continuous`)."""
     from unified.eval.latency import observations as held_out_observations
 
     from unified.outputs import check_file, write_report
@@ -74,7 +77,8 @@ def state_response(*, model: Path, data: Path, observations: int = 60, heading: 
             for sign in (1.0, -1.0):
                 state = observed.copy()
                 state[names.index(name)] += sign * delta
-                result = policy.act(frames, instruction, state=state, reason=False, continuous=mode == "continuous")
+                result = policy.act(frames, instruction, state=state, reason=False, continuous=mode == "continuous",
+                                    readout=readout)
                 steer.append(float(np.asarray(result.actions)[0, 1]))
             slopes[name].append((steer[0] - steer[1]) / (2 * delta))
     speeds = np.asarray(speeds)
@@ -91,7 +95,7 @@ def state_response(*, model: Path, data: Path, observations: int = 60, heading: 
             "share_of_expert": float(values.mean() / gains[name].mean()),
             "unmoved": float(np.mean(values == 0.0)),
         }
-    report = {"model": str(model), "mode": mode, "data": str(data), "observations": len(seen),
+    report = {"model": str(model), "mode": mode, "readout": readout, "data": str(data), "observations": len(seen),
               "mean_speed": float(speeds.mean()), "per_state": rows}
     print(f"steering response to the state ({mode}), {len(seen)} held-out observations of {data} (mean speed "
           f"{speeds.mean():.1f} m/s), first step of the chunk, central differences:")

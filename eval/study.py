@@ -259,9 +259,13 @@ def _closed_loop(config: StudyConfig, out: Path, drivers: list[tuple[str, str | 
             expected = {"suite_hash": suite_hash, "episodes_per_scenario": config.episodes,
                         "report_version": REPORT_VERSION,
                         **({"mode": mode, "fingerprint": prints[name], "replan_every": config.replan_every,
-                            "ensemble": config.ensemble, "readout": config.readout} if learned else {"model": name})}
+                            "ensemble": config.ensemble} if learned else {"model": name})}
             path = out / "eval" / f"{name}_{mode or 'scripted'}_{label}.json"
-            wanted[(name, mode, label)] = (evaluation, path, _cached(path, **expected))
+            cached = _cached(path, **expected)
+            # Reports written before the readout was an option were read by the mode.
+            if cached is not None and learned and cached.get("readout", "mode") != config.readout:
+                cached = None
+            wanted[(name, mode, label)] = (evaluation, path, cached)
     for _, path, report in wanted.values():
         if report is not None:
             print(f"{path}: reused", flush=True)

@@ -127,8 +127,8 @@ class Policy:
         dimensions (see `Decoder.generate_blocks`). `readout` turns each action token's distribution over its
         bins into a value: "mode" the centre of the chosen bin (greedy: the most likely), "mean" the
         probability-weighted mean of the bin centres, "median" the centre of the bin where the cumulative
-        probability passes one half, the default (each later token is still conditioned on the chosen earlier
-        ones).
+        probability passes one half (each later token is still conditioned on the chosen earlier ones).
+        "mode" is the default.
         `continuous` reads the actions from the continuous head instead: one forward pass over the prompt (and
         the reasoning, if any)."""
         if readout not in READOUTS:
