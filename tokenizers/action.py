@@ -20,8 +20,8 @@ from unified.errors import UnifiedError
 # How a policy turns an action token's distribution over its bins into a value (`unified.policy.Policy.act`): the
 # centre of the chosen bin ("mode", the default), or the mean or the median of the bin centres under the
 # distribution. Against the mode the median measured +0.09 [+0.06, +0.11] success in distribution pooled over five
-# trained models (planning every step), but cost success out of distribution (-0.08 [-0.12, -0.04] pooled over the
-# two models driven there; README, "Sixth round"), so it is an option.
+# trained models (planning every step), but cost success out of distribution (-0.09 [-0.12, -0.05] pooled over the
+# three models driven there; README, "Sixth round"), so it is an option.
 READOUTS = ("mode", "mean", "median")
 READOUT = "mode"
 
