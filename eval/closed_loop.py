@@ -14,7 +14,7 @@ from tqdm import tqdm
 from unified.eval.model_driver import ENSEMBLE, REPLAN_EVERY
 from unified.eval.state_mlp import StateMLP, StateMLPDriver, is_state_mlp
 from unified.eval.stats import compare_paired, mean_interval, wilson_interval
-from unified.tokenizers.action import READOUT
+from unified.tokenizers.action import READOUT, READOUTS
 
 from unified.errors import UnifiedError
 from unified.sim.drivers import DRIVERS
@@ -183,8 +183,8 @@ def evaluate(evaluations: list[Evaluation], episodes: int, workers: int = 1, see
                                f"a state-MLP baseline (with state_mlp.json) nor a driver ({', '.join(DRIVERS)})")
         if e.mode not in ("reason", "direct", "continuous"):
             raise UnifiedError(f"--mode: {e.mode!r} is not reason, direct or continuous")
-        if e.readout not in ("mode", "mean", "median"):
-            raise UnifiedError(f"--readout: {e.readout!r} is not mode, mean or median")
+        if e.readout not in READOUTS:
+            raise UnifiedError(f"--readout: {e.readout!r} is not one of {', '.join(READOUTS)}")
         if e.replan_every is not None and e.replan_every < 1:
             raise UnifiedError(f"--replan-every must be at least 1 step, got {e.replan_every}")
         if e.ensemble is not None and e.ensemble < 0:

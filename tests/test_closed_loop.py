@@ -230,3 +230,8 @@ def test_a_learned_driver_reads_the_state_the_data_records():
     assert len(policy.states) == episode.summary.steps >= 10
     np.testing.assert_array_equal(np.stack(policy.states), episode.states)
     assert episode.states[:, 4].max() > 0.5  # driving straight at the junction, the route's right bend is in view
+
+
+def test_an_unknown_readout_is_refused_before_driving(tiny_suite):
+    with pytest.raises(UnifiedError, match="--readout: 'argmax' is not one of mode, mean, median"):
+        closed_loop(model="expert", scenarios=tiny_suite, episodes=1, readout="argmax", progress=False)
