@@ -290,17 +290,24 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def compare(reports: list[Path]) -> str:
-    """Print a Markdown table of closed-loop reports (`--json` outputs): success, collision and off-road rates
-    per suite and scenario, one column per model."""
+def _load_reports(paths: list[Path], fields: tuple[str, ...]) -> list[dict]:
+    """Closed-loop reports (`--json` outputs), each refused with its path unless it holds `fields`."""
     loaded = []
-    for path in reports:
+    for path in paths:
         try:
             report = jsonlib.loads(Path(path).read_text())
-            report["overall"], report["model"], report["suite"]  # noqa: B018 - the fields the table needs
+            for name in fields:
+                report[name]  # noqa: B018 - a field the caller needs
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UnifiedError(f"{path}: not a closed-loop report written by --json ({e})") from None
         loaded.append(report)
+    return loaded
+
+
+def compare(reports: list[Path]) -> str:
+    """Print a Markdown table of closed-loop reports (`--json` outputs): success, collision and off-road rates
+    per suite and scenario, one column per model."""
+    loaded = _load_reports(reports, ("overall", "model", "suite"))
     models = list(dict.fromkeys(r["model"] for r in loaded))
     lines = [
         "| suite | scenario | " + " | ".join(models) + " |",
@@ -348,14 +355,7 @@ def compare_runs(*, first: list[Path], second: list[Path]) -> dict:
     if len(first) != len(second) or not first:
         raise UnifiedError(f"--first and --second name one report per training run each, in the same order; got "
                            f"{len(first)} and {len(second)}")
-    loaded = []
-    for path in [*first, *second]:
-        try:
-            report = jsonlib.loads(Path(path).read_text())
-            report["episodes"], report["model"], report["suite_hash"]  # noqa: B018 - the fields pairing needs
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UnifiedError(f"{path}: not a closed-loop report written by --json ({e})") from None
-        loaded.append(report)
+    loaded = _load_reports([*first, *second], ("episodes", "model", "suite", "suite_hash"))
     pairs = list(zip(loaded[:len(first)], loaded[len(first):]))
     for (a, b), pa, pb in zip(pairs, first, second):
         if a["suite_hash"] != b["suite_hash"]:

@@ -82,8 +82,11 @@ def compare_paired(first: dict, second: dict, key: str = "success") -> dict | No
     """McNemar's test and the paired difference (second - first) of two closed-loop reports on their common
     episodes, or None when they share none."""
     a, b = paired_outcomes(first, second, key)
-    if len(a) == 0:
-        return None
+    return _paired(a, b) if len(a) else None
+
+
+def _paired(a: np.ndarray, b: np.ndarray) -> dict:
+    """McNemar's test and the paired difference (b - a) of paired outcomes."""
     return {"pairs": int(len(a)), "first_rate": float(a.mean()), "second_rate": float(b.mean()),
             "mcnemar": mcnemar_exact(b, a), "difference": paired_difference(b, a)}
 
@@ -94,20 +97,14 @@ def compare_pooled(pairs: list[tuple[dict, dict]], key: str = "success") -> dict
     comparison and the pooled one, over the episodes of all runs together (McNemar and the paired bootstrap on
     the concatenated pairs). The pooled test conditions on these runs: it says whether the lever changed these
     models, and, with few runs, nothing about how much another run of the recipe would vary."""
-    runs, firsts, seconds = [], [], []
-    for k, (first, second) in enumerate(pairs):
-        a, b = paired_outcomes(first, second, key)
+    outcomes = [paired_outcomes(first, second, key) for first, second in pairs]
+    for k, (a, _) in enumerate(outcomes):
         if len(a) == 0:
             raise ValueError(f"run {k}: the two reports share no episode (scenario and simulator seed)")
-        runs.append(compare_paired(first, second, key))
-        firsts.append(a)
-        seconds.append(b)
-    if not runs:
+    if not outcomes:
         raise ValueError("no pair of reports to compare")
-    a, b = np.concatenate(firsts), np.concatenate(seconds)
-    pooled = {"pairs": int(len(a)), "first_rate": float(a.mean()), "second_rate": float(b.mean()),
-              "mcnemar": mcnemar_exact(b, a), "difference": paired_difference(b, a)}
-    return {"runs": runs, "pooled": pooled}
+    return {"runs": [_paired(a, b) for a, b in outcomes],
+            "pooled": _paired(np.concatenate([a for a, _ in outcomes]), np.concatenate([b for _, b in outcomes]))}
 
 
 def non_inferior(comparison: dict, first_rate: float, share: float) -> bool:

@@ -144,6 +144,23 @@ class BinActionTokenizer:
         unit = np.clip((np.arange(self.bins)[None] + 0.5 - self.shift[:, None]) / self.bins, 0, 1)
         return unit * 2 - 1
 
+    def read_out(self, probs: np.ndarray, readout: str) -> np.ndarray:
+        """probs (H, D, vocab_size): each step's and dimension's distribution over this tokenizer's ids -> (H, D)
+        actions, the mean or the median (see READOUTS) of that dimension's bin centres under it."""
+        if readout not in ("mean", "median"):
+            raise UnifiedError(f"bin action tokenizer: read_out takes mean or median, got {readout!r} (the mode is "
+                               "decode of the chosen ids)")
+        centres, first = self.centres(), self.offsets()  # (D, bins) normalised
+        out = np.zeros(probs.shape[:2])
+        for d in range(self.dim):
+            p = probs[:, d, first[d]:first[d] + self.bins]
+            p = p / p.sum(-1, keepdims=True)
+            if readout == "mean":
+                out[:, d] = p @ centres[d]
+            else:
+                out[:, d] = centres[d][np.minimum((p.cumsum(-1) < 0.5).sum(-1), self.bins - 1)]
+        return self.normalizer.unnormalize(out)
+
     def decode(self, ids) -> np.ndarray:
         """(B, H * D) or (H * D,) ids -> (B, H, D) actions at the bin centres."""
         ids = _check_ids(ids, self.vocab_size, "bin action tokenizer")

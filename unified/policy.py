@@ -164,19 +164,9 @@ class Policy:
 
     def read_out(self, probs: np.ndarray, readout: str) -> np.ndarray:
         """probs (H, D, V): each action token's distribution over the vocabulary -> (H, D) actions, the mean or the
-        median of its dimension's bin centres under it."""
-        tokenizer = self.tokenizers.action
-        first = self.layout.segment("action").start + tokenizer.offsets()
-        centres = tokenizer.centres()  # (D, bins), normalised
-        out = np.zeros(probs.shape[:2])
-        for d in range(tokenizer.dim):
-            p = probs[:, d, first[d]:first[d] + tokenizer.bins]
-            p = p / p.sum(-1, keepdims=True)
-            if readout == "mean":
-                out[:, d] = p @ centres[d]
-            else:
-                out[:, d] = centres[d][np.minimum((p.cumsum(-1) < 0.5).sum(-1), tokenizer.bins - 1)]
-        return tokenizer.normalizer.unnormalize(out)
+        median of its dimension's bin centres under it (`BinActionTokenizer.read_out` on the action segment)."""
+        span = self.layout.segment("action")
+        return self.tokenizers.action.read_out(probs[..., span.start:span.stop], readout)
 
     @torch.inference_mode()
     def _continuous(self, ids: list[int], state=None) -> np.ndarray:

@@ -216,17 +216,17 @@ def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bo
         if unexpected or [k for k in missing if not k.startswith("action_head.")]:
             raise UnifiedError(f"initial weights do not fit the model config (missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]})")
-    if initial is None and config.ordinal_init:  # a fresh model: its binned segments start ordered
+    fresh_ordered = initial is None and config.ordinal_init  # a fresh model: its binned segments start ordered
+    if fresh_ordered or config.model.action_label_sigma > 0:
         from unified.model import ordinal_init
         from unified.tokenizers.fit import Tokenizers
 
         run_tokenizers = Tokenizers.from_pretrained(tokenizer_dir)
-        ordinal_init(model, "action", run_tokenizers.action.bins, config.seed)
-        ordinal_init(model, "state", run_tokenizers.state.bins, config.seed + 1)
-    if config.model.action_label_sigma > 0:
-        from unified.tokenizers.fit import Tokenizers
-
-        model.spread_action_targets(Tokenizers.from_pretrained(tokenizer_dir).action.bins)
+        if fresh_ordered:
+            ordinal_init(model, "action", run_tokenizers.action.bins, config.seed)
+            ordinal_init(model, "state", run_tokenizers.state.bins, config.seed + 1)
+        if config.model.action_label_sigma > 0:
+            model.spread_action_targets(run_tokenizers.action.bins)
     if config.lora.enabled:
         note = add_lora(model, config.lora)
         if main_rank:
