@@ -44,6 +44,7 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "eval ablation": ("unified.eval.ablation", "ablation", "what made the driver drive: one lever per row, a table"),
     "baseline fit-state-mlp": ("unified.eval.state_mlp", "fit_state_mlp",
                                "behaviour cloning from the ego state alone: a small MLP, a baseline to drive"),
+    "bench train": ("unified.train_bench", "bench_train", "training tokens/s: the pipeline against a bare loop"),
     "bench latency": ("unified.eval.latency", "latency", "decision latency of models on the same observations"),
     "eval compare": ("unified.eval.closed_loop", "compare", "a Markdown table of closed-loop reports (--json files)"),
     "eval compare-runs": ("unified.eval.closed_loop", "compare_runs",
