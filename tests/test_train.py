@@ -74,6 +74,24 @@ def test_overrides_and_short_keys():
         load_recipe(DEBUG, ["steps"])
 
 
+def test_deepspeed_settings_come_from_the_json_and_its_gpu_section(tmp_path):
+    from unified.train_config import deepspeed_config
+
+    config = load_recipe(ROOT / "recipes" / "joint.yaml", ["optim.lr=0.005"], gpu=False)
+    cpu = deepspeed_config(config, 2, False, ROOT / "recipes", gpu=False)
+    gpu = deepspeed_config(config, 2, True, ROOT / "recipes", gpu=True)
+    assert cpu["zero_optimization"]["overlap_comm"] is False and gpu["zero_optimization"]["overlap_comm"] is True
+    assert "fused" not in cpu["optimizer"]["params"] and gpu["optimizer"]["params"]["fused"] is True
+    assert "gpu" not in cpu and "gpu" not in gpu
+    for ds in (cpu, gpu):
+        assert ds["optimizer"]["params"]["lr"] == 0.005 and ds["optimizer"]["params"]["torch_adam"] is True
+        assert ds["train_batch_size"] == 2 * config.data.batch_size * config.optim.grad_accum
+    (tmp_path / "deepspeed").mkdir()
+    (tmp_path / "deepspeed" / "zero2.json").write_text('{"zero_optimization": {"stage": 2},')
+    with pytest.raises(UnifiedError, match="zero2.json: not valid JSON"):
+        deepspeed_config(config, 1, False, tmp_path)
+
+
 def test_unknown_key_on_the_command_line_starts_no_rank(tmp_path):
     result = subprocess.run([str(BIN / "unified"), "train", "--recipe", str(DEBUG), "--ranks", "2", "modle.x=1"],
                             capture_output=True, text=True)
@@ -145,6 +163,51 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(shards, whole_run, tm
 
 
 @pytest.mark.slow
+def test_moving_average_of_the_weights(shards, whole_run, tmp_path):
+    """ema_decay: checkpoints hold the average (timm's warm-up schedule, updated once per optimizer step) in
+    model.safetensors and the trained weights in training.safetensors; training itself is unchanged, and a resumed
+    run continues the average exactly."""
+    from safetensors.torch import load_file
+    from timm.utils import ModelEmaV3
+
+    run = tmp_path / "ema"
+    result = launch(2, run, shards, "steps=10", "save_every=1", "sample_every=0", "ema_decay=0.9")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    np.testing.assert_allclose(losses(run), losses(whole_run), rtol=1e-6)
+    step = lambda root, s: root / "checkpoints" / f"step_{s:07d}"  # noqa: E731
+    trained = [load_file(step(run, s) / "training.safetensors") for s in range(1, 11)]
+    for key, value in load_file(step(whole_run, 10) / "model.safetensors").items():
+        torch.testing.assert_close(trained[-1][key], value, rtol=1e-5, atol=1e-6)
+    # The average by hand, from every step's trained weights, with timm's decay schedule.
+    schedule = ModelEmaV3(torch.nn.Linear(1, 1), decay=0.9, use_warmup=True)
+    average = {k: v.clone() for k, v in trained[0].items()}
+    for s, weights in enumerate(trained[1:], start=2):
+        d = schedule.get_decay(s)
+        average = {k: d * average[k] + (1 - d) * weights[k] for k in average}
+    saved = load_file(step(run, 10) / "model.safetensors")
+    key = "backbone.model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(saved[key], trained[-1][key])
+    for key in average:
+        torch.testing.assert_close(saved[key], average[key], rtol=1e-5, atol=1e-6)
+    # Resume from step 6: the average continues as if never interrupted.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    for s in range(7, 11):
+        shutil.rmtree(step(resumed, s))
+    (resumed / "checkpoints" / "latest").write_text("step_0000006\n")
+    result = launch(2, resumed, shards, "steps=10", "save_every=1", "sample_every=0", "ema_decay=0.9", resume=True)
+    assert result.returncode == 0, result.stdout[-3000:]
+    again = load_file(step(resumed, 10) / "model.safetensors")
+    for key in saved:
+        torch.testing.assert_close(again[key], saved[key], rtol=1e-5, atol=1e-6)
+    # A checkpoint saved without an average cannot silently start one from its trained weights.
+    plain = tmp_path / "plain"
+    shutil.copytree(whole_run, plain)
+    result = launch(2, plain, shards, "steps=12", "save_every=2", "sample_every=0", "ema_decay=0.9", resume=True)
+    assert result.returncode != 0 and "saved without a moving average" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
 def test_damaged_checkpoint_is_detected(shards, whole_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(whole_run, run)
@@ -167,6 +230,24 @@ def test_non_finite_loss_stops_and_names_the_step(shards, tmp_path):
     result = launch(2, tmp_path / "skip", shards, "model.z_loss=1e39", "steps=5", "on_nan=skip", "max_skipped=2")
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "skipping step 0" in output and "2 steps skipped" in output
+
+
+@pytest.mark.slow
+def test_an_error_on_rank_zero_ends_every_rank_with_it(model_data, tmp_path):
+    """Ranks started without the DeepSpeed launcher (which would kill the others when one fails, but only on its
+    own machine): rank 0 fails while preparing the data, and rank 1 ends too, naming rank 0's error."""
+    store = model_data / "store"
+    assert (store / "meta" / "info.json").is_file()
+    env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29611", "WORLD_SIZE": "2"}
+    command = [sys.executable, "-m", "unified.train", "--recipe", str(DEBUG), f"run_dir={tmp_path / 'run'}",
+               f"data={store}"]
+    ranks = [subprocess.Popen(command, env=env | {"RANK": str(r), "LOCAL_RANK": str(r)}, cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
+    outputs = [p.communicate(timeout=300)[0] for p in ranks]
+    assert [p.returncode for p in ranks] == [2, 2], outputs
+    assert "error: data=" in outputs[0] and "give tokenizer=TOKDIR" in outputs[0]
+    assert "error: rank 0 failed while preparing the run's data: data=" in outputs[1]
+    assert "Traceback" not in outputs[1]
 
 
 @pytest.mark.slow
@@ -211,6 +292,32 @@ def test_finetune_and_distill_recipes_run(shards, model_data, tmp_path):
     for key in before:
         assert (not torch.equal(before[key], after[key])) == any(f".{m}." in key for m in adapted), key
 
+
+
+@pytest.mark.slow
+def test_bf16_joint_recipe_saves_fp32_master_weights(shards, tmp_path):
+    """The GPU section's precision and ZeRO stage, on the CPU: the joint recipe trains in bf16 under ZeRO-3, and
+    checkpoints hold the optimizer's fp32 master weights (as DeepSpeed's own zero_to_fp32 rebuilds them), not
+    16-bit copies."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    run = tmp_path / "bf16"
+    tiny = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.intermediate_size=128",
+            "model.max_position_embeddings=256", "model.horizon=4", "data.seq_len=256", "data.batch_size=2",
+            "steps=3", "save_every=3", "sample_every=0", "val_every=0", "precision=bf16", "zero_stage=3"]
+    result = subprocess.run(
+        [str(BIN / "unified"), "train", "--recipe", str(ROOT / "recipes" / "joint.yaml"), "--ranks", "2",
+         f"run_dir={run}", f"data={shards}", *tiny], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert len(losses(run)) == 3 and all(np.isfinite(losses(run)))
+    saved = load_file(run / "checkpoints" / "step_0000003" / "model.safetensors")
+    masters = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag="step_0000003")
+    assert {v.dtype for v in saved.values()} == {torch.float32}
+    for key, value in masters.items():
+        torch.testing.assert_close(saved[key], value.float(), rtol=0, atol=0)
+    weight = saved["backbone.model.layers.0.mlp.up_proj.weight"]
+    assert not torch.equal(weight, weight.bfloat16().float())  # finer than bf16: the masters, not the copies
 
 
 def shards_layout(model_data):

@@ -3,6 +3,8 @@ the consolidated weights as one safetensors file and a manifest. Written under a
 and `latest` last, so a checkpoint is never half-written; the manifest detects a damaged one at load.
 
     RUN/checkpoints/step_0000100/   DeepSpeed files, model.safetensors, checkpoint.json, manifest.json
+                                    (with a moving average of the weights: model.safetensors holds the average,
+                                    training.safetensors the trained weights)
     RUN/checkpoints/latest          the tag of the newest complete checkpoint
     RUN/tokenizers/, RUN/config.yaml, RUN/losses.jsonl, RUN/tensorboard/
 """
@@ -33,8 +35,11 @@ def sha256_file(path: Path) -> str:
 
 def consolidated_state(engine, lora_scaling: float | None = None) -> dict[str, torch.Tensor] | None:
     """The full model weights on rank 0 (None elsewhere), LoRA adapters merged when `lora_scaling` is given.
-    Collective under ZeRO-3: call on every rank."""
-    if engine.zero_optimization_stage() == 3:
+    Collective (ZeRO-3, 16-bit training): call on every rank. A 16-bit run's weights are its fp32 master copies,
+    not the bf16 ones the forward pass used."""
+    if engine.bfloat16_enabled() or engine.fp16_enabled():
+        state = _fp32_masters(engine)
+    elif engine.zero_optimization_stage() == 3:
         state = engine._zero3_consolidated_16bit_state_dict()
     else:
         state = engine.module.state_dict()
@@ -42,6 +47,26 @@ def consolidated_state(engine, lora_scaling: float | None = None) -> dict[str, t
         return None
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     return merge_lora(state, lora_scaling) if lora_scaling is not None else state
+
+
+def _fp32_masters(engine) -> dict[str, torch.Tensor]:
+    """Every parameter from the optimizer's fp32 master copy (frozen ones, which have none, from the module,
+    gathered under ZeRO-3), and the persistent buffers."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    zero3 = engine.zero_optimization_stage() == 3
+    state = {}
+    for name, parameter in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(parameter) if parameter.requires_grad else None
+        if full is None:
+            with deepspeed.zero.GatheredParameters([parameter], enabled=zero3):
+                full = parameter.detach().float().clone()
+        state[name] = full.float()
+    for name, value in engine.module.state_dict().items():
+        if name not in state:
+            state[name] = value.float() if value.is_floating_point() else value
+    return state
 
 
 def merge_lora(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
@@ -61,8 +86,9 @@ def merge_lora(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torc
 
 
 def save(engine, run_dir: Path, step: int, client_state: dict, info: dict, lora_scaling: float | None = None,
-         tag: str | None = None) -> Path:
-    """Save on every rank; returns the checkpoint directory. `model.safetensors` holds the merged weights.
+         tag: str | None = None, ema: torch.nn.Module | None = None) -> Path:
+    """Save on every rank; returns the checkpoint directory. `model.safetensors` holds the merged weights, or the
+    moving average `ema` of them when given (the trained ones then go to `training.safetensors`).
 
     Written under a temporary name and renamed, `latest` last; if writing fails (a full disk), the temporary files
     are removed, the previous checkpoint stays the latest, and the error names the file."""
@@ -80,7 +106,12 @@ def save(engine, run_dir: Path, step: int, client_state: dict, info: dict, lora_
         state = consolidated_state(engine, lora_scaling)
         dist.barrier()
         if dist.get_rank() == 0:
-            _finish(root / temporary, root, tag, state, step, info, latest)
+            files = {"model.safetensors": state}
+            if ema is not None:
+                average = {k: v.detach().to("cpu").contiguous().clone() for k, v in ema.state_dict().items()}
+                files = {"model.safetensors": merge_lora(average, lora_scaling) if lora_scaling is not None
+                         else average, "training.safetensors": state}
+            _finish(root / temporary, root, tag, files, step, info, latest)
     except OSError as e:
         shutil.rmtree(root / temporary, ignore_errors=True)
         from unified.outputs import disk_error
@@ -90,11 +121,13 @@ def save(engine, run_dir: Path, step: int, client_state: dict, info: dict, lora_
     return root / tag
 
 
-def _finish(directory: Path, root: Path, tag: str, state: dict, step: int, info: dict, latest: bool) -> None:
+def _finish(directory: Path, root: Path, tag: str, files: dict[str, dict], step: int, info: dict,
+            latest: bool) -> None:
     """Rank 0: the consolidated weights, the info and the manifest, then the rename and `latest`."""
     import torch.distributed as dist
 
-    save_file(state, directory / "model.safetensors")
+    for name, state in files.items():
+        save_file(state, directory / name)
     (directory / "checkpoint.json").write_text(json.dumps(
         {"format": FORMAT, "step": step, "world_size": dist.get_world_size(), **info}, indent=2) + "\n")
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != "manifest.json")
@@ -162,5 +195,10 @@ def read_info(directory: Path) -> dict:
     return json.loads((Path(directory) / "checkpoint.json").read_text())
 
 
-def load_weights(directory: Path) -> dict[str, torch.Tensor]:
-    return load_file(Path(directory) / "model.safetensors")
+def load_weights(directory: Path, trained: bool = False) -> dict[str, torch.Tensor]:
+    """The checkpoint's model weights (the moving average, when the run kept one); `trained`: the weights the
+    optimizer trained, to continue training from."""
+    directory = Path(directory)
+    if trained and (directory / "training.safetensors").is_file():
+        return load_file(directory / "training.safetensors")
+    return load_file(directory / "model.safetensors")

@@ -39,6 +39,25 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float 
     return 2 * n**3 * count / (time.perf_counter() - start)
 
 
+def deepspeed_dir(recipe: str | Path) -> Path:
+    """The directory holding `deepspeed/zeroN.json`: the one beside the recipe, else the repository's recipes."""
+    beside = Path(recipe).resolve().parent
+    return beside if (beside / "deepspeed").is_dir() else RECIPES
+
+
+def mixture(config, shards, split: str = "train"):
+    """The recipe's batches: training draws with its balance, turn weight and image dropout; the held-out split
+    (validation) draws uniformly and keeps every frame."""
+    from unified.batches import MixtureBatches
+
+    extra = dict(balance=config.data.balance, turn_weight=config.data.turn_weight,
+                 image_dropout=config.data.image_dropout) if split == "train" else {}
+    return MixtureBatches(shards, config.data.tasks, config.data.seq_len, config.data.batch_size, config.seed,
+                          config.model.image_loss_weight, config.model.task_weights,
+                          config.data.with_state and config.model.use_state, config.model.state_dims,
+                          split=split, **extra)
+
+
 def prepare_data(config, run_dir: Path, progress: bool) -> Path:
     """Token shards from `data.path`: used as they are, or made from an episode store into run_dir/shards."""
     from unified.data.tokenize import tokenize
@@ -109,13 +128,51 @@ def main(argv: list[str] | None = None) -> int:
         train(args.recipe, args.overrides, args.resume, args.overwrite)
     except UnifiedError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return _leave(2)
     except OSError as e:  # disk full, permission denied: name the file, keep the last checkpoint
         from unified.outputs import disk_error
 
         print(f"error: {disk_error(e)}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+        return _leave(2)
+    return _leave(0)
+
+
+def _leave(code: int) -> int:
+    """Close the process group before exiting: a rank that exits with it open can abort in its communication
+    threads' teardown (SIGABRT instead of the exit code)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return code
+
+
+def on_rank_zero(work, what: str):
+    """Run `work` on rank 0 while the other ranks wait; every rank returns its result (None off rank 0) or ends
+    with its error. The outcome is broadcast, so the others never wait at a barrier for a rank that died (NCCL
+    would hang there until its timeout; gloo ends with a bare "connection closed")."""
+    import torch.distributed as dist
+
+    result, failure, message = None, None, None
+    if dist.get_rank() == 0:
+        try:
+            result = work()
+        except UnifiedError as e:
+            failure, message = e, str(e)
+        except OSError as e:
+            from unified.outputs import disk_error
+
+            failure = disk_error(e)
+            message = str(failure)
+        except BaseException as e:  # a bug, or Ctrl-C: the others must not wait for it either
+            failure, message = e, f"{type(e).__name__}: {e}"
+    outcome = [message]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        if failure is not None:
+            raise failure
+        raise UnifiedError(f"rank 0 failed while {what}: {outcome[0]}")
+    return result
 
 
 def own_run_dir(config, resume: bool, overwrite: bool) -> list:
@@ -142,7 +199,6 @@ def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bo
     from tqdm import tqdm
 
     from unified import checkpoint
-    from unified.batches import MixtureBatches
     from unified.config import to_dict
     from unified.data.tokenize import TokenShards
     from unified.distill import distill_targets
@@ -161,13 +217,13 @@ def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bo
     run_dir = Path(config.run_dir)
     main_rank = rank == 0
 
-    # Everything rank 0 prepares, the others wait for (an error on rank 0 ends them: the launcher stops every rank
-    # when one fails).
-    if main_rank:
-        locks = own_run_dir(config, resume, overwrite)  # noqa: F841 - held for the life of the process
+    # Everything rank 0 prepares, the others wait for; an error on rank 0 ends every rank with its message.
+    def own_and_prepare():
+        held = own_run_dir(config, resume, overwrite)
         run_dir.mkdir(parents=True, exist_ok=True)
-        shards_dir = prepare_data(config, run_dir, progress=True)
-    dist.barrier()
+        return held, prepare_data(config, run_dir, progress=True)
+
+    locks, shards_dir = on_rank_zero(own_and_prepare, "preparing the run's data") or (None, None)  # noqa: F841
     shards_dir = prepare_data(config, run_dir, progress=False) if not main_rank else shards_dir
     shards = TokenShards(shards_dir)
     layout = shards.layout
@@ -185,12 +241,14 @@ def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bo
             raise UnifiedError("model.action_head_state: true needs the state in the data (data.with_state and "
                                "model.use_state)")
     tokenizer_dir = Path(shards.meta["tokenizer"])
-    if main_rank:
+
+    def record_run():
         if not (run_dir / "tokenizers" / "layout.json").is_file():
             shutil.copytree(tokenizer_dir, run_dir / "tokenizers", dirs_exist_ok=True,
                             ignore=shutil.ignore_patterns("logs"))
         (run_dir / "config.yaml").write_text(__import__("yaml").safe_dump(to_dict(config), sort_keys=False))
-    dist.barrier()
+
+    on_rank_zero(record_run, "copying the tokenizers into the run")
 
     # Resume: the same world size restores everything through DeepSpeed; another one restores the
     # consolidated weights and the step, with fresh optimizer moments.
@@ -208,7 +266,7 @@ def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bo
     model = UnifiedModel(config.model, layout, state_size=state_values(shards.meta["state_dim"], config.model))
     initial = None
     if resume_dir is not None and not same_world:
-        initial = checkpoint.load_weights(resume_dir)
+        initial = checkpoint.load_weights(resume_dir, trained=True)
     elif resume_dir is None and config.init_from:
         initial = initial_weights(config, layout)
     if initial is not None:
@@ -231,11 +289,7 @@ def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bo
         note = add_lora(model, config.lora)
         if main_rank:
             print(note, flush=True)
-    batches = MixtureBatches(shards, config.data.tasks, config.data.seq_len, config.data.batch_size, config.seed,
-                             config.model.image_loss_weight, config.model.task_weights,
-                             config.data.with_state and config.model.use_state, config.model.state_dims,
-                             balance=config.data.balance, turn_weight=config.data.turn_weight,
-                             image_dropout=config.data.image_dropout)
+    batches = mixture(config, shards)
     teacher, reasoning = None, None
     if config.distill.teacher:
         if set(t for t, w in config.data.tasks.items() if w > 0) != {"policy"}:
@@ -253,34 +307,42 @@ def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bo
             from unified.distill import student_rows, teacher_reasoning
 
             rows = student_rows(batches, config.steps, config.optim.grad_accum, world)
-            if main_rank:  # generated once, by worker processes, while the other ranks wait
-                teacher_reasoning(config.distill.teacher, shards, rows, config.distill.workers, progress=True)
-            dist.barrier()
+            # Generated once, by worker processes, while the other ranks wait.
+            on_rank_zero(lambda: teacher_reasoning(config.distill.teacher, shards, rows, config.distill.workers,
+                                                   progress=True), "generating the teacher's reasoning")
             reasoning = teacher_reasoning(config.distill.teacher, shards, rows, progress=False)
 
-    # recipes/deepspeed/ beside the recipe, else the repository's.
-    ds_dir = Path(recipe).resolve().parent if (Path(recipe).resolve().parent / "deepspeed").is_dir() else RECIPES
-    ds_config = deepspeed_config(config, world, bf16, ds_dir)
+    ds_config = deepspeed_config(config, world, bf16, deepspeed_dir(recipe), gpu)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
+    ema = None
+    if config.ema_decay:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(engine.module, decay=config.ema_decay, use_warmup=True, dtype=torch.float32)
     client: dict = {}
     if resume_dir is not None and same_world:
         _, client = engine.load_checkpoint(str(resume_dir.parent), tag=resume_dir.name)
+        restore = {"python": random.setstate, "numpy": np.random.set_state, "torch": torch.set_rng_state,
+                   "cuda": torch.cuda.set_rng_state_all if gpu else lambda state: None}
         for name, state in client.get("rng", {}).items():
-            {"python": random.setstate, "numpy": np.random.set_state, "torch": torch.set_rng_state}[name](state)
+            restore[name](state)
     elif resume_dir is not None:
         for _ in range(start_step):
             scheduler.step()
         if main_rank:
             print(f"resuming at step {start_step} on {world} rank(s) from a {saved['world_size']}-rank checkpoint: "
                   "weights and schedule restored, optimizer moments re-initialised", flush=True)
+    if ema is not None and resume_dir is not None:
+        if not (resume_dir / "training.safetensors").is_file():
+            raise UnifiedError(f"{resume_dir}: saved without a moving average of the weights; resume it without "
+                               "ema_decay, or start the run again with it")
+        ema.module.load_state_dict(checkpoint.load_weights(resume_dir))
+    average = ema.module if ema is not None else None  # what checkpoints save as the model
 
     held_out = None
     if config.val_every:
-        held_out = MixtureBatches(shards, config.data.tasks, config.data.seq_len, config.data.batch_size,
-                                  config.seed, config.model.image_loss_weight, config.model.task_weights,
-                                  config.data.with_state and config.model.use_state, config.model.state_dims,
-                                  split="held_out")
+        held_out = mixture(config, shards, split="held_out")
     best = client.get("best_val_loss", float("inf"))
     peak = measure_peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
     flops_per_token = 6 * sum(p.numel() for p in model.parameters())
@@ -290,7 +352,8 @@ def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bo
     bar = tqdm(total=config.steps, initial=start_step, desc=config.name, unit="step", disable=not main_rank,
                dynamic_ncols=True)
     skipped = 0
-    info = {"model": to_dict(config.model), "recipe": str(recipe), "name": config.name}
+    info = {"model": to_dict(config.model), "recipe": str(recipe), "name": config.name,
+            "ema_decay": config.ema_decay}
     for step in range(start_step, config.steps):
         started = time.perf_counter()
         step_loss, tokens, task_metrics = 0.0, 0, {}
@@ -321,6 +384,8 @@ def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bo
             for k, v in metrics.items():
                 if k.startswith(("loss/", "accuracy/")):
                     task_metrics[k] = task_metrics.get(k, 0.0) + float(v) / config.optim.grad_accum
+        if ema is not None:
+            ema.update(engine.module, step=step + 1)
         mean_loss = torch.tensor(step_loss, device=device, dtype=torch.float64)
         dist.all_reduce(mean_loss)
         mean_loss = float(mean_loss) / world
@@ -345,7 +410,7 @@ def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bo
         if config.sample_every and (step + 1) % config.sample_every == 0 and "world" in batches.tasks:
             _world_sample(engine.module, shards, tokenizer_dir, writer, step, device)
         if held_out is not None and ((step + 1) % config.val_every == 0 or step + 1 == config.steps):
-            val_loss = validate(engine, held_out, config.val_batches, rank, device)
+            val_loss = validate(engine if ema is None else ema.module, held_out, config.val_batches, rank, device)
             if main_rank:
                 writer.add_scalar("val/loss", val_loss, step)
                 with open(run_dir / "validation.jsonl", "a") as f:
@@ -354,13 +419,14 @@ def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bo
                 best = val_loss
                 checkpoint.save(engine, run_dir, step + 1, {"step": step + 1, "best_val_loss": best},
                                 info | {"val_loss": val_loss}, config.lora.scaling if config.lora.enabled else None,
-                                tag="best")
+                                tag="best", ema=average)
         if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
             client_state = {"step": step + 1, "best_val_loss": best,
                             "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                                    "torch": torch.get_rng_state()}}
+                                    "torch": torch.get_rng_state()} |
+                            ({"cuda": torch.cuda.get_rng_state_all()} if gpu else {})}
             checkpoint.save(engine, run_dir, step + 1, client_state, info,
-                            config.lora.scaling if config.lora.enabled else None)
+                            config.lora.scaling if config.lora.enabled else None, ema=average)
     bar.close()
     if writer is not None:
         writer.close()
@@ -370,15 +436,16 @@ def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bo
 
 
 @torch.no_grad()
-def validate(engine, held_out, batches: int, rank: int, device) -> float:
-    """The mean loss over `batches` batches of held-out episodes per rank, all-reduced (the same on every rank).
+def validate(model, held_out, batches: int, rank: int, device) -> float:
+    """The mean loss of `model` (the engine, or the moving average of its weights) over `batches` batches of
+    held-out episodes per rank, all-reduced (the same on every rank).
     A distilled student is validated on the cross-entropy of the recorded actions (no teacher targets)."""
     import torch.distributed as dist
 
     total = torch.zeros(2, device=device, dtype=torch.float64)
     for k in range(batches):
         tensors = held_out.batch(k, 0, rank).to_torch(device)
-        loss, _ = engine(tensors)
+        loss, _ = model(tensors)
         total += torch.tensor([float(loss), 1.0], device=device, dtype=torch.float64)
     dist.all_reduce(total)
     return float(total[0] / total[1])

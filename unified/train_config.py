@@ -116,6 +116,10 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPUs, fp32 on the CPU
     init_from: str | None = None  # fine-tune: weights from an exported model directory or a checkpoint
     ordinal_init: bool = True  # a fresh model's action and state bins start ordered (unified.model.ordinal_init)
+    # An exponential moving average of the weights (timm's ModelEmaV3, its warm-up: the decay grows as
+    # 1 - (1 + step) ** -2/3 up to this cap; 0: none). With it, a checkpoint's model.safetensors (what validation,
+    # export, fine-tuning and distillation read) holds the averaged weights and training.safetensors the trained ones.
+    ema_decay: float = 0.0
     on_nan: Literal["stop", "skip"] = "stop"  # a NaN/inf loss stops the run (naming step, task, samples) or is skipped
     max_skipped: int = 10  # with on_nan: skip, stop after this many skipped steps
     gpu: dict[str, Any] = field(default_factory=dict)  # overrides applied when a GPU is present
@@ -131,6 +135,11 @@ class TrainConfig:
         if not 0 <= self.data.image_dropout <= 1:
             raise UnifiedError(f"data.image_dropout is a share of the policy samples, in [0, 1]; got "
                                f"{self.data.image_dropout}")
+        if not 0 <= self.ema_decay < 1:
+            raise UnifiedError(f"ema_decay is the moving average's decay, in [0, 1) (0: none); got {self.ema_decay}")
+        if self.ema_decay and self.zero_stage == 3:
+            raise UnifiedError("ema_decay needs whole weights on every rank: use zero_stage 0, 1 or 2 (ZeRO-3 "
+                               "partitions them)")
         unknown = sorted(set(self.data.tasks) - {"policy_reason", "policy", "world", "text"})
         if unknown:
             raise UnifiedError(f"data.tasks: unknown task(s) {unknown}; tasks are policy_reason, policy, world, text")
@@ -171,24 +180,43 @@ def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
-def deepspeed_config(config: TrainConfig, world_size: int, bf16: bool, recipes: Path) -> dict:
-    """The DeepSpeed JSON of the recipe's ZeRO stage, filled with the recipe's batch, optimizer and schedule."""
+def deepspeed_config(config: TrainConfig, world_size: int, bf16: bool, recipes: Path, gpu: bool = False) -> dict:
+    """The DeepSpeed JSON of the recipe's ZeRO stage, filled with the recipe's batch, optimizer and schedule.
+
+    The JSON owns the engine's own settings (communication overlap, buckets, the optimizer's implementation, e.g.
+    `"optimizer": {"params": {"fused": true}}`); its `"gpu"` section is merged over them when a GPU trains. The
+    recipe owns what it trains with: batch sizes, learning rate, betas, weight decay, clipping, schedule."""
     import json
 
     path = recipes / "deepspeed" / f"zero{config.zero_stage}.json"
     if not path.is_file():
         raise UnifiedError(f"{path}: missing DeepSpeed config for zero_stage {config.zero_stage}")
-    ds = json.loads(path.read_text())
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UnifiedError(f"{path}: not valid JSON ({e})") from None
+    on_gpu = ds.pop("gpu", {})
+    if gpu:
+        ds = _merged(ds, on_gpu)
     o = config.optim
     ds["train_micro_batch_size_per_gpu"] = config.data.batch_size
     ds["gradient_accumulation_steps"] = o.grad_accum
     ds["train_batch_size"] = config.data.batch_size * o.grad_accum * world_size
     ds["gradient_clipping"] = o.grad_clip
-    ds["optimizer"] = {"type": "AdamW", "params": {
-        "lr": o.lr, "betas": list(o.betas), "weight_decay": o.weight_decay, "eps": 1e-8, "torch_adam": True}}
+    optimizer = ds.get("optimizer", {})
+    ds["optimizer"] = {"type": optimizer.get("type", "AdamW"), "params": {
+        "eps": 1e-8, "torch_adam": True, **optimizer.get("params", {}),
+        "lr": o.lr, "betas": list(o.betas), "weight_decay": o.weight_decay}}
     ds["scheduler"] = {"type": "WarmupCosineLR", "params": {
         "total_num_steps": config.steps, "warmup_num_steps": o.warmup_steps, "warmup_type": "linear",
         "warmup_min_ratio": 0.0, "cos_min_ratio": o.min_lr_ratio}}
     ds["bf16"] = {"enabled": bf16}
     ds["steps_per_print"] = 10**9  # the progress bar and TensorBoard report instead
     return ds
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
