@@ -50,13 +50,15 @@ class _Worker:
     suites: dict = {}
     envs: dict = {}
     policies: dict = {}
+    device: str = "cpu"
 
-    @staticmethod
-    def setup() -> None:
+    @classmethod
+    def setup(cls, device: str = "cpu") -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         import torch
 
         torch.set_num_threads(1)  # one thread per worker: workers are the parallelism
+        cls.device = device
 
     @classmethod
     def run(cls, job: tuple[Evaluation, str, int, int]) -> dict[str, Any]:
@@ -79,7 +81,7 @@ class _Worker:
             from unified.policy import Policy
 
             if evaluation.model not in cls.policies:
-                cls.policies[evaluation.model] = Policy.from_pretrained(evaluation.model)
+                cls.policies[evaluation.model] = Policy.from_pretrained(evaluation.model, device=cls.device)
             driver = ModelDriver(cls.policies[evaluation.model], evaluation.mode, evaluation.replan_every,
                                  evaluation.ensemble, evaluation.readout)
         else:
@@ -126,7 +128,8 @@ def closed_loop(
     *, model: str, scenarios: Path, episodes: int = 20, workers: int = 1, seed: int = EVAL_SEED,
     json: Path | None = None, mode: Literal["reason", "direct", "continuous"] = "reason",
     replan_every: int | None = REPLAN_EVERY, ensemble: float | None = ENSEMBLE, no_ensemble: bool = False,
-    readout: Literal["mode", "mean", "median"] = READOUT, train_store: list[Path] = (), progress: bool = True,
+    readout: Literal["mode", "mean", "median"] = READOUT, train_store: list[Path] = (),
+    device: Literal["auto", "cpu", "cuda"] = "auto", progress: bool = True,
 ) -> dict[str, Any]:
     """Drive `episodes` episodes of every scenario in the suite `scenarios` with `model` (an exported model
     directory, or the scripted expert, random or constant driver) and return (and with `json`, write) the
@@ -137,13 +140,14 @@ def closed_loop(
     step, receding-horizon control). `readout` turns a model's action tokens into values: the chosen bin's centre
     (mode, the default), or the mean or median of the bin centres under each token's distribution.
     `train_store` (one or more episode stores a model trained on): refuse evaluation episodes that share a
-    simulator seed with their training episodes, and report those whose traffic is a near-replay of one."""
+    simulator seed with their training episodes, and report those whose traffic is a near-replay of one.
+    `device`: where a model runs (auto: cuda when a GPU is present; every worker holds its own copy)."""
     from unified.outputs import check_file
 
     if json is not None:  # a bad path fails now, not after the evaluation
         check_file(json, "closed-loop", [model if model not in DRIVERS else None, scenarios, *train_store])
     evaluation = Evaluation(model, str(scenarios), mode, replan_every, None if no_ensemble else ensemble, readout)
-    report = evaluate([evaluation], episodes, workers, seed, progress)[evaluation]
+    report = evaluate([evaluation], episodes, workers, seed, progress, device)[evaluation]
     if train_store:
         report["overlap"] = overlap_of(report, list(train_store), progress)
     print(format_table(report), flush=True)
@@ -173,10 +177,13 @@ def write_report(report: dict[str, Any], path: Path) -> None:
 
 
 def evaluate(evaluations: list[Evaluation], episodes: int, workers: int = 1, seed: int = EVAL_SEED,
-             progress: bool = True) -> dict[Evaluation, dict[str, Any]]:
+             progress: bool = True, device: str = "auto") -> dict[Evaluation, dict[str, Any]]:
     """The closed-loop report of every evaluation, their episodes driven by one pool of `workers` processes
-    (each loads a suite, an environment or a model once). Episode i of a scenario has the same seed whoever
-    drives it, so every driver meets the same traffic."""
+    (each loads a suite, an environment or a model once, on `device`). Episode i of a scenario has the same seed
+    whoever drives it, so every driver meets the same traffic."""
+    from unified.model_dir import resolve_device
+
+    device = resolve_device(device) if any(e.learned and not is_state_mlp(e.model) for e in evaluations) else "cpu"
     for e in evaluations:
         if e.learned and not (Path(e.model) / "unified.json").is_file() and not is_state_mlp(e.model):
             raise UnifiedError(f"--model: {e.model!r} is neither an exported model directory (with unified.json), "
@@ -199,7 +206,7 @@ def evaluate(evaluations: list[Evaluation], episodes: int, workers: int = 1, see
     first = evaluations[0]
     desc = f"{Path(first.model).name} on {suites[first.suite].name}" if len(evaluations) == 1 else \
         f"{len(evaluations)} drivers x suites"
-    records = _run(jobs, workers, progress, desc)
+    records = _run(jobs, workers, progress, desc, device)
     reports = {}
     for e in evaluations:
         suite = suites[e.suite]
@@ -244,7 +251,7 @@ def _fingerprint(model: str) -> str:
     return weights_fingerprint(model)
 
 
-def _run(jobs: list, workers: int, progress: bool, desc: str) -> list[dict]:
+def _run(jobs: list, workers: int, progress: bool, desc: str, device: str = "cpu") -> list[dict]:
     records = []
     bar = tqdm(total=len(jobs), desc=desc, unit="ep", disable=not progress, dynamic_ncols=True)
     try:
@@ -253,7 +260,7 @@ def _run(jobs: list, workers: int, progress: bool, desc: str) -> list[dict]:
 
             threads = torch.get_num_threads()
             _Worker.suites, _Worker.envs, _Worker.policies = {}, {}, {}  # nothing from an earlier call
-            _Worker.setup()
+            _Worker.setup(device)
             signal.signal(signal.SIGINT, signal.default_int_handler)
             try:
                 for job in jobs:
@@ -262,7 +269,7 @@ def _run(jobs: list, workers: int, progress: bool, desc: str) -> list[dict]:
             finally:
                 torch.set_num_threads(threads)
         else:
-            with spawn_pool(workers, _Worker.setup) as pool:
+            with spawn_pool(workers, _Worker.setup, (device,)) as pool:
                 # Longest first (a reasoning model's episodes), so that no worker is left with them at the end.
                 order = sorted(jobs, key=lambda j: (j[0].learned, j[0].mode == "reason"), reverse=True)
                 for record in pool.imap_unordered(_Worker.run, order):

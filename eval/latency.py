@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -54,11 +55,13 @@ def observations(data: Path, count: int, history: int,
 
 
 def latency(*, models: list[str], data: Path, decisions: int = 40, threads: int = 1, json: Path | None = None,
-            progress: bool = True) -> dict:
+            device: Literal["auto", "cpu", "cuda"] = "auto", progress: bool = True) -> dict:
     """Time `decisions` decisions of every `DIR:MODE` in `models` (mode reason, direct or continuous) on the same
-    observations from `data`, interleaved, with `threads` torch threads; print medians, p95 and the ratios."""
+    observations from `data`, interleaved, with `threads` torch threads, on `device` (auto: cuda when a GPU is
+    present); print medians, p95 and the ratios."""
     import torch
 
+    from unified.model_dir import resolve_device
     from unified.outputs import check_file, write_report
     from unified.policy import Policy
 
@@ -68,7 +71,8 @@ def latency(*, models: list[str], data: Path, decisions: int = 40, threads: int 
     if json is not None:
         check_file(json, "latency", [*(p for p, _ in entries), data])
     torch.set_num_threads(threads)
-    policies = {path: Policy.from_pretrained(path) for path in dict.fromkeys(p for p, _ in entries)}
+    device = resolve_device(device)
+    policies = {path: Policy.from_pretrained(path, device=device) for path in dict.fromkeys(p for p, _ in entries)}
     history = max(p.config.history for p in policies.values())
     seen = observations(data, decisions, history)
     times: dict[int, list[float]] = {k: [] for k in range(len(entries))}

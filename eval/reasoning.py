@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -61,11 +62,11 @@ def judge(generated: str, truth) -> dict[str, bool]:
 
 
 def reasoning(*, model: Path, data: Path, json: Path | None = None, episodes: int = 10, every: int = 10,
-              progress: bool = True) -> dict:
+              device: Literal["auto", "cpu", "cuda"] = "auto", progress: bool = True) -> dict:
     """Generate the explanation at every `every`-th step of up to `episodes` held-out episodes of `data`, taken
-    round robin over its scenarios."""
+    round robin over its scenarios, with the model on `device` (auto: cuda when a GPU is present)."""
     from unified.data.store import EpisodeStore
-    from unified.model_dir import weights_fingerprint
+    from unified.model_dir import resolve_device, weights_fingerprint
     from unified.outputs import check_file, write_report
     from unified.policy import Policy
 
@@ -73,7 +74,7 @@ def reasoning(*, model: Path, data: Path, json: Path | None = None, episodes: in
         raise UnifiedError(f"--episodes and --every must be at least 1, got {episodes} and {every}")
     if json is not None:
         check_file(json, "reasoning", [model, data])
-    policy = Policy.from_pretrained(model)
+    policy = Policy.from_pretrained(model, device=resolve_device(device))
     store = EpisodeStore(data)
     indices = store.held_out_indices(stratified=True)[:episodes]
     if not indices:

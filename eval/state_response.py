@@ -40,7 +40,7 @@ def expert_gains(speed: np.ndarray) -> dict[str, np.ndarray]:
 def state_response(*, model: Path, data: Path, observations: int = 60, heading: float = PERTURBED["heading"],
                    offset: float = PERTURBED["lane_offset"], mode: Literal["direct", "continuous"] = "direct",
                    readout: Literal["mode", "mean", "median"] = READOUT, json: Path | None = None,
-                   progress: bool = True) -> dict:
+                   device: Literal["auto", "cpu", "cuda"] = "auto", progress: bool = True) -> dict:
     """Move the heading by +-`heading` rad and the lane offset by +-`offset` m in `observations` held-out
     observations of `data` (speed >= 5 m/s) and report the mean change of the model's first steering command per
     unit, beside the expert's gain at the same speeds. The command is read from the action tokens
@@ -58,7 +58,9 @@ def state_response(*, model: Path, data: Path, observations: int = 60, heading: 
         raise UnifiedError(f"--heading and --offset must be positive, got {heading} and {offset}")
     if json is not None:
         check_file(json, "state_response", [model, data])
-    policy = Policy.from_pretrained(model)
+    from unified.model_dir import resolve_device
+
+    policy = Policy.from_pretrained(model, device=resolve_device(device))
     if not policy.config.use_state:
         raise UnifiedError(f"{model}: this model reads no state (use_state is off); there is nothing to perturb")
     names = list(policy.tokenizers.state.names)

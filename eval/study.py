@@ -60,6 +60,7 @@ class StudyConfig:
     ensemble: float | None = None
     readout: str = READOUT  # how action tokens become values: mode, mean or median of each token's bins
     workers: int = 2
+    device: str = "auto"  # where the models run in evaluation: auto (cuda when a GPU is present), cpu or cuda
     baselines: list[str] = field(default_factory=lambda: ["expert", "random", "constant"])
     # Held-out episodes per suite (same keys as suites): reasoning accuracy and the observations timed.
     stores: dict[str, str] = field(default_factory=lambda: {
@@ -78,6 +79,8 @@ class StudyConfig:
         if self.export_student not in self.students:
             raise UnifiedError(f"study: export_student {self.export_student!r} is not a student "
                                f"({', '.join(self.students)})")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UnifiedError(f"study: device {self.device!r} is not auto, cpu or cuda")
         if not self.stores:
             raise UnifiedError("study: `stores` is empty; reasoning and latency read held-out episodes of a store")
         if set(self.stores) - set(self.suites):
@@ -189,7 +192,8 @@ def distill(overrides: list[str] = (), *, study: Path, out: Path) -> dict:
     explained = _reasoning(config, out, teacher, prints["teacher"])
     _stage(5, stages, "decision latency, every learned driver on the same observations, interleaved", started)
     timing = latency(models=[f"{models[name]}:{mode}" for name, mode in entries],
-                     data=Path(next(iter(config.stores.values()))), decisions=config.latency_decisions)
+                     data=Path(next(iter(config.stores.values()))), decisions=config.latency_decisions,
+                     device=config.device)
     write_report(out / "eval" / "latency.json", timing, "latency")  # the study's own directory
     _stage(6, stages, "report", started)
     distilled = [n for n, spec in config.students.items() if spec.distill]
@@ -270,7 +274,7 @@ def _closed_loop(config: StudyConfig, out: Path, drivers: list[tuple[str, str | 
         if report is not None:
             print(f"{path}: reused", flush=True)
     missing = [evaluation for evaluation, _, report in wanted.values() if report is None]
-    fresh = evaluate(missing, config.episodes, config.workers) if missing else {}
+    fresh = evaluate(missing, config.episodes, config.workers, device=config.device) if missing else {}
     closed: dict[tuple[str, str | None], dict[str, dict]] = {driver: {} for driver in drivers}
     for (name, mode, label), (evaluation, path, report) in wanted.items():
         if report is None:
@@ -291,7 +295,8 @@ def _reasoning(config: StudyConfig, out: Path, teacher: Path, fingerprint: str) 
         path = out / "eval" / f"reasoning_{label}.json"
         report = _cached(path, fingerprint=fingerprint, episodes_asked=config.reasoning_episodes)
         if report is None:
-            report = reasoning(model=teacher, data=Path(store), episodes=config.reasoning_episodes)
+            report = reasoning(model=teacher, data=Path(store), episodes=config.reasoning_episodes,
+                               device=config.device)
             write_report(path, report, "reasoning")
         else:
             print(f"{path}: reused", flush=True)

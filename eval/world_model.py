@@ -5,6 +5,7 @@ world model has to beat), teacher-forced next-frame token accuracy, and a PNG st
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -44,10 +45,11 @@ def token_accuracy(world, frames: np.ndarray, actions: np.ndarray, next_frames: 
 
 def world_model(
     *, model: Path, data: Path, json: Path | None = None, horizon: int = 3, episodes: int = 8,
-    strip: Path | None = None, progress: bool = True,
+    strip: Path | None = None, device: Literal["auto", "cpu", "cuda"] = "auto", progress: bool = True,
 ) -> dict:
     """Roll the world model out `horizon` chunks from the start of up to `episodes` held-out episodes of
-    `data` (taken round robin over its scenarios) and compare with what really happened."""
+    `data` (taken round robin over its scenarios) and compare with what really happened; the model runs on
+    `device` (auto: cuda when a GPU is present)."""
     from unified.data.store import EpisodeStore
     from unified.outputs import check_file, write_report
     from unified.policy import WorldModel
@@ -58,7 +60,9 @@ def world_model(
         check_file(json, "world-model", [model, data])
     if strip is not None:
         check_file(strip, None, [model, data], what="--strip")
-    world = WorldModel.from_pretrained(model)
+    from unified.model_dir import resolve_device
+
+    world = WorldModel.from_pretrained(model, device=resolve_device(device))
     h, history = world.config.horizon, world.config.history
     store = EpisodeStore(data)
     indices = store.held_out_indices(stratified=True)

@@ -86,6 +86,10 @@ def test_a_trained_model_drives_in_closed_loop(model_data, tmp_path):
     for mode in ("reason", "direct"):
         reports[mode] = closed_loop(model=str(tmp_path / "model"), scenarios=model_data / "suite.yaml", episodes=1,
                                     mode=mode, replan_every=4, json=tmp_path / f"{mode}.json", progress=False)
+    if not torch.cuda.is_available():  # --device cuda on a machine without one: refused before any episode
+        with pytest.raises(UnifiedError, match="--device cuda: no CUDA GPU"):
+            closed_loop(model=str(tmp_path / "model"), scenarios=model_data / "suite.yaml", episodes=1,
+                        device="cuda", progress=False)
     direct, reason = reports["direct"]["overall"], reports["reason"]["overall"]
     assert direct["episodes"] == 1 and direct["decision_latency_ms"]["decisions"] >= 1
     assert direct["tokens_per_decision"] == 4 * 2  # H steps x 2 action dimensions, nothing else
@@ -235,3 +239,17 @@ def test_a_learned_driver_reads_the_state_the_data_records():
 def test_an_unknown_readout_is_refused_before_driving(tiny_suite):
     with pytest.raises(UnifiedError, match="--readout: 'argmax' is not one of mode, mean, median"):
         closed_loop(model="expert", scenarios=tiny_suite, episodes=1, readout="argmax", progress=False)
+
+
+def test_device_auto_is_the_gpu_when_present_and_cuda_without_one_is_refused():
+    import torch
+
+    from unified.model_dir import resolve_device
+
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(UnifiedError, match="'tpu': expected auto, cpu, cuda or cuda:N"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UnifiedError, match="--device cuda: no CUDA GPU"):
+            resolve_device("cuda")

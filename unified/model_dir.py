@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
@@ -118,6 +119,25 @@ def check_finite(module: torch.nn.Module, where: Path) -> None:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise UnifiedError(f"{where}: weight {name} holds NaN or infinite values; the model is damaged and would "
                                "act on garbage (export it again from a good checkpoint)")
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str) -> str:
+    """`--device`: "auto" is cuda when a GPU is present, else cpu; "cuda" (or "cuda:N") without one is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if device == "cuda" or re.fullmatch(r"cuda:\d+", device):
+        if not torch.cuda.is_available():
+            raise UnifiedError(f"--device {device}: no CUDA GPU is visible to torch on this machine; use --device cpu "
+                               "(or auto)")
+        return device
+    raise UnifiedError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
 
 
 def load_model(directory: str | Path, device: str = "cpu",
