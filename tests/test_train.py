@@ -230,6 +230,10 @@ def test_non_finite_loss_stops_and_names_the_step(shards, tmp_path):
     result = launch(2, tmp_path / "skip", shards, "model.z_loss=1e39", "steps=5", "on_nan=skip", "max_skipped=2")
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "skipping step 0" in output and "2 steps skipped" in output
+    logged = tmp_path / "skip" / "losses.jsonl"  # a skipped step is not a loss of 0
+    assert not logged.is_file() or not logged.read_text().strip()
+    with pytest.raises(UnifiedError, match="on_nan: skip needs optim.grad_accum 1"):
+        load_recipe(DEBUG, ["on_nan=skip", "optim.grad_accum=2"], gpu=False)
 
 
 @pytest.mark.slow

@@ -356,7 +356,7 @@ def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bo
             "ema_decay": config.ema_decay}
     for step in range(start_step, config.steps):
         started = time.perf_counter()
-        step_loss, tokens, task_metrics = 0.0, 0, {}
+        step_loss, tokens, task_metrics, stepped = 0.0, 0, {}, True
         for micro in range(config.optim.grad_accum):
             batch = batches.batch(step, micro, rank)
             tensors = batch.to_torch(device)
@@ -373,10 +373,10 @@ def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bo
                 if config.on_nan == "stop" or skipped >= config.max_skipped:
                     raise UnifiedError(f"non-finite loss at {where}, samples {samples} (on rank {rank}); "
                                        f"{'on_nan: stop' if config.on_nan == 'stop' else f'{skipped} steps skipped'}")
-                skipped += 1
+                skipped, stepped = skipped + 1, False
                 if main_rank:
                     print(f"skipping step {step}: non-finite loss ({where})", flush=True)
-                continue  # nothing was backpropagated: the step leaves the weights as they were
+                break  # nothing was backpropagated (one micro step per step: see TrainConfig): weights unchanged
             engine.backward(loss)
             engine.step()
             step_loss += float(loss.detach()) / config.optim.grad_accum
@@ -384,6 +384,10 @@ def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bo
             for k, v in metrics.items():
                 if k.startswith(("loss/", "accuracy/")):
                     task_metrics[k] = task_metrics.get(k, 0.0) + float(v) / config.optim.grad_accum
+        if not stepped:  # logged as skipped above, not as a loss of 0
+            if main_rank:
+                bar.update(1)
+            continue
         if ema is not None:
             ema.update(engine.module, step=step + 1)
         mean_loss = torch.tensor(step_loss, device=device, dtype=torch.float64)

@@ -135,6 +135,9 @@ class TrainConfig:
         if not 0 <= self.data.image_dropout <= 1:
             raise UnifiedError(f"data.image_dropout is a share of the policy samples, in [0, 1]; got "
                                f"{self.data.image_dropout}")
+        if self.on_nan == "skip" and self.optim.grad_accum > 1:
+            raise UnifiedError("on_nan: skip needs optim.grad_accum 1: a skipped micro step would leave DeepSpeed's "
+                               "accumulation boundary out of step with the run's; use on_nan: stop")
         if not 0 <= self.ema_decay < 1:
             raise UnifiedError(f"ema_decay is the moving average's decay, in [0, 1) (0: none); got {self.ema_decay}")
         if self.ema_decay and self.zero_stage == 3:
