@@ -79,7 +79,7 @@ def test_no_held_out_episode_reaches_a_training_batch(alternating):
     seen = set()
     for step in range(40):
         for rank in range(2):
-            seen |= {int(i.split()[1]) for row in batches.batch(step, 0, rank).sample_ids for i in row}
+            seen |= {int(i.split()[1]) for row in batches.batch(step, rank).sample_ids for i in row}
     assert seen and not seen & held
     # Nor did fitting the tokenizers read them (frames, actions, texts), nor the normalisation statistics.
     fit_info = json.loads((alternating / "tok" / "fit.json").read_text())

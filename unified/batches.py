@@ -1,7 +1,9 @@
 """Training batches: a task mixture drawn from token shards, packed into fixed rows.
 
-Batch (step, micro step, rank) is a pure function of the seed: the data position of a run is its step, so
-a resumed run sees exactly the batches the uninterrupted run would have seen.
+Batch (step, part) is a pure function of the seed, where part = rank x grad_accum + micro step numbers the
+micro-batches of one optimizer step: the data position of a run is its step, so a resumed run sees exactly the
+batches the uninterrupted run would have seen, and a run on 1 rank with grad_accum 2 exactly those of 2 ranks with
+grad_accum 1 (which is what lets a run resume on another number of ranks and continue the same optimisation).
 """
 
 from __future__ import annotations
@@ -70,8 +72,9 @@ class MixtureBatches:
         ahead = np.lib.stride_tricks.sliding_window_view(np.pad(steering, (0, horizon - 1)), horizon).max(1)
         return ahead[np.asarray(rows, np.int64)] > TURN_RAD
 
-    def batch(self, step: int, micro: int = 0, rank: int = 0) -> Batch:
-        rng = np.random.default_rng([self.seed, step, micro, rank])
+    def batch(self, step: int, part: int = 0) -> Batch:
+        """Micro-batch `part` (rank x grad_accum + micro step) of optimizer step `step`."""
+        rng = np.random.default_rng([self.seed, step, 0, part])
         rows = [[] for _ in range(self.batch_size)]
         room = [self.seq_len] * self.batch_size
         misses = 0

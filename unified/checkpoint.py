@@ -191,6 +191,36 @@ def verify(directory: Path) -> None:
                                "resume from an earlier step")
 
 
+def universal_path(directory: Path) -> Path:
+    """Where the universal form of checkpoint `directory` goes: RUN/checkpoints/universal/step_N."""
+    directory = Path(directory)
+    return directory.parent / "universal" / directory.name
+
+
+def to_universal(directory: Path) -> Path:
+    """DeepSpeed's universal checkpoint of `directory` (fp32 weights and optimizer moments per parameter, free of
+    the number of ranks that wrote them), made once (written aside and renamed) and reused. Rank 0 only."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint.ds_to_universal import main as convert
+
+    out = universal_path(directory)
+    if (out / "zero").is_dir():
+        return out
+    staging = out.parent / f".tmp_{out.name}"
+    shutil.rmtree(staging, ignore_errors=True)
+    print(f"{directory}: converting to a universal checkpoint ({out}), to resume on another number of ranks",
+          flush=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # the converter narrates every stage
+        convert(argparse.Namespace(input_folder=str(directory), output_folder=str(staging), num_extract_workers=1,
+                                   num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                   inject_missing_state=True))
+    os.replace(staging, out)
+    return out
+
+
 def read_info(directory: Path) -> dict:
     return json.loads((Path(directory) / "checkpoint.json").read_text())
 

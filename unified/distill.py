@@ -48,14 +48,13 @@ def sample_row(shards, sample_id: str) -> int:
 
 
 def student_rows(batches, steps: int, grad_accum: int, world: int) -> list[int]:
-    """Every shard row a run will train on: batches are a function of (step, micro step, rank), so the states a
-    student sees are known before it starts."""
+    """Every shard row a run will train on: batches are a function of (step, part), so the states a student sees are
+    known before it starts."""
     rows = set()
     for step in range(steps):
-        for micro in range(grad_accum):
-            for rank in range(world):
-                batch = batches.batch(step, micro, rank)
-                rows.update(sample_row(batches.shards, i) for ids in batch.sample_ids for i in ids)
+        for part in range(grad_accum * world):
+            batch = batches.batch(step, part)
+            rows.update(sample_row(batches.shards, i) for ids in batch.sample_ids for i in ids)
     return sorted(rows)
 
 

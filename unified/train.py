@@ -250,8 +250,8 @@ def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bo
 
     on_rank_zero(record_run, "copying the tokenizers into the run")
 
-    # Resume: the same world size restores everything through DeepSpeed; another one restores the
-    # consolidated weights and the step, with fresh optimizer moments.
+    # Resume: the same world size restores everything through DeepSpeed; another one goes through DeepSpeed's
+    # universal checkpoint (weights, fp32 masters, optimizer moments and schedule, whatever the number of ranks).
     start_step, resume_dir, same_world = 0, None, False
     if resume:
         resume_dir = checkpoint.latest(run_dir)
@@ -313,6 +313,11 @@ def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bo
             reasoning = teacher_reasoning(config.distill.teacher, shards, rows, progress=False)
 
     ds_config = deepspeed_config(config, world, bf16, deepspeed_dir(recipe), gpu)
+    universal = None
+    if resume_dir is not None and not same_world:
+        on_rank_zero(lambda: checkpoint.to_universal(resume_dir), "converting the checkpoint to a universal one")
+        universal = checkpoint.universal_path(resume_dir)
+        ds_config["checkpoint"] = {"load_universal": True}
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
     ema = None
@@ -321,18 +326,16 @@ def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bo
 
         ema = ModelEmaV3(engine.module, decay=config.ema_decay, use_warmup=True, dtype=torch.float32)
     client: dict = {}
-    if resume_dir is not None and same_world:
-        _, client = engine.load_checkpoint(str(resume_dir.parent), tag=resume_dir.name)
+    if resume_dir is not None:
+        source = resume_dir if universal is None else universal
+        _, client = engine.load_checkpoint(str(source.parent), tag=source.name)
         restore = {"python": random.setstate, "numpy": np.random.set_state, "torch": torch.set_rng_state,
                    "cuda": torch.cuda.set_rng_state_all if gpu else lambda state: None}
         for name, state in client.get("rng", {}).items():
             restore[name](state)
-    elif resume_dir is not None:
-        for _ in range(start_step):
-            scheduler.step()
-        if main_rank:
+        if universal is not None and main_rank:
             print(f"resuming at step {start_step} on {world} rank(s) from a {saved['world_size']}-rank checkpoint: "
-                  "weights and schedule restored, optimizer moments re-initialised", flush=True)
+                  "weights, optimizer moments and schedule restored (universal checkpoint)", flush=True)
     if ema is not None and resume_dir is not None:
         if not (resume_dir / "training.safetensors").is_file():
             raise UnifiedError(f"{resume_dir}: saved without a moving average of the weights; resume it without "
@@ -358,7 +361,7 @@ def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bo
         started = time.perf_counter()
         step_loss, tokens, task_metrics, stepped = 0.0, 0, {}, True
         for micro in range(config.optim.grad_accum):
-            batch = batches.batch(step, micro, rank)
+            batch = batches.batch(step, rank * config.optim.grad_accum + micro)
             tensors = batch.to_torch(device)
             if teacher is not None:
                 d = config.distill
@@ -448,7 +451,7 @@ def validate(model, held_out, batches: int, rank: int, device) -> float:
 
     total = torch.zeros(2, device=device, dtype=torch.float64)
     for k in range(batches):
-        tensors = held_out.batch(k, 0, rank).to_torch(device)
+        tensors = held_out.batch(k, rank).to_torch(device)
         loss, _ = model(tensors)
         total += torch.tensor([float(loss), 1.0], device=device, dtype=torch.float64)
     dist.all_reduce(total)
