@@ -92,3 +92,23 @@ def test_image_dropout_leaves_the_frame_out_of_that_share_of_policy_prompts(shar
     assert 0.3 < framed / total < 0.7, (framed, total)
     with pytest.raises(UnifiedError, match=r"data.image_dropout .* in \[0, 1\]; got 1.5"):
         load_recipe("recipes/debug.yaml", ["data.image_dropout=1.5"])
+
+
+def test_dataloader_workers_build_the_same_batches_ahead(model_data):
+    """data.workers > 0: a DataLoader's worker processes build each step's micro-batches; they are the batches the
+    training process would have built (the same ids, masks and targets), in step order, from any start step."""
+    from unified.batches import step_batches
+
+    shards = TokenShards(model_data / "shards")
+    batches = MixtureBatches(shards, {"world": 1.0, "policy_reason": 1.0, "policy": 1.0}, 256, 2, seed=3)
+    here = list(step_batches(batches, rank=1, accum=2, start=3, stop=7))
+    ahead = list(step_batches(batches, rank=1, accum=2, start=3, stop=7, workers=2, prefetch=2))
+    assert [s for s, _ in ahead] == [3, 4, 5, 6] == [s for s, _ in here]
+    for (_, mine), (_, theirs) in zip(here, ahead):
+        assert len(mine) == len(theirs) == 2
+        for a, b in zip(mine, theirs):
+            for field in ("input_ids", "targets", "weights", "position_ids", "attention_mask", "task_ids"):
+                np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+            assert a.sample_ids == b.sample_ids
+    # Part rank x accum + micro of a step: rank 1's second micro step is part 3.
+    assert batches.batch(4, 2 * 1 + 1).sample_ids == here[1][1][1].sample_ids

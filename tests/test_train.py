@@ -171,12 +171,13 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(shards, whole_run, tm
 def test_moving_average_of_the_weights(shards, whole_run, tmp_path):
     """ema_decay: checkpoints hold the average (timm's warm-up schedule, updated once per optimizer step) in
     model.safetensors and the trained weights in training.safetensors; training itself is unchanged, and a resumed
-    run continues the average exactly."""
+    run continues the average exactly. This run also builds its batches in DataLoader workers (data.workers=2):
+    the same batches, so the same losses and weights as the plain run."""
     from safetensors.torch import load_file
     from timm.utils import ModelEmaV3
 
     run = tmp_path / "ema"
-    result = launch(2, run, shards, "steps=10", "save_every=1", "sample_every=0", "ema_decay=0.9")
+    result = launch(2, run, shards, "steps=10", "save_every=1", "sample_every=0", "ema_decay=0.9", "data.workers=2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     np.testing.assert_allclose(losses(run), losses(whole_run), rtol=1e-6)
     step = lambda root, s: root / "checkpoints" / f"step_{s:07d}"  # noqa: E731

@@ -99,3 +99,37 @@ class MixtureBatches:
             rows[target].append(built)
             room[target] -= len(built)
         return collate(rows, self.seq_len, self.shards.layout)
+
+
+class StepBatches:
+    """A map-style data set of one rank's micro-batches: item `step` is the list of its `accum` micro-batches of
+    that optimizer step (parts rank x accum ... rank x accum + accum - 1), a pure function of the step."""
+
+    def __init__(self, batches: MixtureBatches, rank: int, accum: int):
+        self.batches, self.rank, self.accum = batches, rank, accum
+
+    def __getitem__(self, step: int) -> list[Batch]:
+        return [self.batches.batch(step, self.rank * self.accum + micro) for micro in range(self.accum)]
+
+
+def _as_is(item):
+    return item
+
+
+def step_batches(batches: MixtureBatches, rank: int, accum: int, start: int, stop: int, workers: int = 0,
+                 prefetch: int = 2):
+    """(step, micro-batches) for steps start .. stop - 1, in order. With `workers` > 0 they are built ahead by a
+    `torch.utils.data.DataLoader`'s worker processes (`prefetch` steps each) while the model trains; the batches
+    are the same either way (each a function of its step), so a resumed run still sees exactly its batches."""
+    data = StepBatches(batches, rank, accum)
+    steps = range(start, stop)
+    if workers == 0:
+        yield from ((step, data[step]) for step in steps)
+        return
+    import torch.utils.data
+
+    # fork: the workers share the memory-mapped shards instead of pickling them
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, list(steps)), batch_size=None,
+                                         num_workers=workers, prefetch_factor=prefetch, collate_fn=_as_is,
+                                         multiprocessing_context="fork")
+    yield from zip(steps, loader)

@@ -357,11 +357,13 @@ def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bo
     skipped = 0
     info = {"model": to_dict(config.model), "recipe": str(recipe), "name": config.name,
             "ema_decay": config.ema_decay}
-    for step in range(start_step, config.steps):
-        started = time.perf_counter()
+    from unified.batches import step_batches
+
+    for step, micro_batches in step_batches(batches, rank, config.optim.grad_accum, start_step, config.steps,
+                                            config.data.workers, config.data.prefetch):
+        started = time.perf_counter()  # the step's own time: its batches were built before (or ahead, by workers)
         step_loss, tokens, task_metrics, stepped = 0.0, 0, {}, True
-        for micro in range(config.optim.grad_accum):
-            batch = batches.batch(step, rank * config.optim.grad_accum + micro)
+        for batch in micro_batches:
             tensors = batch.to_torch(device)
             if teacher is not None:
                 d = config.distill

@@ -45,6 +45,10 @@ class DataConfig:
     # The share of policy samples (with and without reasoning) whose prompt leaves out the frame(s): the state and the
     # instruction alone must then give the action, so the policy cannot lean only on recognising the picture.
     image_dropout: float = 0.0
+    # Batches built ahead by this many DataLoader worker processes (0: on the training process, between steps),
+    # `prefetch` steps each; the batches are the same either way.
+    workers: int = 0
+    prefetch: int = 2
 
 
 @dataclass
@@ -132,6 +136,9 @@ class TrainConfig:
         if self.data.balance < 0 or self.data.turn_weight <= 0:
             raise UnifiedError(f"data.balance must not be negative and data.turn_weight must be positive, got "
                                f"{self.data.balance} and {self.data.turn_weight}")
+        if self.data.workers < 0 or self.data.prefetch < 1:
+            raise UnifiedError(f"data.workers must not be negative and data.prefetch must be at least 1, got "
+                               f"{self.data.workers} and {self.data.prefetch}")
         if not 0 <= self.data.image_dropout <= 1:
             raise UnifiedError(f"data.image_dropout is a share of the policy samples, in [0, 1]; got "
                                f"{self.data.image_dropout}")
