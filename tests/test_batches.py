@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from unified.batches import MixtureBatches
-from unified.data.tokenize import TokenShards
+from unified.data.shards import TokenShards
 
 
 @pytest.fixture(scope="module")

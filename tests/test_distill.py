@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from unified.batches import MixtureBatches
-from unified.data.tokenize import TokenShards
+from unified.data.shards import TokenShards
 from unified.distill import distill_targets, expected_actions
 from unified.errors import UnifiedError
 from unified.model import ModelConfig, UnifiedModel

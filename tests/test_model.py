@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from unified.tokenizers.fit import Tokenizers
 
-from unified.data.tokenize import TokenShards
+from unified.data.shards import TokenShards
 from unified.errors import UnifiedError
 from unified.generation import Decoder
 from unified.model import ModelConfig, UnifiedModel

@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 
 from unified.batches import MixtureBatches
 from unified.data.generate import generate
+from unified.data.shards import TokenShards
 from unified.data.split import HeldOutRule
 from unified.data.store import EpisodeStore
-from unified.data.tokenize import TokenShards, tokenize
+from unified.data.tokenize import tokenize
 from unified.errors import UnifiedError
 from unified.sim.seeds import EVALUATION_BIT, data_seed, evaluation_seed, is_evaluation_seed
 from unified.sim.suite import load_suite

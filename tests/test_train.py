@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -119,6 +120,12 @@ def test_zero_stages_train_with_falling_loss(shards, tmp_path, stage):
         assert best["step"] == min(val, key=lambda v: v["loss"])["step"]
         assert best["val_loss"] == min(v["loss"] for v in val)
     if stage == 3:
+        # Built inside deepspeed.zero.Init: rank 0 never held more than its half of the weights.
+        built = re.search(r"model built partitioned \(deepspeed.zero.Init\): ([\d,]+) of its ([\d,]+) parameters",
+                          result.stdout + result.stderr)
+        assert built, result.stdout[-3000:]
+        local, total = (int(g.replace(",", "")) for g in built.groups())
+        assert local < 0.6 * total  # half, up to the padding of odd-sized tensors
         # Export from ZeRO-3 shards: one consolidated safetensors file, loadable without DeepSpeed.
         from transformers import AutoModelForCausalLM
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from unified.data.tokenize import TokenShards
+from unified.data.shards import TokenShards
 from unified.errors import UnifiedError
 from unified.packing import Batch, collate
 from unified.sequences import build

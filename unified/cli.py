@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
-import json
 import signal
 import sys
 import types
@@ -22,12 +21,12 @@ from unified.errors import UnifiedError
 # verb -> (module, function, one-line help). Imports are lazy so that `unified --help` is instant.
 VERBS: dict[str, tuple[str, str, str]] = {
     "data generate": ("unified.data.generate", "generate", "drive a scenario suite with the expert and store episodes"),
-    "data info": ("unified.cli", "data_info", "counts, expert figures and statistics of an episode store"),
+    "data info": ("unified.data.store", "data_info", "counts, expert figures and statistics of an episode store"),
     "data dagger": ("unified.data.dagger", "dagger", "drive with a learned policy, label with the expert, append"),
     "data operators": ("unified.data.operators", "operators", "write the multi-hop comparison (operator) data set"),
-    "data scenarios": ("unified.cli", "data_scenarios", "list the highway-env scenario ids a suite may use"),
+    "data scenarios": ("unified.sim.suite", "data_scenarios", "list the highway-env scenario ids a suite may use"),
     "data tokenize": ("unified.data.tokenize", "tokenize", "encode a store once into memory-mapped token shards"),
-    "data inspect": ("unified.data.tokenize", "inspect_shards", "samples as readable tokens, packing efficiency"),
+    "data inspect": ("unified.data.inspect", "inspect_shards", "samples as readable tokens, packing efficiency"),
     "train": ("unified.launcher", "train", "train a recipe on N ranks through the DeepSpeed launcher"),
     "export": ("unified.export", "export", "a checkpoint -> a Hugging Face directory (Policy, WorldModel)"),
     "tokenizer fit": ("unified.tokenizers.fit", "fit", "fit the image, text and action tokenizers on an episode store"),
@@ -73,49 +72,6 @@ def in_range(kind: type, name: str):
 
     parse.__name__ = kind.__name__
     return parse
-
-
-def data_info(data: Path, *, json: bool = False) -> dict:
-    """Print what an episode store holds (counts, expert success and collisions per scenario, statistics)."""
-    from unified.data.store import EpisodeStore
-
-    store = EpisodeStore(data)
-    info = store.info
-    if info["episodes"] != len(store):  # a run killed before it could update meta/info.json
-        info = store.refresh_info()
-    if json:
-        print(_json_dumps(info))
-        return info
-    shape = "x".join(map(str, info["image_shape"]))
-    print(f"{data}: {info['episodes']} episodes, {info['steps']} steps at {info['fps']} Hz, "
-          f"frames {shape} ({info['image_encoding']}), suite {info['suite']['name']!r}")
-    print(f"held out: {info['split']['description']}; statistics over {info.get('stats_over', 'all episodes')}")
-    print(f"{'scenario':<24}{'episodes':>9}{'held out':>9}{'steps':>8}{'expert success':>16}{'expert collision':>18}")
-    for name, s in info["scenarios"].items():
-        print(f"{name:<24}{s['episodes']:>9}{s.get('held_out', 0):>9}{s['steps']:>8}{s['expert_success_rate']:>16.2f}"
-              f"{s['expert_collision_rate']:>18.2f}")
-    for key in ("action_stats", "state_stats"):
-        stats = info.get(key)
-        if stats:
-            for i, name in enumerate(stats["names"]):
-                print(f"{key.split('_')[0]} {name:<12} mean {stats['mean'][i]:+8.3f}  std {stats['std'][i]:7.3f}  "
-                      f"q01 {stats['q01'][i]:+8.3f}  q99 {stats['q99'][i]:+8.3f}")
-    return info
-
-
-def data_scenarios() -> list[str]:
-    """Print the highway-env ids usable in a suite, with the config keys each accepts."""
-    from unified.sim.suite import SUITE_OWNED_KEYS, env_class, env_ids
-
-    ids = env_ids()
-    for env_id in ids:
-        keys = sorted(k for k in env_class(env_id).default_config() if k not in SUITE_OWNED_KEYS)
-        print(f"{env_id}: {', '.join(keys)}")
-    return ids
-
-
-def _json_dumps(data: Any) -> str:
-    return json.dumps(data, indent=2)
 
 
 def _add_parameter(parser: argparse.ArgumentParser, p: inspect.Parameter, hint: Any) -> None:

@@ -183,3 +183,38 @@ def distill_targets(teacher, shards, batch: Batch, temperature: float = 1.0, cen
             raise UnifiedError(f"distillation: {len(chunks)} teacher chunks for {len(batch.head_index)} samples")
         out["head_targets"] = chunks.reshape(batch.head_targets.shape).to(device)
     return out
+
+
+class Teacher:
+    """A frozen teacher for `distill.teacher`: its model on the training device, the bin centres its expected
+    chunks are read with (for a student's continuous head that learns them), and its reasoning for every state the
+    run will train on (generated once by rank 0's worker processes, cached beside the teacher)."""
+
+    def __init__(self, config, shards, batches, world: int, device):
+        from unified.model_dir import load_model
+        from unified.train import on_rank_zero
+
+        if set(t for t, w in config.data.tasks.items() if w > 0) != {"policy"}:
+            raise UnifiedError("distillation trains an action-only student: set data.tasks to {policy: 1.0}")
+        self.settings, self.shards, self.device = config.distill, shards, device
+        self.model, tokenizers, _ = load_model(config.distill.teacher, device=str(device))
+        if self.model.layout != shards.layout:
+            raise UnifiedError(f"distill.teacher {config.distill.teacher}: its layout differs from the data's")
+        self.model.requires_grad_(False)
+        # The continuous head, if any, learns the teacher's expected chunk (or the recorded one).
+        head_from_teacher = config.model.action_head and config.distill.head_target == "teacher"
+        self.centres = torch.from_numpy(tokenizers.action.centres()) if head_from_teacher else None
+        self.reasoning = None
+        if config.distill.teacher_reasoning == "generated":
+            rows = student_rows(batches, config.steps, config.optim.grad_accum, world)
+            on_rank_zero(lambda: teacher_reasoning(config.distill.teacher, shards, rows, config.distill.workers,
+                                                   progress=True), "generating the teacher's reasoning")
+            self.reasoning = teacher_reasoning(config.distill.teacher, shards, rows, progress=False)
+
+    def targets(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """What the student's loss needs beside its batch: the soft targets and the distillation weights."""
+        d = self.settings
+        tensors = distill_targets(self.model, self.shards, batch, d.temperature, self.centres, self.device,
+                                  self.reasoning)
+        tensors["distill"] = torch.tensor([d.ce_weight, d.kl_weight, d.temperature])
+        return tensors

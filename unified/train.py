@@ -9,13 +9,16 @@ what is not the engine's: data position (the step), RNG, logging, checkpoints an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -192,54 +195,105 @@ def own_run_dir(config, resume: bool, overwrite: bool) -> list:
     return locks
 
 
+@dataclass
+class Rank:
+    """This process in the run: its recipe, place among the ranks, device and precision."""
+
+    config: Any
+    recipe: str
+    rank: int
+    world: int
+    device: torch.device
+    gpu: bool
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.run_dir)
+
+    @property
+    def bf16(self) -> bool:
+        return self.config.precision == "bf16" or (self.config.precision == "auto" and self.gpu)
+
+
+@dataclass
+class ResumePoint:
+    """Where the run starts: step 0, or a checkpoint of the same number of ranks or (through its universal form)
+    of another."""
+
+    step: int = 0
+    checkpoint: Path | None = None
+    universal: Path | None = None
+    saved_world: int | None = None
+
+
 def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bool = False) -> list[float]:
+    """The training loop; each step is a function of the module that owns it."""
+    from unified.batches import step_batches
+
+    me = start(recipe, overrides)
+    locks, shards = prepare_run(me, resume, overwrite)  # noqa: F841 - the run's locks, held while it trains
+    point = resume_point(me, resume)
+    model = build_model(me, shards, point)
+    batches = mixture(me.config, shards)
+    teacher = None
+    if me.config.distill.teacher:
+        from unified.distill import Teacher
+
+        teacher = Teacher(me.config, shards, batches, me.world, me.device)
+    engine, scheduler, ema, client = make_engine(me, model, point)
+    log = TrainingLog(me, engine, scheduler, point.step)
+    keeper = Keeper(me, shards, ema, client)
+    skipped = 0
+    for step, micro_batches in step_batches(batches, me.rank, me.config.optim.grad_accum, point.step,
+                                            me.config.steps, me.config.data.workers, me.config.data.prefetch):
+        result = train_step(me, engine, step, micro_batches, teacher, skipped)
+        if result is None:  # a non-finite loss, skipped (on_nan: skip): nothing was backpropagated
+            skipped += 1
+            log.skipped()
+            continue
+        if ema is not None:
+            ema.update(engine.module, step=step + 1)
+        log.step(step, result)
+        keeper.after(engine, step, log.writer, "world" in batches.tasks)
+    return log.close()
+
+
+def start(recipe: str, overrides: list[str]) -> Rank:
+    """The recipe with its overrides, the process group (gloo on CPUs, NCCL on GPUs) and this rank's device."""
     import deepspeed
     import torch.distributed as dist
-    from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
 
-    from unified import checkpoint
-    from unified.config import to_dict
-    from unified.data.tokenize import TokenShards
-    from unified.distill import distill_targets
-    from unified.model import UnifiedModel, state_values
-    from unified.sequences import TASKS
-    from unified.train_config import deepspeed_config, load_recipe
+    from unified.train_config import load_recipe
 
     config = load_recipe(recipe, overrides)
     gpu = torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if gpu else torch.device("cpu")
     if gpu:
         torch.cuda.set_device(device)
-    bf16 = config.precision == "bf16" or (config.precision == "auto" and gpu)
-    run_dir = Path(config.run_dir)
-    main_rank = rank == 0
+    return Rank(config, recipe, dist.get_rank(), dist.get_world_size(), device, gpu)
 
-    # Everything rank 0 prepares, the others wait for; an error on rank 0 ends every rank with its message.
+
+def prepare_run(me: Rank, resume: bool, overwrite: bool):
+    """Rank 0 takes the run directory (its rules and locks) and makes the token shards while the others wait;
+    every rank opens the shards and checks them against the model; rank 0 records the tokenizers and config."""
+    from unified.config import to_dict
+    from unified.data.shards import TokenShards
+
+    config, run_dir = me.config, me.run_dir
+
     def own_and_prepare():
         held = own_run_dir(config, resume, overwrite)
         run_dir.mkdir(parents=True, exist_ok=True)
         return held, prepare_data(config, run_dir, progress=True)
 
-    locks, shards_dir = on_rank_zero(own_and_prepare, "preparing the run's data") or (None, None)  # noqa: F841
-    shards_dir = prepare_data(config, run_dir, progress=False) if not main_rank else shards_dir
-    shards = TokenShards(shards_dir)
-    layout = shards.layout
-    if shards.horizon != config.model.horizon or shards.history != config.model.history:
-        raise UnifiedError(f"{shards_dir}: shards were made with horizon {shards.horizon}, history {shards.history}; "
-                           f"the model needs {config.model.horizon}, {config.model.history}")
-    if config.model.action_head and shards.action_normalizer is None:
-        raise UnifiedError(f"{shards_dir}/meta.json: no action_range (the shards predate the continuous head's "
-                           "targets); tokenize the store again with `unified data tokenize`")
-    if config.model.action_head_state:
-        if shards.state_normalizer is None:
-            raise UnifiedError(f"{shards_dir}/meta.json: no state values (the shards predate a head that reads the "
-                               "state); tokenize the store again with `unified data tokenize`")
-        if not (config.data.with_state and config.model.use_state):
-            raise UnifiedError("model.action_head_state: true needs the state in the data (data.with_state and "
-                               "model.use_state)")
+    locks, shards_dir = on_rank_zero(own_and_prepare, "preparing the run's data") or (None, None)
+    shards = TokenShards(shards_dir if me.main else prepare_data(config, run_dir, progress=False))
+    check_shards(config, shards)
     tokenizer_dir = Path(shards.meta["tokenizer"])
 
     def record_run():
@@ -249,199 +303,288 @@ def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bo
         (run_dir / "config.yaml").write_text(__import__("yaml").safe_dump(to_dict(config), sort_keys=False))
 
     on_rank_zero(record_run, "copying the tokenizers into the run")
+    return locks, shards
 
-    # Resume: the same world size restores everything through DeepSpeed; another one goes through DeepSpeed's
-    # universal checkpoint (weights, fp32 masters, optimizer moments and schedule, whatever the number of ranks).
-    start_step, resume_dir, same_world = 0, None, False
-    if resume:
-        resume_dir = checkpoint.latest(run_dir)
-        if resume_dir is None:
-            if main_rank:
-                print(f"--resume: {run_dir} has no complete checkpoint yet; starting from step 0", flush=True)
-        else:
-            saved = checkpoint.read_info(resume_dir)
-            start_step, same_world = saved["step"], saved["world_size"] == world
 
+def check_shards(config, shards) -> None:
+    """The shards hold what the model config needs (horizon, history, the continuous head's targets)."""
+    where = shards.root
+    if shards.horizon != config.model.horizon or shards.history != config.model.history:
+        raise UnifiedError(f"{where}: shards were made with horizon {shards.horizon}, history {shards.history}; "
+                           f"the model needs {config.model.horizon}, {config.model.history}")
+    if config.model.action_head and shards.action_normalizer is None:
+        raise UnifiedError(f"{where}/meta.json: no action_range (the shards predate the continuous head's "
+                           "targets); tokenize the store again with `unified data tokenize`")
+    if config.model.action_head_state:
+        if shards.state_normalizer is None:
+            raise UnifiedError(f"{where}/meta.json: no state values (the shards predate a head that reads the "
+                               "state); tokenize the store again with `unified data tokenize`")
+        if not (config.data.with_state and config.model.use_state):
+            raise UnifiedError("model.action_head_state: true needs the state in the data (data.with_state and "
+                               "model.use_state)")
+
+
+def resume_point(me: Rank, resume: bool) -> ResumePoint:
+    """With --resume, the latest complete checkpoint; one of another number of ranks is converted (by rank 0,
+    once) into DeepSpeed's universal form, so that its optimizer moments survive the change."""
+    from unified import checkpoint
+
+    if not resume:
+        return ResumePoint()
+    found = checkpoint.latest(me.run_dir)
+    if found is None:
+        if me.main:
+            print(f"--resume: {me.run_dir} has no complete checkpoint yet; starting from step 0", flush=True)
+        return ResumePoint()
+    saved = checkpoint.read_info(found)
+    point = ResumePoint(saved["step"], found, saved_world=saved["world_size"])
+    if saved["world_size"] != me.world:
+        on_rank_zero(lambda: checkpoint.to_universal(found), "converting the checkpoint to a universal one")
+        point.universal = checkpoint.universal_path(found)
+    return point
+
+
+def build_model(me: Rank, shards, point: ResumePoint):
+    """The model of the recipe: fresh (its binned segments ordered), or from `init_from` (fine-tuning); label
+    spreading and LoRA adapters when asked. A resumed run's weights come with its checkpoint (`make_engine`).
+    Under ZeRO-3 (without LoRA) it is built inside `deepspeed.zero.Init`: each layer is partitioned across the
+    ranks as soon as it exists, so no rank ever holds the whole model; the weights set here are gathered one
+    tensor at a time (the whole model once, to load `init_from`)."""
+    import deepspeed
+
+    from unified.model import UnifiedModel, ordinal_init, state_values
+    from unified.tokenizers.fit import Tokenizers
+
+    config = me.config
+    zero_init = config.zero_stage == 3 and not config.lora.enabled
     torch.manual_seed(config.seed)
-    model = UnifiedModel(config.model, layout, state_size=state_values(shards.meta["state_dim"], config.model))
-    initial = None
-    if resume_dir is not None and not same_world:
-        initial = checkpoint.load_weights(resume_dir, trained=True)
-    elif resume_dir is None and config.init_from:
-        initial = initial_weights(config, layout)
+    with _zero_init(me) if zero_init else contextlib.nullcontext():
+        model = UnifiedModel(config.model, shards.layout,
+                             state_size=state_values(shards.meta["state_dim"], config.model))
+    if zero_init and me.main:
+        local, total = sum(p.ds_tensor.numel() for p in model.parameters()), sum(p.ds_numel for p in model.parameters())
+        print(f"model built partitioned (deepspeed.zero.Init): {local:,} of its {total:,} parameters on this rank",
+              flush=True)
+    initial = initial_weights(config, shards.layout) if point.checkpoint is None and config.init_from else None
     if initial is not None:
-        missing, unexpected = model.load_state_dict(initial, strict=False)
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0, enabled=zero_init):
+            missing, unexpected = model.load_state_dict(initial, strict=False)
         if unexpected or [k for k in missing if not k.startswith("action_head.")]:
             raise UnifiedError(f"initial weights do not fit the model config (missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]})")
-    fresh_ordered = initial is None and config.ordinal_init  # a fresh model: its binned segments start ordered
+    fresh_ordered = initial is None and point.checkpoint is None and config.ordinal_init
     if fresh_ordered or config.model.action_label_sigma > 0:
-        from unified.model import ordinal_init
-        from unified.tokenizers.fit import Tokenizers
-
-        run_tokenizers = Tokenizers.from_pretrained(tokenizer_dir)
+        tokenizers = Tokenizers.from_pretrained(Path(shards.meta["tokenizer"]))
         if fresh_ordered:
-            ordinal_init(model, "action", run_tokenizers.action.bins, config.seed)
-            ordinal_init(model, "state", run_tokenizers.state.bins, config.seed + 1)
+            embeddings = model.backbone.get_input_embeddings().weight
+            with deepspeed.zero.GatheredParameters([embeddings], modifier_rank=0, enabled=zero_init):
+                ordinal_init(model, "action", tokenizers.action.bins, config.seed)
+                ordinal_init(model, "state", tokenizers.state.bins, config.seed + 1)
         if config.model.action_label_sigma > 0:
-            model.spread_action_targets(run_tokenizers.action.bins)
+            model.spread_action_targets(tokenizers.action.bins)
     if config.lora.enabled:
         note = add_lora(model, config.lora)
-        if main_rank:
+        if me.main:
             print(note, flush=True)
-    batches = mixture(config, shards)
-    teacher, reasoning = None, None
-    if config.distill.teacher:
-        if set(t for t, w in config.data.tasks.items() if w > 0) != {"policy"}:
-            raise UnifiedError("distillation trains an action-only student: set data.tasks to {policy: 1.0}")
-        from unified.model_dir import load_model
+    return model
 
-        teacher, teacher_tokenizers, _ = load_model(config.distill.teacher, device=str(device))
-        if teacher.layout != layout:
-            raise UnifiedError(f"distill.teacher {config.distill.teacher}: its layout differs from the data's")
-        teacher.requires_grad_(False)
-        # The continuous head, if any, learns the teacher's expected chunk (or the recorded one).
-        head_from_teacher = config.model.action_head and config.distill.head_target == "teacher"
-        centres = torch.from_numpy(teacher_tokenizers.action.centres()) if head_from_teacher else None
-        if config.distill.teacher_reasoning == "generated":
-            from unified.distill import student_rows, teacher_reasoning
 
-            rows = student_rows(batches, config.steps, config.optim.grad_accum, world)
-            # Generated once, by worker processes, while the other ranks wait.
-            on_rank_zero(lambda: teacher_reasoning(config.distill.teacher, shards, rows, config.distill.workers,
-                                                   progress=True), "generating the teacher's reasoning")
-            reasoning = teacher_reasoning(config.distill.teacher, shards, rows, progress=False)
+@contextlib.contextmanager
+def _zero_init(me: Rank):
+    """`deepspeed.zero.Init`, with transformers told of ZeRO-3 while the backbone is built (so that it initialises
+    its weights gathered, one module at a time) and not after (a teacher loaded later stays whole)."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
 
-    ds_config = deepspeed_config(config, world, bf16, deepspeed_dir(recipe), gpu)
-    universal = None
-    if resume_dir is not None and not same_world:
-        on_rank_zero(lambda: checkpoint.to_universal(resume_dir), "converting the checkpoint to a universal one")
-        universal = checkpoint.universal_path(resume_dir)
+    from unified.train_config import deepspeed_config
+
+    ds_config = deepspeed_config(me.config, me.world, me.bf16, deepspeed_dir(me.recipe), me.gpu)
+    told = HfDeepSpeedConfig(ds_config)  # transformers holds a weak reference: ZeRO-3 for as long as this lives
+    # Imported now: zero.Init patches torch.Tensor.__new__, and torch._dynamo (which transformers imports lazily,
+    # through torchvision) refuses to import while it is patched.
+    import torch._dynamo  # noqa: F401
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        yield
+    del told
+
+
+def make_engine(me: Rank, model, point: ResumePoint):
+    """The DeepSpeed engine of the recipe's ZeRO stage, restored from the resume point (weights, optimizer,
+    schedule, RNG), and the moving average of the weights when asked. Returns (engine, scheduler, ema or None,
+    the checkpoint's client state)."""
+    import deepspeed
+
+    from unified import checkpoint
+    from unified.train_config import deepspeed_config
+
+    ds_config = deepspeed_config(me.config, me.world, me.bf16, deepspeed_dir(me.recipe), me.gpu)
+    if point.universal is not None:
         ds_config["checkpoint"] = {"load_universal": True}
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
-    ema = None
-    if config.ema_decay:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(engine.module, decay=config.ema_decay, use_warmup=True, dtype=torch.float32)
     client: dict = {}
-    if resume_dir is not None:
-        source = resume_dir if universal is None else universal
+    if point.checkpoint is not None:
+        source = point.universal or point.checkpoint
         _, client = engine.load_checkpoint(str(source.parent), tag=source.name)
         restore = {"python": random.setstate, "numpy": np.random.set_state, "torch": torch.set_rng_state,
-                   "cuda": torch.cuda.set_rng_state_all if gpu else lambda state: None}
+                   "cuda": torch.cuda.set_rng_state_all if me.gpu else lambda state: None}
         for name, state in client.get("rng", {}).items():
             restore[name](state)
-        if universal is not None and main_rank:
-            print(f"resuming at step {start_step} on {world} rank(s) from a {saved['world_size']}-rank checkpoint: "
+        if point.universal is not None and me.main:
+            print(f"resuming at step {point.step} on {me.world} rank(s) from a {point.saved_world}-rank checkpoint: "
                   "weights, optimizer moments and schedule restored (universal checkpoint)", flush=True)
-    if ema is not None and resume_dir is not None:
-        if not (resume_dir / "training.safetensors").is_file():
-            raise UnifiedError(f"{resume_dir}: saved without a moving average of the weights; resume it without "
-                               "ema_decay, or start the run again with it")
-        ema.module.load_state_dict(checkpoint.load_weights(resume_dir))
-    average = ema.module if ema is not None else None  # what checkpoints save as the model
+    ema = None
+    if me.config.ema_decay:
+        from timm.utils import ModelEmaV3
 
-    held_out = None
-    if config.val_every:
-        held_out = mixture(config, shards, split="held_out")
-    best = client.get("best_val_loss", float("inf"))
-    peak = measure_peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
-    flops_per_token = 6 * sum(p.numel() for p in model.parameters())
-    writer = SummaryWriter(str(run_dir / "tensorboard")) if main_rank else None
-    losses_path = run_dir / "losses.jsonl"
-    losses = _read_losses(losses_path, start_step) if main_rank else []
-    bar = tqdm(total=config.steps, initial=start_step, desc=config.name, unit="step", disable=not main_rank,
-               dynamic_ncols=True)
-    skipped = 0
-    info = {"model": to_dict(config.model), "recipe": str(recipe), "name": config.name,
-            "ema_decay": config.ema_decay}
-    from unified.batches import step_batches
+        ema = ModelEmaV3(engine.module, decay=me.config.ema_decay, use_warmup=True, dtype=torch.float32)
+        if point.checkpoint is not None:
+            if not (point.checkpoint / "training.safetensors").is_file():
+                raise UnifiedError(f"{point.checkpoint}: saved without a moving average of the weights; resume it "
+                                   "without ema_decay, or start the run again with it")
+            ema.module.load_state_dict(checkpoint.load_weights(point.checkpoint))
+    return engine, scheduler, ema, client
 
-    for step, micro_batches in step_batches(batches, rank, config.optim.grad_accum, start_step, config.steps,
-                                            config.data.workers, config.data.prefetch):
-        started = time.perf_counter()  # the step's own time: its batches were built before (or ahead, by workers)
-        step_loss, tokens, task_metrics, stepped = 0.0, 0, {}, True
-        for batch in micro_batches:
-            tensors = batch.to_torch(device)
-            if teacher is not None:
-                d = config.distill
-                tensors |= distill_targets(teacher, shards, batch, d.temperature, centres, device, reasoning)
-                tensors["distill"] = torch.tensor([d.ce_weight, d.kl_weight, d.temperature])
-            loss, metrics = engine(tensors)
-            bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=device)
-            dist.all_reduce(bad)
-            if bad.item() > 0:
-                where = f"step {step}, tasks {sorted({TASKS[t] for t in batch.task_ids.flatten() if t >= 0})}"
-                samples = [s for row in batch.sample_ids for s in row][:6]
-                if config.on_nan == "stop" or skipped >= config.max_skipped:
-                    raise UnifiedError(f"non-finite loss at {where}, samples {samples} (on rank {rank}); "
-                                       f"{'on_nan: stop' if config.on_nan == 'stop' else f'{skipped} steps skipped'}")
-                skipped, stepped = skipped + 1, False
-                if main_rank:
-                    print(f"skipping step {step}: non-finite loss ({where})", flush=True)
-                break  # nothing was backpropagated (one micro step per step: see TrainConfig): weights unchanged
-            engine.backward(loss)
-            engine.step()
-            step_loss += float(loss.detach()) / config.optim.grad_accum
-            tokens += int(metrics["tokens"])
-            for k, v in metrics.items():
-                if k.startswith(("loss/", "accuracy/")):
-                    task_metrics[k] = task_metrics.get(k, 0.0) + float(v) / config.optim.grad_accum
-        if not stepped:  # logged as skipped above, not as a loss of 0
-            if main_rank:
-                bar.update(1)
-            continue
-        if ema is not None:
-            ema.update(engine.module, step=step + 1)
-        mean_loss = torch.tensor(step_loss, device=device, dtype=torch.float64)
-        dist.all_reduce(mean_loss)
-        mean_loss = float(mean_loss) / world
-        elapsed = time.perf_counter() - started
-        if main_rank:
-            losses.append(mean_loss)
-            with open(losses_path, "a") as f:
-                f.write(json.dumps({"step": step, "loss": mean_loss}) + "\n")
-            tokens_per_s = tokens / max(elapsed, 1e-9)
-            bar.update(1)
-            bar.set_postfix_str(f"loss {mean_loss:.4f}, {tokens_per_s * world:.0f} tok/s")
-            if step % config.log_every == 0 or step + 1 == config.steps:
-                writer.add_scalar("train/loss", mean_loss, step)
-                writer.add_scalar("train/learning_rate", scheduler.get_last_lr()[0], step)
-                grad_norm = engine.get_global_grad_norm()
-                if grad_norm is not None:
-                    writer.add_scalar("train/grad_norm", float(grad_norm), step)
-                writer.add_scalar("train/tokens_per_s", tokens_per_s * world, step)
-                writer.add_scalar("train/mfu", flops_per_token * tokens_per_s / peak, step)
-                for k, v in task_metrics.items():
-                    writer.add_scalar(k, v, step)
-        if config.sample_every and (step + 1) % config.sample_every == 0 and "world" in batches.tasks:
-            _world_sample(engine.module, shards, tokenizer_dir, writer, step, device)
-        if held_out is not None and ((step + 1) % config.val_every == 0 or step + 1 == config.steps):
-            val_loss = validate(engine if ema is None else ema.module, held_out, config.val_batches, rank, device)
-            if main_rank:
+
+@dataclass
+class StepResult:
+    loss: float  # mean over micro steps and ranks
+    tokens: int  # target tokens on this rank
+    metrics: dict[str, float]  # loss/TASK and accuracy/TASK on this rank
+    seconds: float
+
+
+def train_step(me: Rank, engine, step: int, micro_batches: list, teacher, skipped: int) -> StepResult | None:
+    """One optimizer step over this rank's micro-batches. A non-finite loss (checked on every rank together)
+    stops the run naming the step, tasks and samples, or, with on_nan: skip and under max_skipped, skips the step
+    (None) before anything is backpropagated."""
+    import torch.distributed as dist
+
+    from unified.sequences import TASKS
+
+    config, started = me.config, time.perf_counter()
+    total, tokens, metrics = 0.0, 0, {}
+    for batch in micro_batches:
+        tensors = batch.to_torch(me.device)
+        if teacher is not None:
+            tensors |= teacher.targets(batch)
+        loss, found = engine(tensors)
+        bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=me.device)
+        dist.all_reduce(bad)
+        if bad.item() > 0:
+            where = f"step {step}, tasks {sorted({TASKS[t] for t in batch.task_ids.flatten() if t >= 0})}"
+            samples = [s for row in batch.sample_ids for s in row][:6]
+            if config.on_nan == "stop" or skipped >= config.max_skipped:
+                raise UnifiedError(f"non-finite loss at {where}, samples {samples} (on rank {me.rank}); "
+                                   f"{'on_nan: stop' if config.on_nan == 'stop' else f'{skipped} steps skipped'}")
+            if me.main:
+                print(f"skipping step {step}: non-finite loss ({where})", flush=True)
+            return None  # one micro step per step under on_nan: skip (see TrainConfig): the weights are unchanged
+        engine.backward(loss)
+        engine.step()
+        total += float(loss.detach()) / len(micro_batches)
+        tokens += int(found["tokens"])
+        for k, v in found.items():
+            if k.startswith(("loss/", "accuracy/")):
+                metrics[k] = metrics.get(k, 0.0) + float(v) / len(micro_batches)
+    mean = torch.tensor(total, device=me.device, dtype=torch.float64)
+    dist.all_reduce(mean)
+    return StepResult(float(mean) / me.world, tokens, metrics, time.perf_counter() - started)
+
+
+class TrainingLog:
+    """Rank 0's record of the run: RUN/losses.jsonl (continued from the resume point), TensorBoard (loss, per-task
+    losses and accuracies, learning rate, grad norm, tokens/s, MFU) and the progress bar."""
+
+    def __init__(self, me: Rank, engine, scheduler, start_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        self.me, self.engine, self.scheduler = me, engine, scheduler
+        self.path = me.run_dir / "losses.jsonl"
+        self.losses = _read_losses(self.path, start_step) if me.main else []
+        self.writer = SummaryWriter(str(me.run_dir / "tensorboard")) if me.main else None
+        self.peak = measure_peak_flops(me.device, torch.bfloat16 if me.bf16 else torch.float32)
+        self.flops_per_token = 6 * sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+        self.bar = tqdm(total=me.config.steps, initial=start_step, desc=me.config.name, unit="step",
+                        disable=not me.main, dynamic_ncols=True)
+
+    def skipped(self) -> None:
+        """A skipped step: counted by the bar, never logged as a loss."""
+        if self.me.main:
+            self.bar.update(1)
+
+    def step(self, step: int, result: StepResult) -> None:
+        me, config = self.me, self.me.config
+        if not me.main:
+            return
+        self.losses.append(result.loss)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "loss": result.loss}) + "\n")
+        tokens_per_s = result.tokens / max(result.seconds, 1e-9)
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"loss {result.loss:.4f}, {tokens_per_s * me.world:.0f} tok/s")
+        if step % config.log_every == 0 or step + 1 == config.steps:
+            w = self.writer
+            w.add_scalar("train/loss", result.loss, step)
+            w.add_scalar("train/learning_rate", self.scheduler.get_last_lr()[0], step)
+            grad_norm = self.engine.get_global_grad_norm()
+            if grad_norm is not None:
+                w.add_scalar("train/grad_norm", float(grad_norm), step)
+            w.add_scalar("train/tokens_per_s", tokens_per_s * me.world, step)
+            w.add_scalar("train/mfu", self.flops_per_token * tokens_per_s / self.peak, step)
+            for k, v in result.metrics.items():
+                w.add_scalar(k, v, step)
+
+    def close(self) -> list[float]:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+            print(f"{self.me.config.name}: {self.me.config.steps} steps, final loss "
+                  f"{self.losses[-1] if self.losses else float('nan'):.4f}; checkpoints in "
+                  f"{self.me.run_dir / 'checkpoints'}", flush=True)
+        return self.losses
+
+
+class Keeper:
+    """What happens after a step: a world-model sample to TensorBoard, the validation loss on held-out episodes
+    with the best checkpoint, and the periodic checkpoint (with the data position and RNG)."""
+
+    def __init__(self, me: Rank, shards, ema, client: dict):
+        from unified.config import to_dict
+
+        config = me.config
+        self.me, self.shards = me, shards
+        self.average = ema.module if ema is not None else None  # what checkpoints save as the model, if any
+        self.held_out = mixture(config, shards, split="held_out") if config.val_every else None
+        self.best = client.get("best_val_loss", float("inf"))
+        self.info = {"model": to_dict(config.model), "recipe": str(me.recipe), "name": config.name,
+                     "ema_decay": config.ema_decay}
+        self.lora = config.lora.scaling if config.lora.enabled else None
+
+    def after(self, engine, step: int, writer, world_task: bool) -> None:
+        from unified import checkpoint
+
+        me, config, done = self.me, self.me.config, step + 1
+        if config.sample_every and done % config.sample_every == 0 and world_task:
+            _world_sample(engine.module, self.shards, Path(self.shards.meta["tokenizer"]), writer, step, me.device)
+        if self.held_out is not None and (done % config.val_every == 0 or done == config.steps):
+            model = engine if self.average is None else self.average
+            val_loss = validate(model, self.held_out, config.val_batches, me.rank, me.device)
+            if me.main:
                 writer.add_scalar("val/loss", val_loss, step)
-                with open(run_dir / "validation.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step + 1, "loss": val_loss}) + "\n")
-            if val_loss < best:  # the same on every rank: the loss is all-reduced
-                best = val_loss
-                checkpoint.save(engine, run_dir, step + 1, {"step": step + 1, "best_val_loss": best},
-                                info | {"val_loss": val_loss}, config.lora.scaling if config.lora.enabled else None,
-                                tag="best", ema=average)
-        if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
-            client_state = {"step": step + 1, "best_val_loss": best,
-                            "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                                    "torch": torch.get_rng_state()} |
-                            ({"cuda": torch.cuda.get_rng_state_all()} if gpu else {})}
-            checkpoint.save(engine, run_dir, step + 1, client_state, info,
-                            config.lora.scaling if config.lora.enabled else None, ema=average)
-    bar.close()
-    if writer is not None:
-        writer.close()
-        print(f"{config.name}: {config.steps} steps, final loss {losses[-1] if losses else float('nan'):.4f}; "
-              f"checkpoints in {run_dir / 'checkpoints'}", flush=True)
-    return losses
+                with open(me.run_dir / "validation.jsonl", "a") as f:
+                    f.write(json.dumps({"step": done, "loss": val_loss}) + "\n")
+            if val_loss < self.best:  # the same on every rank: the loss is all-reduced
+                self.best = val_loss
+                checkpoint.save(engine, me.run_dir, done, {"step": done, "best_val_loss": self.best},
+                                self.info | {"val_loss": val_loss}, self.lora, tag="best", ema=self.average)
+        if done % config.save_every == 0 or done == config.steps:
+            rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+            if me.gpu:
+                rng["cuda"] = torch.cuda.get_rng_state_all()
+            checkpoint.save(engine, me.run_dir, done, {"step": done, "best_val_loss": self.best, "rng": rng},
+                            self.info, self.lora, ema=self.average)
 
 
 @torch.no_grad()

@@ -120,7 +120,7 @@ def bench_train(overrides: list[str] = (), *, recipe: Path, steps: int = 10, war
     `--peak-flops-per-s` replaces the documented peak."""
     import deepspeed
 
-    from unified.data.tokenize import TokenShards
+    from unified.data.shards import TokenShards
     from unified.model import UnifiedModel, state_values
     from unified.train import deepspeed_dir, mixture, prepare_data
     from unified.train_config import deepspeed_config, load_recipe

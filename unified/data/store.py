@@ -408,3 +408,31 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     from unified.outputs import write_text_atomic
 
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def data_info(data: Path, *, json: bool = False) -> dict:
+    """`unified data info`: print what an episode store holds (counts, expert success and collisions per scenario,
+    statistics)."""
+    import json as json_module  # `json` is the option here
+    store = EpisodeStore(data)
+    info = store.info
+    if info["episodes"] != len(store):  # a run killed before it could update meta/info.json
+        info = store.refresh_info()
+    if json:
+        print(json_module.dumps(info, indent=2))
+        return info
+    shape = "x".join(map(str, info["image_shape"]))
+    print(f"{data}: {info['episodes']} episodes, {info['steps']} steps at {info['fps']} Hz, "
+          f"frames {shape} ({info['image_encoding']}), suite {info['suite']['name']!r}")
+    print(f"held out: {info['split']['description']}; statistics over {info.get('stats_over', 'all episodes')}")
+    print(f"{'scenario':<24}{'episodes':>9}{'held out':>9}{'steps':>8}{'expert success':>16}{'expert collision':>18}")
+    for name, s in info["scenarios"].items():
+        print(f"{name:<24}{s['episodes']:>9}{s.get('held_out', 0):>9}{s['steps']:>8}{s['expert_success_rate']:>16.2f}"
+              f"{s['expert_collision_rate']:>18.2f}")
+    for key in ("action_stats", "state_stats"):
+        stats = info.get(key)
+        if stats:
+            for i, name in enumerate(stats["names"]):
+                print(f"{key.split('_')[0]} {name:<12} mean {stats['mean'][i]:+8.3f}  std {stats['std'][i]:7.3f}  "
+                      f"q01 {stats['q01'][i]:+8.3f}  q99 {stats['q99'][i]:+8.3f}")
+    return info

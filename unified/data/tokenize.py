@@ -1,15 +1,6 @@
 """`unified data tokenize`: encode an episode store once into memory-mapped token arrays (training never runs
-the image encoder), and `TokenShards`, which turns them into samples for the sequence builders.
-
-The store's held-out episodes are written too, flagged, so that a run can report a validation loss on them;
-samples for training come only from the training episodes (`TokenShards.index(task, split="train")`).
-
-    SHARDS/meta.json       counts, horizon, history, tasks, the source store and tokenizer directory
-    SHARDS/layout.json     the token layout all ids below are global in
-    SHARDS/*.npy           image (N, 64), action (N, D), action_values (N, D) float32, state (N, S),
-                           state_values (N, S) float32,
-                           episode (N,), step (N,), instruction (N,), reason (N,) -> rows of the text table,
-                           text_ids (flat), text_offsets (K + 1,), operator_* (M,) rows of the text table
+the image encoder; the format and the reader, `TokenShards`, are in `unified.data.shards`). The store's held-out
+episodes are written too, flagged, for a validation loss; training samples come only from the training episodes.
 """
 
 from __future__ import annotations
@@ -20,16 +11,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from unified.data.shards import FORMAT, FORMAT_VERSION, TokenShards
 from unified.data.store import EpisodeStore
 from unified.errors import UnifiedError
-from unified.layout import TokenLayout
 from unified.outputs import staged_dir
-from unified.sequences import TASKS, Sample
+from unified.sequences import TASKS
 from unified.sim.causation import DECISIONS
 from unified.tokenizers.fit import Tokenizers
-
-FORMAT = "unified-token-shards"
-FORMAT_VERSION = 1
 
 
 class _TextTable:
@@ -158,135 +146,3 @@ def _operators(directory: Path, hops: str, table: _TextTable) -> dict[str, list[
             except (json.JSONDecodeError, KeyError, ValueError) as e:
                 raise UnifiedError(f"{path}:{line_number}: not an operator example ({e})") from None
     return rows
-
-
-class TokenShards:
-    """Memory-mapped token arrays and the samples they hold, by task."""
-
-    def __init__(self, directory: str | Path):
-        self.root = Path(directory)
-        meta_path = self.root / "meta.json"
-        if not meta_path.is_file():
-            raise UnifiedError(f"{self.root}: not a token shard directory (no meta.json); make one with "
-                               "`unified data tokenize`")
-        self.meta = json.loads(meta_path.read_text())
-        if self.meta.get("format") != FORMAT or self.meta.get("format_version") != FORMAT_VERSION:
-            raise UnifiedError(f"{meta_path}: not token shards of format version {FORMAT_VERSION}")
-        self.layout = TokenLayout.load(self.root / "layout.json")
-        self.horizon, self.history = self.meta["horizon"], self.meta["history"]
-        self.arrays = {p.stem: np.load(p, mmap_mode="r") for p in self.root.glob("*.npy")}
-        starts = np.cumsum([0] + [e["steps"] for e in self.meta["episodes"]])
-        self.episode_start = {e["index"]: int(s) for e, s in zip(self.meta["episodes"], starts)}
-        self._index: dict[tuple[str, str], np.ndarray] = {}
-        from unified.tokenizers.normalization import QuantileNormalizer
-
-        # None for shards written before the range was recorded: they give no continuous-head targets.
-        self.action_normalizer = (QuantileNormalizer.from_stats(self.meta["action_range"], f"{meta_path}: action_range")
-                                  if "action_range" in self.meta else None)
-        self.state_normalizer = (QuantileNormalizer.from_stats(self.meta["state_range"], f"{meta_path}: state_range")
-                                 if "state_range" in self.meta and "state_values" in self.arrays else None)
-
-    def _text(self, row: int) -> np.ndarray:
-        offsets = self.arrays["text_offsets"]
-        return np.asarray(self.arrays["text_ids"][offsets[row]:offsets[row + 1]], np.int64)
-
-    def index(self, task: str, split: str = "train") -> np.ndarray:
-        """Global step rows (or operator rows for `text`) at which a sample of `task` starts, in the store's
-        training episodes (`split="train"`) or its held-out ones (`"held_out"`, for a validation loss only)."""
-        if split not in ("train", "held_out"):
-            raise UnifiedError(f"split must be 'train' or 'held_out', got {split!r}")
-        if (task, split) not in self._index:
-            if task == "text":
-                count = len(self.arrays.get("operator_question", [])) if split == "train" else 0
-                self._index[(task, split)] = np.arange(count)
-            else:
-                rows = []
-                for e in self.meta["episodes"]:
-                    if bool(e.get("held_out")) != (split == "held_out"):
-                        continue
-                    start, n = self.episode_start[e["index"]], e["steps"]
-                    # The world task needs the frame after the chunk; both need a whole chunk of actions.
-                    last = n - self.horizon - (1 if task == "world" else 0)
-                    rows.append(start + np.arange(0, last + 1))
-                self._index[(task, split)] = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-        return self._index[(task, split)]
-
-    def sample(self, task: str, row: int, with_state: bool = True, state_dims: int | None = None) -> Sample:
-        a = self.arrays
-        if task == "text":
-            steps = int(a["operator_steps"][row])
-            return Sample(
-                task, question=self._text(int(a["operator_question"][row])),
-                steps=self._text(steps) if steps >= 0 else np.zeros(0, np.int64),
-                answer=self._text(int(a["operator_answer"][row])), id=f"operator {row}",
-            )
-        episode_first = row - int(a["step"][row])
-        history = [max(episode_first, row - k) for k in range(self.history - 1, -1, -1)]
-        sample = Sample(
-            task,
-            frames=np.asarray(a["image"][history], np.int64),
-            actions=np.asarray(a["action"][row:row + self.horizon], np.int64),
-            id=f"episode {int(a['episode'][row])} step {int(a['step'][row])}",
-        )
-        if task in ("policy", "policy_reason"):
-            sample.instruction = self._text(int(a["instruction"][row]))
-            sample.state = np.asarray(a["state"][row][:state_dims], np.int64) if with_state else None
-            sample.reason = self._text(int(a["reason"][row]))
-            if self.action_normalizer is not None:
-                values = np.asarray(a["action_values"][row:row + self.horizon], np.float64)
-                sample.action_values = self.action_normalizer.normalize(values).astype(np.float32)
-            if with_state and self.state_normalizer is not None:
-                values = self.state_normalizer.normalize(np.asarray(a["state_values"][row], np.float64))
-                sample.state_values = values[:state_dims].astype(np.float32)
-        if task == "world":
-            sample.next_frame = np.asarray(a["image"][row + self.horizon], np.int64)
-        return sample
-
-    def action_values(self, row: int) -> np.ndarray:
-        """(H, D) float32 actions of the chunk at `row`, in the simulator's units."""
-        return np.asarray(self.arrays["action_values"][row:row + self.horizon])
-
-
-def inspect_shards(
-    shards: Path, *, seq_len: int = 1024, batch_size: int = 8, dump: int = 1, max_samples: int = 4000,
-    image_weight: float = 0.04,
-) -> dict:
-    """Print sample counts, the packing efficiency (non-pad fraction) at `seq_len`, and `dump` samples per task
-    as readable tokens."""
-    from unified.packing import pack
-    from unified.sequences import build
-    from unified.sequences import dump as render
-
-    store = TokenShards(shards)
-    rng = np.random.default_rng(0)
-    tasks = list(store.meta["tasks"])
-    if store.meta["operators"] and "text" not in tasks:
-        tasks.append("text")
-    counts = {task: len(store.index(task)) for task in tasks}
-    held = {task: len(store.index(task, "held_out")) for task in tasks}
-    print(f"{shards}: training samples " + ", ".join(f"{t} {n}" for t, n in counts.items())
-          + f"; held out ({store.meta.get('held_out', 'no rule')}, never trained on): "
-          + ", ".join(f"{t} {n}" for t, n in held.items()))
-    text = None
-    tokenizer_dir = Path(store.meta["tokenizer"])
-    if (tokenizer_dir / "text").is_dir():
-        from unified.tokenizers.text import TextTokenizer
-
-        text = TextTokenizer.from_pretrained(tokenizer_dir / "text").decode
-    chosen = []
-    for task, n in counts.items():
-        rows = rng.choice(store.index(task), size=min(n, max_samples // len(counts)), replace=False) if n else []
-        built = [build(store.sample(task, int(r)), store.layout, image_weight) for r in rows]
-        for b in built[:dump]:
-            print(render(b, store.layout, text))
-        chosen += built
-    order = rng.permutation(len(chosen))
-    batches = list(pack([chosen[i] for i in order], seq_len, batch_size, store.layout))
-    real = sum(int((b.task_ids >= 0).sum()) for b in batches)
-    total = sum(b.task_ids.size for b in batches)
-    efficiency = real / max(total, 1)
-    lengths = {t: float(np.mean([len(b) for b in chosen if b.task == t])) for t in counts if counts[t]}
-    print("mean sample length: " + ", ".join(f"{t} {v:.0f}" for t, v in lengths.items()))
-    print(f"packing efficiency at seq_len {seq_len}: {efficiency:.1%} non-pad over {len(batches)} batches "
-          f"of {batch_size} ({len(chosen)} samples)")
-    return {"samples": counts, "held_out_samples": held, "packing_efficiency": efficiency, "mean_length": lengths}

@@ -215,3 +215,12 @@ def _road_nodes(cls: type, config: str) -> set[str]:
         _NODES[(cls, config)] = set(graph) | {node for ends in graph.values() for node in ends}
         env.close()
     return _NODES[(cls, config)]
+
+
+def data_scenarios() -> list[str]:
+    """`unified data scenarios`: print the highway-env ids usable in a suite, with the config keys each accepts."""
+    ids = env_ids()
+    for env_id in ids:
+        keys = sorted(k for k in env_class(env_id).default_config() if k not in SUITE_OWNED_KEYS)
+        print(f"{env_id}: {', '.join(keys)}")
+    return ids
