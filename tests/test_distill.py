@@ -133,7 +133,7 @@ def test_the_teacher_reads_its_own_reasoning_generated_once_and_cached(shards, m
     save_model(teacher, tokenizers, tmp_path / "teacher")
     batches = MixtureBatches(shards, {"policy": 1.0}, 256, 2, seed=0)
     rows = student_rows(batches, steps=3, grad_accum=1, world=2)  # every state the run will train on
-    seen = {sample_row_of(shards, i) for s in range(3) for r in range(2) for row in batches.batch(s, 0, r).sample_ids
+    seen = {sample_row_of(shards, i) for s in range(3) for r in range(2) for row in batches.batch(s, r).sample_ids
             for i in row}
     assert set(rows) == seen
     reasoning = teacher_reasoning(tmp_path / "teacher", shards, rows, workers=2, progress=False)
@@ -153,7 +153,7 @@ def test_the_teacher_reads_its_own_reasoning_generated_once_and_cached(shards, m
     again = teacher_reasoning(tmp_path / "teacher", shards, rows, workers=2, progress=False)
     assert all(np.array_equal(again[r], reasoning[r]) for r in rows)
     # The targets follow the reasoning the teacher read: its own and the recorded sentence give different ones.
-    batch = batches.batch(0, 0, 0)
+    batch = batches.batch(0, 0)
     own = distill_targets(teacher, shards, batch, reasoning=reasoning)["soft_logprobs"]
     recorded = distill_targets(teacher, shards, batch)["soft_logprobs"]
     assert own.shape == recorded.shape and not torch.allclose(own, recorded, atol=1e-4)

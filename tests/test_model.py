@@ -86,6 +86,30 @@ def test_loss_is_computed_on_targets_only(shards):
     assert metrics["tokens"] == (tensors["targets"] != IGNORE).sum()
 
 
+def test_flex_attention_block_mask_equals_the_dense_mask(shards):
+    """attention=flex: rows packed without a dense mask, the rule rebuilt as a flex-attention BlockMask from the
+    segments and action blocks; logits and loss equal the dense-mask SDPA path's (padding included). (Flex
+    attention has no backward on the CPU: training with it needs a GPU, and says so.)"""
+    from unified.packing import collate
+
+    model = tiny_model(shards.layout)
+    rows = [[build(shards.sample(t, int(shards.index(t)[i])), shards.layout) for t in ("policy_reason", "world")]
+            for i in (0, 3)]
+    dense = collate(rows, 256, shards.layout).to_torch()
+    sparse = collate(rows, 256, shards.layout, dense_mask=False).to_torch()
+    assert "segment" in sparse and "segment" not in dense and sparse["attention_mask"].numel() == 0
+    assert (sparse["segment"] == -1).any()  # the rows end in padding
+    from unified.model import block_mask
+
+    with torch.no_grad():
+        torch.testing.assert_close(model(sparse)[0], model(dense)[0], rtol=1e-5, atol=1e-5)
+        a, _ = model.logits(dense["input_ids"], dense["attention_mask"], dense["position_ids"])
+        b, _ = model.logits(sparse["input_ids"], block_mask(sparse["segment"], sparse["action_block"]),
+                            sparse["position_ids"])
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert model.backbone.config._attn_implementation == "sdpa"  # the block mask chose the kernel for that call
+
+
 def test_action_targets_spread_over_neighbouring_bins(shards, tokenizers):
     """`action_label_sigma`: an action position's loss is the cross-entropy against a Gaussian over its own
     dimension's bins (a narrow one is the one-hot loss); every other position keeps its loss."""

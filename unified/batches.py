@@ -23,7 +23,7 @@ class MixtureBatches:
     def __init__(self, shards: TokenShards, tasks: dict[str, float], seq_len: int, batch_size: int, seed: int,
                  image_weight: float = 0.04, task_weights: dict[str, float] | None = None, with_state: bool = True,
                  state_dims: int | None = None, split: str = "train", balance: float = 0.0, turn_weight: float = 1.0,
-                 image_dropout: float = 0.0):
+                 image_dropout: float = 0.0, dense_mask: bool = True):
         """`split="held_out"` draws from the store's held-out episodes instead, for a validation loss (tasks without
         held-out samples, such as the operator questions, are left out). `balance` > 0 draws the policy samples of
         rare decisions more often: a sample's weight is (the share of its decision) ** -balance, so 0 draws
@@ -35,7 +35,7 @@ class MixtureBatches:
         self.shards, self.seq_len, self.batch_size, self.seed = shards, seq_len, batch_size, seed
         self.image_weight, self.task_weights, self.with_state = image_weight, task_weights or {}, with_state
         self.state_dims, self.split, self.balance, self.turn_weight = state_dims, split, balance, turn_weight
-        self.image_dropout = image_dropout
+        self.image_dropout, self.dense_mask = image_dropout, dense_mask
         self._draw: dict[str, np.ndarray | None] = {}
         self.tasks = [t for t, w in tasks.items() if w > 0 and (split == "train" or len(shards.index(t, split)))]
         if not self.tasks:
@@ -98,7 +98,7 @@ class MixtureBatches:
                 continue
             rows[target].append(built)
             room[target] -= len(built)
-        return collate(rows, self.seq_len, self.shards.layout)
+        return collate(rows, self.seq_len, self.shards.layout, self.dense_mask)
 
 
 class StepBatches:

@@ -160,6 +160,22 @@ def gather_prompts(hidden: torch.Tensor, index: torch.Tensor) -> tuple[torch.Ten
     return memory, offsets[None] >= lengths[:, None]
 
 
+def block_mask(segment: torch.Tensor, action_block: torch.Tensor):
+    """The packed rows' attention rule (`unified.packing.attention_mask`: causal within a sample, no action block
+    seeing another of its chunk, padding on itself) as a flex-attention `BlockMask` built on the ids' device from
+    the (B, T) segments and action blocks, so that no (B, 1, T, T) tensor exists and fully masked blocks are
+    skipped."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def rule(b, h, q, kv):
+        same = (segment[b, q] == segment[b, kv]) & (segment[b, q] >= 0)
+        other = (action_block[b, q] >= 0) & (action_block[b, kv] >= 0) & (action_block[b, q] != action_block[b, kv])
+        return (same & (kv <= q) & ~other) | (q == kv)
+
+    batch, length = segment.shape
+    return create_block_mask(rule, batch, None, length, length, device=segment.device)
+
+
 class UnifiedModel(nn.Module):
     """`forward(batch) -> (loss, metrics)` for training; `logits` for generation."""
 
@@ -201,12 +217,20 @@ class UnifiedModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def logits(self, input_ids, attention_mask=None, position_ids=None, cache=None, hidden: bool = False):
-        """(B, T) ids, (B, 1, T, T_kv) bool mask -> ((B, T, V) logits, cache), plus the (B, T, C) last hidden
-        states when `hidden`."""
-        out = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            cache=cache, use_cache=cache is not None, output_hidden_states=hidden,
-        )
+        """(B, T) ids, (B, 1, T, T_kv) bool mask (SDPA) or a flex-attention `BlockMask` (see `block_mask`) ->
+        ((B, T, V) logits, cache), plus the (B, T, C) last hidden states when `hidden`."""
+        kernel = self.backbone.config._attn_implementation
+        flex = type(attention_mask).__name__ == "BlockMask"
+        if flex:
+            self.backbone.set_attn_implementation("flex_attention")
+        try:
+            out = self.backbone(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                cache=cache, use_cache=cache is not None, output_hidden_states=hidden,
+            )
+        finally:
+            if flex:
+                self.backbone.set_attn_implementation(kernel)
         if hidden:
             return out.logits, out.cache, out.hidden_states[-1]
         return out.logits, out.cache
@@ -239,7 +263,8 @@ class UnifiedModel(nn.Module):
         bins, `distill` = [ce_weight, kl_weight, temperature]; see `unified.distill`) the loss is
         ce_weight * cross-entropy + kl_weight * KL(teacher || student) on those positions."""
         use_head = self.action_head is not None and len(batch.get("head_index", ())) > 0
-        out = self.logits(batch["input_ids"], batch["attention_mask"], batch["position_ids"], hidden=use_head)
+        mask = block_mask(batch["segment"], batch["action_block"]) if "segment" in batch else batch["attention_mask"]
+        out = self.logits(batch["input_ids"], mask, batch["position_ids"], hidden=use_head)
         logits = out[0].float()
         targets, weights = batch["targets"], batch["weights"]
         ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")

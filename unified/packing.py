@@ -31,7 +31,9 @@ def attention_mask(segment: np.ndarray, action_block: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Batch:
-    """Packed rows. Shapes: (B, T) except attention_mask (B, 1, T, T)."""
+    """Packed rows. Shapes: (B, T) except attention_mask (B, 1, T, T), or (0,) when the batch was made for a
+    block mask (`collate(dense_mask=False)`: the mask is then rebuilt on the device from `segment` and
+    `action_block`, see `unified.model.block_mask`)."""
 
     input_ids: np.ndarray
     targets: np.ndarray
@@ -43,6 +45,8 @@ class Batch:
     head_index: np.ndarray  # (S, 3) [row, first position, position of <act>] of each policy sample with values
     head_targets: np.ndarray  # (S, H, D) its normalised action chunk
     head_states: np.ndarray  # (S, K) its normalised ego state ((S, 0) where the shards hold none)
+    segment: np.ndarray | None = None  # (B, T) the sample each position belongs to within its row, -1 for padding
+    action_block: np.ndarray | None = None  # (B, T) the action block of each position, -1 outside one
 
     @property
     def efficiency(self) -> float:
@@ -62,7 +66,10 @@ class Batch:
             "head_index": torch.from_numpy(self.head_index).to(device),
             "head_targets": torch.from_numpy(self.head_targets).to(device),
             "head_states": torch.from_numpy(self.head_states).to(device),
-        }
+        } | ({} if self.attention_mask.size else {
+            "segment": torch.from_numpy(self.segment).to(device),
+            "action_block": torch.from_numpy(self.action_block).to(device),
+        })
 
 
 def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -81,8 +88,9 @@ def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def collate(rows: list[list[Built]], seq_len: int, layout: TokenLayout) -> Batch:
-    """Lay out each row's samples one after another and pad to `seq_len`."""
+def collate(rows: list[list[Built]], seq_len: int, layout: TokenLayout, dense_mask: bool = True) -> Batch:
+    """Lay out each row's samples one after another and pad to `seq_len`. Without `dense_mask` no (B, 1, T, T)
+    mask is built (64 MB at 4 rows of 2048): the model builds a flex-attention block mask from the segments."""
     b = len(rows)
     pad = layout.special("<pad>")
     input_ids = np.full((b, seq_len), pad, np.int64)
@@ -90,7 +98,9 @@ def collate(rows: list[list[Built]], seq_len: int, layout: TokenLayout) -> Batch
     weights = np.zeros((b, seq_len), np.float32)
     position_ids = np.zeros((b, seq_len), np.int64)
     task_ids = np.full((b, seq_len), -1, np.int8)
-    masks = np.zeros((b, 1, seq_len, seq_len), bool)
+    masks = np.zeros((b, 1, seq_len, seq_len) if dense_mask else (0,), bool)
+    segments = np.full((b, seq_len), -1, np.int64)
+    blocks = np.full((b, seq_len), -1, np.int16)
     sample_ids, head_index, head_targets, head_states = [], [], [], []
     for r, row in enumerate(rows):
         segment = np.full(seq_len, -1, np.int64)
@@ -114,13 +124,16 @@ def collate(rows: list[list[Built]], seq_len: int, layout: TokenLayout) -> Batch
                 head_targets.append(built.action_values)
                 head_states.append(built.state_values if built.state_values is not None else np.zeros(0, np.float32))
             start = stop
-        masks[r, 0] = attention_mask(segment, block)
+        if dense_mask:
+            masks[r, 0] = attention_mask(segment, block)
+        segments[r], blocks[r] = segment, block
         sample_ids.append([x.id for x in row])
     return Batch(
         input_ids, targets, weights, position_ids, masks, task_ids, sample_ids,
         np.asarray(head_index, np.int64).reshape(-1, 3),
         np.stack(head_targets).astype(np.float32) if head_targets else np.zeros((0, 0, 0), np.float32),
         np.stack(head_states).astype(np.float32) if head_states else np.zeros((0, 0), np.float32),
+        segments, blocks,
     )
 
 

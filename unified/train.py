@@ -48,17 +48,19 @@ def deepspeed_dir(recipe: str | Path) -> Path:
     return beside if (beside / "deepspeed").is_dir() else RECIPES
 
 
-def mixture(config, shards, split: str = "train"):
+def mixture(config, shards, split: str = "train", gpu: bool = False):
     """The recipe's batches: training draws with its balance, turn weight and image dropout; the held-out split
-    (validation) draws uniformly and keeps every frame."""
+    (validation) draws uniformly and keeps every frame. Rows carry a dense mask unless they attend by flex
+    attention."""
     from unified.batches import MixtureBatches
+    from unified.train_config import uses_flex
 
     extra = dict(balance=config.data.balance, turn_weight=config.data.turn_weight,
                  image_dropout=config.data.image_dropout) if split == "train" else {}
     return MixtureBatches(shards, config.data.tasks, config.data.seq_len, config.data.batch_size, config.seed,
                           config.model.image_loss_weight, config.model.task_weights,
                           config.data.with_state and config.model.use_state, config.model.state_dims,
-                          split=split, **extra)
+                          split=split, dense_mask=not uses_flex(config, gpu), **extra)
 
 
 def prepare_data(config, run_dir: Path, progress: bool) -> Path:
@@ -238,7 +240,7 @@ def train(recipe: str, overrides: list[str], resume: bool = False, overwrite: bo
     locks, shards = prepare_run(me, resume, overwrite)  # noqa: F841 - the run's locks, held while it trains
     point = resume_point(me, resume)
     model = build_model(me, shards, point)
-    batches = mixture(me.config, shards)
+    batches = mixture(me.config, shards, gpu=me.gpu)
     teacher = None
     if me.config.distill.teacher:
         from unified.distill import Teacher
@@ -271,6 +273,9 @@ def start(recipe: str, overrides: list[str]) -> Rank:
 
     config = load_recipe(recipe, overrides)
     gpu = torch.cuda.is_available()
+    if config.attention == "flex" and not gpu:
+        raise UnifiedError("attention=flex trains on GPUs only (PyTorch's flex attention has no backward on the "
+                           "CPU); use attention=sdpa or auto")
     deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if gpu else torch.device("cpu")
     if gpu:
@@ -556,7 +561,7 @@ class Keeper:
         config = me.config
         self.me, self.shards = me, shards
         self.average = ema.module if ema is not None else None  # what checkpoints save as the model, if any
-        self.held_out = mixture(config, shards, split="held_out") if config.val_every else None
+        self.held_out = mixture(config, shards, split="held_out", gpu=me.gpu) if config.val_every else None
         self.best = client.get("best_val_loss", float("inf"))
         self.info = {"model": to_dict(config.model), "recipe": str(me.recipe), "name": config.name,
                      "ema_decay": config.ema_decay}

@@ -123,7 +123,7 @@ def bench_train(overrides: list[str] = (), *, recipe: Path, steps: int = 10, war
     from unified.data.shards import TokenShards
     from unified.model import UnifiedModel, state_values
     from unified.train import deepspeed_dir, mixture, prepare_data
-    from unified.train_config import deepspeed_config, load_recipe
+    from unified.train_config import deepspeed_config, load_recipe, uses_flex
 
     if not Path(recipe).is_file():
         raise UnifiedError(f"--recipe {recipe}: no such file")
@@ -149,7 +149,7 @@ def bench_train(overrides: list[str] = (), *, recipe: Path, steps: int = 10, war
                                       eps=1e-8)
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
                                                config=deepspeed_config(config, 1, bf16, deepspeed_dir(recipe), gpu))
-        batches = mixture(config, shards)
+        batches = mixture(config, shards, gpu=gpu)
         total = warmup + steps
         bare_ids = [batches.batch(step).to_torch(device)["input_ids"] for step in range(total)]
         b, t = bare_ids[0].shape
@@ -195,7 +195,8 @@ def bench_train(overrides: list[str] = (), *, recipe: Path, steps: int = 10, war
         peak_flops(device, dtype, torch.get_num_threads())
     result: dict = {"recipe": str(recipe), "overrides": list(overrides), "device": _device_name(device),
                     "threads": torch.get_num_threads(), "precision": str(dtype).removeprefix("torch."),
-                    "zero_stage": config.zero_stage, "batch": [b, t], "steps": steps, "warmup": warmup,
+                    "zero_stage": config.zero_stage, "batch": [b, t],
+                    "attention": "flex" if uses_flex(config, gpu) else "sdpa", "steps": steps, "warmup": warmup,
                     "parameters": parameters, "flops_per_token": flops_per_token, "peak_flops": peak,
                     "peak": peak_note}
     for name in ("bare", "pipeline"):
@@ -225,6 +226,7 @@ def _device_name(device: torch.device) -> str:
 def report(r: dict) -> str:
     lines = [f"bench train: {r['recipe']} {' '.join(r['overrides'])}".rstrip(),
              f"{r['device']}, {r['threads']} thread(s), {r['precision']}, ZeRO-{r['zero_stage']} (one rank), "
+             f"{r['attention']} attention in the pipeline, "
              f"{r['parameters'] / 1e6:.2f} M parameters, batch {r['batch'][0]} x {r['batch'][1]}, "
              f"{r['steps']} steps each after {r['warmup']} warm-up, interleaved",
              f"peak {r['peak_flops'] / 1e9:.0f} GFLOP/s: {r['peak']}", "",

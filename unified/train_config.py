@@ -124,6 +124,10 @@ class TrainConfig:
     # 1 - (1 + step) ** -2/3 up to this cap; 0: none). With it, a checkpoint's model.safetensors (what validation,
     # export, fine-tuning and distillation read) holds the averaged weights and training.safetensors the trained ones.
     ema_decay: float = 0.0
+    # How packed rows attend: sdpa with a dense (B, 1, T, T) mask, or flex attention with a block mask built from
+    # the samples' segments (no dense mask; fully masked blocks skipped; compiled on first use); auto: flex on
+    # GPUs, sdpa on the CPU (PyTorch's flex attention has no backward there).
+    attention: Literal["auto", "sdpa", "flex"] = "auto"
     on_nan: Literal["stop", "skip"] = "stop"  # a NaN/inf loss stops the run (naming step, task, samples) or is skipped
     max_skipped: int = 10  # with on_nan: skip, stop after this many skipped steps
     gpu: dict[str, Any] = field(default_factory=dict)  # overrides applied when a GPU is present
@@ -153,6 +157,11 @@ class TrainConfig:
         unknown = sorted(set(self.data.tasks) - {"policy_reason", "policy", "world", "text"})
         if unknown:
             raise UnifiedError(f"data.tasks: unknown task(s) {unknown}; tasks are policy_reason, policy, world, text")
+
+
+def uses_flex(config: TrainConfig, gpu: bool) -> bool:
+    """Whether packed rows attend through a flex-attention block mask (`attention`, auto: on GPUs)."""
+    return config.attention == "flex" or (config.attention == "auto" and gpu)
 
 
 def run_inputs(config: TrainConfig) -> list[str]:
