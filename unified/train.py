@@ -28,6 +28,18 @@ from unified.errors import UnifiedError
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
+def device_peak(me) -> float:
+    """The denominator of MFU: the documented peak of this rank's CPU cores or GPU (`unified.train_bench`), or, for
+    a GPU whose data sheet it does not know, the rate of a large matmul measured here."""
+    from unified.train_bench import peak_flops
+
+    dtype = torch.bfloat16 if me.bf16 else torch.float32
+    try:
+        return peak_flops(me.device, dtype, torch.get_num_threads())[0]
+    except UnifiedError:
+        return measure_peak_flops(me.device, dtype)
+
+
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
     """Achievable FLOP/s of a large matmul on this device: the denominator of MFU."""
     n = 1024
@@ -455,6 +467,7 @@ def make_engine(me: Rank, model, point: ResumePoint):
 class StepResult:
     loss: float  # mean over micro steps and ranks
     tokens: int  # target tokens on this rank
+    positions: int  # positions processed on this rank (rows x seq_len: what the FLOPs are spent on)
     metrics: dict[str, float]  # loss/TASK and accuracy/TASK on this rank
     seconds: float
 
@@ -468,7 +481,7 @@ def train_step(me: Rank, engine, step: int, micro_batches: list, teacher, skippe
     from unified.sequences import TASKS
 
     config, started = me.config, time.perf_counter()
-    total, tokens, metrics = 0.0, 0, {}
+    total, tokens, positions, metrics = 0.0, 0, 0, {}
     for batch in micro_batches:
         tensors = batch.to_torch(me.device)
         if teacher is not None:
@@ -489,12 +502,13 @@ def train_step(me: Rank, engine, step: int, micro_batches: list, teacher, skippe
         engine.step()
         total += float(loss.detach()) / len(micro_batches)
         tokens += int(found["tokens"])
+        positions += batch.input_ids.size
         for k, v in found.items():
             if k.startswith(("loss/", "accuracy/")):
                 metrics[k] = metrics.get(k, 0.0) + float(v) / len(micro_batches)
     mean = torch.tensor(total, device=me.device, dtype=torch.float64)
     dist.all_reduce(mean)
-    return StepResult(float(mean) / me.world, tokens, metrics, time.perf_counter() - started)
+    return StepResult(float(mean) / me.world, tokens, positions, metrics, time.perf_counter() - started)
 
 
 class TrainingLog:
@@ -509,8 +523,10 @@ class TrainingLog:
         self.path = me.run_dir / "losses.jsonl"
         self.losses = _read_losses(self.path, start_step) if me.main else []
         self.writer = SummaryWriter(str(me.run_dir / "tensorboard")) if me.main else None
-        self.peak = measure_peak_flops(me.device, torch.bfloat16 if me.bf16 else torch.float32)
-        self.flops_per_token = 6 * sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+        self.peak = device_peak(me)
+        from unified.train_bench import model_flops_per_token
+
+        self.flops_per_token = model_flops_per_token(engine.module, me.config.data.seq_len)
         self.bar = tqdm(total=me.config.steps, initial=start_step, desc=me.config.name, unit="step",
                         disable=not me.main, dynamic_ncols=True)
 
@@ -537,7 +553,8 @@ class TrainingLog:
             if grad_norm is not None:
                 w.add_scalar("train/grad_norm", float(grad_norm), step)
             w.add_scalar("train/tokens_per_s", tokens_per_s * me.world, step)
-            w.add_scalar("train/mfu", self.flops_per_token * tokens_per_s / self.peak, step)
+            positions_per_s = result.positions / max(result.seconds, 1e-9)
+            w.add_scalar("train/mfu", self.flops_per_token * positions_per_s / self.peak, step)
             for k, v in result.metrics.items():
                 w.add_scalar(k, v, step)
 

@@ -8,8 +8,9 @@ each in turn (the order alternating), so that a noisy machine slows both alike:
 - pipeline: what `unified.train` runs: the batch drawn from the task mixture and packed, the block-diagonal and
   action-chunk mask, the weighted loss, the DeepSpeed engine at the recipe's ZeRO stage (one rank here).
 
-Tokens/s counts the rows' positions (batch x seq_len) for both. MFU divides the model FLOPs per token (6 x
-parameters + 12 x layers x hidden x seq_len for attention) by a peak: on a GPU the card's dense bf16
+Tokens/s counts the rows' positions (batch x seq_len) for both. MFU divides the model FLOPs per token (6 x the
+parameters that multiply, i.e. all but the input embedding table, + 12 x layers x hidden x seq_len for attention)
+by a peak: on a GPU the card's dense bf16
 specification, on a CPU the documented vector peak of the cores used (see `cpu_peak_flops`).
 """
 
@@ -189,8 +190,7 @@ def bench_train(overrides: list[str] = (), *, recipe: Path, steps: int = 10, war
                         times[name][phase].append(seconds)
 
     parameters = sum(p.numel() for p in model.parameters())
-    cfg = config.model
-    flops_per_token = 6 * parameters + 12 * cfg.num_layers * cfg.hidden_size * t
+    flops_per_token = model_flops_per_token(model, t)
     peak, peak_note = (peak_flops_per_s, "given with --peak-flops-per-s") if peak_flops_per_s else \
         peak_flops(device, dtype, torch.get_num_threads())
     result: dict = {"recipe": str(recipe), "overrides": list(overrides), "device": _device_name(device),
@@ -215,6 +215,16 @@ def bench_train(overrides: list[str] = (), *, recipe: Path, steps: int = 10, war
         Path(json).write_text(json_module.dumps(result, indent=2) + "\n")
         print(f"wrote {json}")
     return result
+
+
+def model_flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x the parameters that take part in matrix products (all but the input embedding
+    table, a lookup) + 12 x layers x hidden x seq_len for the attention scores and their use (PaLM's count)."""
+    numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731 - partitioned under ZeRO-3
+    embedding = numel(model.backbone.get_input_embeddings().weight)
+    matmul = sum(numel(p) for p in model.parameters()) - embedding
+    config = model.backbone.config
+    return 6 * matmul + 12 * config.num_hidden_layers * config.hidden_size * seq_len
 
 
 def _device_name(device: torch.device) -> str:
