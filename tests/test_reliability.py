@@ -123,6 +123,7 @@ def output_cases(model_data, export, run):
         "eval distill": lambda f, t: ["--study", ROOT / "recipes" / "study.yaml", "--out", f],
         "eval ablation": lambda f, t: ["--spec", ROOT / "recipes" / "ablation.yaml", "--out", f],
         "bench latency": lambda f, t: ["--models", export, "--data", store, "--json", t],
+        "bench train": lambda f, t: ["--recipe", DEBUG, f"data={shards}", *TINY, "--steps", 1, "--json", t],
         "eval state-response": lambda f, t: ["--model", export, "--data", store, "--json", t],
         "baseline fit-state-mlp": lambda f, t: ["--data", store, "--out", f, "--steps", 2],
     }

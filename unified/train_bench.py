@@ -17,7 +17,6 @@ specification, on a CPU the documented vector peak of the cores used (see `cpu_p
 from __future__ import annotations
 
 import copy
-import json as json_module
 import os
 import re
 import socket
@@ -123,12 +122,15 @@ def bench_train(overrides: list[str] = (), *, recipe: Path, steps: int = 10, war
 
     from unified.data.shards import TokenShards
     from unified.model import UnifiedModel, state_values
+    from unified.outputs import check_file, write_report
     from unified.train import deepspeed_dir, mixture, prepare_data
     from unified.train_config import deepspeed_config, load_recipe, uses_flex
 
     if not Path(recipe).is_file():
         raise UnifiedError(f"--recipe {recipe}: no such file")
     config = load_recipe(recipe, list(overrides))
+    if json is not None:  # a bad path fails now, not after the benchmark
+        check_file(json, "bench-train", [recipe, config.data.path or None, config.data.tokenizer or None])
     if config.distill.teacher or config.lora.enabled or config.model.action_head:
         raise UnifiedError("bench train measures the backbone's training path: use a recipe without a distillation "
                            "teacher, LoRA or a continuous head (e.g. recipes/joint.yaml)")
@@ -212,7 +214,7 @@ def bench_train(overrides: list[str] = (), *, recipe: Path, steps: int = 10, war
     result["pipeline_data_share"] = split["data"] / sum(split.values())
     print(report(result))
     if json:
-        Path(json).write_text(json_module.dumps(result, indent=2) + "\n")
+        write_report(Path(json), result, "bench-train")
         print(f"wrote {json}")
     return result
 
