@@ -199,7 +199,8 @@ def universal_path(directory: Path) -> Path:
 
 def to_universal(directory: Path) -> Path:
     """DeepSpeed's universal checkpoint of `directory` (fp32 weights and optimizer moments per parameter, free of
-    the number of ranks that wrote them), made once (written aside and renamed) and reused. Rank 0 only."""
+    the number of ranks that wrote them), made once (written aside and renamed) and reused while the checkpoint it
+    came from is unchanged. Rank 0 only."""
     import argparse
     import contextlib
     import io
@@ -207,8 +208,11 @@ def to_universal(directory: Path) -> Path:
     from deepspeed.checkpoint.ds_to_universal import main as convert
 
     out = universal_path(directory)
-    if (out / "zero").is_dir():
+    source = sha256_file(Path(directory) / "manifest.json")  # a step rewritten by a later run is converted again
+    marker = out / "source.sha256"
+    if (out / "zero").is_dir() and marker.is_file() and marker.read_text().strip() == source:
         return out
+    shutil.rmtree(out, ignore_errors=True)
     staging = out.parent / f".tmp_{out.name}"
     shutil.rmtree(staging, ignore_errors=True)
     print(f"{directory}: converting to a universal checkpoint ({out}), to resume on another number of ranks",
@@ -217,6 +221,7 @@ def to_universal(directory: Path) -> Path:
         convert(argparse.Namespace(input_folder=str(directory), output_folder=str(staging), num_extract_workers=1,
                                    num_merge_workers=1, keep_temp_folder=False, strict=True,
                                    inject_missing_state=True))
+    (staging / "source.sha256").write_text(source + "\n")
     os.replace(staging, out)
     return out
 
