@@ -93,6 +93,16 @@ def test_deepspeed_settings_come_from_the_json_and_its_gpu_section(tmp_path):
         deepspeed_config(config, 1, False, tmp_path)
 
 
+def test_packed_attention_kernel_by_device():
+    from unified.train_config import uses_flex
+
+    auto = load_recipe(DEBUG, gpu=False)
+    assert (uses_flex(auto, gpu=False), uses_flex(auto, gpu=True)) == (False, True)
+    assert not uses_flex(load_recipe(DEBUG, ["attention=sdpa"], gpu=True), gpu=True)
+    with pytest.raises(UnifiedError, match="attention=flex trains on GPUs only"):
+        uses_flex(load_recipe(DEBUG, ["attention=flex"], gpu=False), gpu=False)
+
+
 def test_unknown_key_on_the_command_line_starts_no_rank(tmp_path):
     result = subprocess.run([str(BIN / "unified"), "train", "--recipe", str(DEBUG), "--ranks", "2", "modle.x=1"],
                             capture_output=True, text=True)

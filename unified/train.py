@@ -281,13 +281,11 @@ def start(recipe: str, overrides: list[str]) -> Rank:
     import deepspeed
     import torch.distributed as dist
 
-    from unified.train_config import load_recipe
+    from unified.train_config import load_recipe, uses_flex
 
     config = load_recipe(recipe, overrides)
     gpu = torch.cuda.is_available()
-    if config.attention == "flex" and not gpu:
-        raise UnifiedError("attention=flex trains on GPUs only (PyTorch's flex attention has no backward on the "
-                           "CPU); use attention=sdpa or auto")
+    uses_flex(config, gpu)  # refused before any rank waits on another
     deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if gpu else torch.device("cpu")
     if gpu:

@@ -160,7 +160,11 @@ class TrainConfig:
 
 
 def uses_flex(config: TrainConfig, gpu: bool) -> bool:
-    """Whether packed rows attend through a flex-attention block mask (`attention`, auto: on GPUs)."""
+    """Whether packed rows attend through a flex-attention block mask (`attention`, auto: on GPUs). Training with
+    it on a CPU is refused: PyTorch's flex attention has no backward there."""
+    if config.attention == "flex" and not gpu:
+        raise UnifiedError("attention=flex trains on GPUs only (PyTorch's flex attention has no backward on the "
+                           "CPU); use attention=sdpa or auto")
     return config.attention == "flex" or (config.attention == "auto" and gpu)
 
 
