@@ -129,7 +129,6 @@ def step_batches(batches: MixtureBatches, rank: int, accum: int, start: int, sto
     import torch.utils.data
 
     # fork: the workers share the memory-mapped shards instead of pickling them
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, list(steps)), batch_size=None,
-                                         num_workers=workers, prefetch_factor=prefetch, collate_fn=_as_is,
-                                         multiprocessing_context="fork")
+    loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=steps, num_workers=workers,
+                                         prefetch_factor=prefetch, collate_fn=_as_is, multiprocessing_context="fork")
     yield from zip(steps, loader)

@@ -230,7 +230,9 @@ class Rank:
 
     @property
     def bf16(self) -> bool:
-        return self.config.precision == "bf16" or (self.config.precision == "auto" and self.gpu)
+        from unified.train_config import uses_bf16
+
+        return uses_bf16(self.config, self.gpu)
 
 
 @dataclass

@@ -53,7 +53,7 @@ def cpu_peak_flops(threads: int, dtype: torch.dtype, cpuinfo: str | None = None,
     current = [float(m) for m in re.findall(r"^cpu MHz\s*:\s*([\d.]+)", cpuinfo, re.M)]
     mhz = (_max_mhz() if max_mhz is None else max_mhz) or max(current, default=0.0)
     if not mhz:
-        raise UnifiedError("no CPU clock in /proc/cpuinfo or lscpu: give the peak with --peak-flops")
+        raise UnifiedError("no CPU clock in /proc/cpuinfo or lscpu: give the peak with --peak-flops-per-s")
     if "avx512f" in flags:
         per_cycle, isa = 64, "AVX-512"
     elif {"avx2", "fma"} <= flags:
@@ -87,7 +87,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype, threads: int) -> tuple[
             if key in name:
                 scale = 1.0 if dtype == torch.bfloat16 else 0.5  # tf32 tensor cores: half the bf16 rate
                 return peak * scale, f"{name}: {peak * scale / 1e12:.0f} TFLOP/s dense ({dtype}) by its data sheet"
-        raise UnifiedError(f"no data-sheet peak known for {name!r}: give it with --peak-flops")
+        raise UnifiedError(f"no data-sheet peak known for {name!r}: give it with --peak-flops-per-s")
     return cpu_peak_flops(threads, dtype)
 
 
@@ -124,7 +124,7 @@ def bench_train(overrides: list[str] = (), *, recipe: Path, steps: int = 10, war
     from unified.model import UnifiedModel, state_values
     from unified.outputs import check_file, write_report
     from unified.train import deepspeed_dir, mixture, prepare_data
-    from unified.train_config import deepspeed_config, load_recipe, uses_flex
+    from unified.train_config import deepspeed_config, load_recipe, uses_bf16, uses_flex
 
     if not Path(recipe).is_file():
         raise UnifiedError(f"--recipe {recipe}: no such file")
@@ -138,7 +138,7 @@ def bench_train(overrides: list[str] = (), *, recipe: Path, steps: int = 10, war
     device = torch.device("cuda", 0) if gpu else torch.device("cpu")
     if threads:
         torch.set_num_threads(threads)
-    bf16 = config.precision == "bf16" or (config.precision == "auto" and gpu)
+    bf16 = uses_bf16(config, gpu)
     dtype = torch.bfloat16 if bf16 else torch.float32
     _single_process_group(gpu)
     with tempfile.TemporaryDirectory(prefix="unified-bench-") as scratch:

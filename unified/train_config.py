@@ -159,6 +159,11 @@ class TrainConfig:
             raise UnifiedError(f"data.tasks: unknown task(s) {unknown}; tasks are policy_reason, policy, world, text")
 
 
+def uses_bf16(config: TrainConfig, gpu: bool) -> bool:
+    """Whether the run trains in bf16 (`precision`, auto: on GPUs)."""
+    return config.precision == "bf16" or (config.precision == "auto" and gpu)
+
+
 def uses_flex(config: TrainConfig, gpu: bool) -> bool:
     """Whether packed rows attend through a flex-attention block mask (`attention`, auto: on GPUs). Training with
     it on a CPU is refused: PyTorch's flex attention has no backward there."""
