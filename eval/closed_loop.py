@@ -24,7 +24,7 @@ from unified.sim.seeds import evaluation_seed
 from unified.sim.suite import load_suite
 from unified.workers import spawn_pool
 
-REPORT_VERSION = 2  # 2: per-episode rows, evaluation seeds disjoint from data seeds
+REPORT_VERSION = 3  # 2: per-episode rows, evaluation seeds disjoint from data seeds; 3: reasoning consistency, videos
 EVAL_SEED = 1000  # any value: evaluation seeds lie in a range data generation never draws from (unified.sim.seeds)
 
 
@@ -38,6 +38,8 @@ class Evaluation:
     replan_every: int | None = None  # for a model: steps between decisions (default: its chunk length)
     ensemble: float | None = None  # for a model: temporal ensembling of overlapping chunks (weight exp(-k i))
     readout: str = READOUT  # for a model acting by tokens: mode, mean or median of each action token's bins
+    videos: int = 0  # the first N episodes of every scenario are written as rollout videos ...
+    video_dir: str | None = None  # ... into this directory
 
     @property
     def learned(self) -> bool:
@@ -68,7 +70,8 @@ class _Worker:
         suite = cls.suites[evaluation.suite]
         scenario = suite.scenarios[scenario_name]
         state_only = evaluation.learned and is_state_mlp(evaluation.model)
-        key = (evaluation.suite, scenario_name, evaluation.learned and not state_only)
+        video = index < evaluation.videos
+        key = (evaluation.suite, scenario_name, (evaluation.learned and not state_only) or video)
         if key not in cls.envs:
             cls.envs[key] = make_env(suite, scenario, render=key[2])
         if state_only:
@@ -79,15 +82,21 @@ class _Worker:
             from unified.eval.model_driver import ModelDriver
 
             from unified.policy import Policy
+            from unified.serve import PolicyClient, is_url
 
             if evaluation.model not in cls.policies:
-                cls.policies[evaluation.model] = Policy.from_pretrained(evaluation.model, device=cls.device)
+                cls.policies[evaluation.model] = PolicyClient(evaluation.model) if is_url(evaluation.model) else \
+                    Policy.from_pretrained(evaluation.model, device=cls.device)
             driver = ModelDriver(cls.policies[evaluation.model], evaluation.mode, evaluation.replan_every,
                                  evaluation.ensemble, evaluation.readout)
         else:
             driver = DRIVERS[evaluation.model]()
-        episode = run_episode(suite, scenario, driver, seed, index=index, render=False, env=cls.envs[key])
+        episode = run_episode(suite, scenario, driver, seed, index=index, render=video, env=cls.envs[key])
+        if hasattr(driver, "close_windows"):  # judge the explanations whose window the episode's end cut short
+            driver.close_windows(cls.envs[key], final=True)
         decisions = getattr(driver, "decisions", None)
+        video_path = _video(evaluation, scenario_name, index, seed, episode, decisions, suite.policy_frequency) \
+            if video else None
         s = episode.summary
         # Jerk of the commanded acceleration, m/s^3: a comfort measure a passenger would feel.
         jerk = np.abs(np.diff(episode.actions[:, 0])) * suite.policy_frequency
@@ -101,7 +110,32 @@ class _Worker:
             else episode.latencies_ms.tolist(),
             "tokens_per_decision": float(np.mean([d["tokens"] for d in decisions])) if decisions else 0.0,
             "reasoning": [d["reasoning"] for d in decisions[:3]] if decisions else [],
+            # Each explained decision: the decision it states (None: outside the grammar) and whether the car did it.
+            "stated": [{"decision": d["stated"], "consistent": d.get("consistent")}
+                       for d in decisions or [] if "stated" in d],
+            "video": video_path,
         }
+
+
+def _video(evaluation: Evaluation, scenario: str, index: int, seed: int, episode, decisions, fps: float) -> str:
+    """Write one episode's rollout video into the evaluation's video directory; its path."""
+    from unified.eval.video import episode_video, outcome_of
+
+    steps = len(episode.actions)
+    if decisions is None:  # a scripted driver: its own causation record at every step
+        explanations = [c.text for c in episode.causation]
+    else:  # a learned one: the explanation of the latest decision (None when it acted without one)
+        explanations, latest = [], None
+        by_step = {d["step"]: d["reasoning"] for d in decisions}
+        for t in range(steps):
+            latest = by_step.get(t, latest)
+            explanations.append(latest)
+    name = Path(evaluation.model).name if evaluation.learned else evaluation.model
+    mode = f" ({evaluation.mode})" if evaluation.learned and not is_state_mlp(evaluation.model) else ""
+    slug = outcome_of(episode.summary).split(" (")[0].replace(" ", "_")
+    path = Path(evaluation.video_dir) / f"{scenario}_{index:03d}_{slug}.gif"
+    episode_video(path, episode, explanations, fps, f"{name}{mode} | {scenario}, seed {seed}")
+    return str(path)
 
 
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -116,6 +150,9 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
         out[key] = {"mean": float(values.mean()) if n else 0.0, "ci95": list(mean_interval(values))}
     out["tokens_per_decision"] = float(np.mean([r["tokens_per_decision"] for r in records])) if records else 0.0
     latencies = np.concatenate([np.asarray(r["latencies_ms"]) for r in records]) if records else np.zeros(0)
+    stated = [d for r in records for d in r.get("stated", [])]
+    if stated:
+        out["reasoning_consistency"] = consistency(stated)
     out["decision_latency_ms"] = {
         "median": float(np.median(latencies)) if len(latencies) else 0.0,
         "p95": float(np.percentile(latencies, 95)) if len(latencies) else 0.0,
@@ -124,12 +161,30 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def consistency(stated: list[dict]) -> dict[str, Any]:
+    """Explained decisions -> how often the car did what the explanation said (`model_driver.consistent`), with a
+    95% interval, overall and per stated decision."""
+    from unified.sim.causation import DECISIONS
+
+    judged = [d for d in stated if d["consistent"] is not None]
+    k = sum(d["consistent"] for d in judged)
+    by = {}
+    for decision in DECISIONS:
+        mine = [d["consistent"] for d in judged if d["decision"] == decision]
+        if mine:
+            by[decision] = {"judged": len(mine), "consistent": sum(mine) / len(mine)}
+    return {"decisions": len(stated), "unparsed": sum(d["decision"] is None for d in stated), "judged": len(judged),
+            "consistent": {"mean": k / len(judged) if judged else 0.0, "ci95": list(wilson_interval(k, len(judged)))},
+            "by_decision": by}
+
+
 def closed_loop(
     *, model: str, scenarios: Path, episodes: int = 20, workers: int = 1, seed: int = EVAL_SEED,
     json: Path | None = None, mode: Literal["reason", "direct", "continuous"] = "reason",
     replan_every: int | None = REPLAN_EVERY, ensemble: float | None = ENSEMBLE, no_ensemble: bool = False,
     readout: Literal["mode", "mean", "median"] = READOUT, train_store: list[Path] = (),
-    device: Literal["auto", "cpu", "cuda"] = "auto", progress: bool = True,
+    device: Literal["auto", "cpu", "cuda"] = "auto", videos: int = 0, video_dir: Path | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Drive `episodes` episodes of every scenario in the suite `scenarios` with `model` (an exported model
     directory, or the scripted expert, random or constant driver) and return (and with `json`, write) the
@@ -141,12 +196,23 @@ def closed_loop(
     (mode, the default), or the mean or median of the bin centres under each token's distribution.
     `train_store` (one or more episode stores a model trained on): refuse evaluation episodes that share a
     simulator seed with their training episodes, and report those whose traffic is a near-replay of one.
-    `device`: where a model runs (auto: cuda when a GPU is present; every worker holds its own copy)."""
+    `device`: where a model runs (auto: cuda when a GPU is present; every worker holds its own copy).
+    `videos N` writes the first N episodes of every scenario as rollout GIFs into `video_dir` (default: beside
+    the --json report, JSON_STEM_videos/): the driver's frame, instruction, explanation, action and outcome."""
     from unified.outputs import check_file
 
     if json is not None:  # a bad path fails now, not after the evaluation
-        check_file(json, "closed-loop", [model if model not in DRIVERS else None, scenarios, *train_store])
-    evaluation = Evaluation(model, str(scenarios), mode, replan_every, None if no_ensemble else ensemble, readout)
+        from unified.serve import is_url
+
+        local = model not in DRIVERS and not is_url(model)
+        check_file(json, "closed-loop", [model if local else None, scenarios, *train_store])
+    if videos:
+        if video_dir is None and json is None:
+            raise UnifiedError("--videos: give --video-dir DIR (or --json FILE: the videos go beside it)")
+        video_dir = Path(video_dir) if video_dir is not None else Path(json).parent / f"{Path(json).stem}_videos"
+        check_video_dir(video_dir)
+    evaluation = Evaluation(model, str(scenarios), mode, replan_every, None if no_ensemble else ensemble, readout,
+                            videos, str(video_dir) if videos else None)
     report = evaluate([evaluation], episodes, workers, seed, progress, device)[evaluation]
     if train_store:
         report["overlap"] = overlap_of(report, list(train_store), progress)
@@ -159,6 +225,20 @@ def closed_loop(
     if json is not None:
         write_report(report, Path(json))
     return report
+
+
+def check_video_dir(directory: Path) -> None:
+    """A video directory is new, or holds rollout videos only (they are replaced one by one); anything else in it
+    is refused, so that a mistyped path never mixes videos into a user's directory."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise UnifiedError(f"--video-dir {directory}: is a file; give a directory")
+    if directory.is_dir():
+        other = sorted(p.name for p in directory.iterdir() if p.suffix != ".gif" and not p.name.startswith("."))
+        if other:
+            raise UnifiedError(f"--video-dir {directory}: holds {', '.join(other[:3])}, not only rollout videos; "
+                               "choose another directory (nothing was changed)")
+    directory.mkdir(parents=True, exist_ok=True)
 
 
 def overlap_of(report: dict[str, Any], stores: list[Path], progress: bool = True) -> dict:
@@ -182,12 +262,16 @@ def evaluate(evaluations: list[Evaluation], episodes: int, workers: int = 1, see
     (each loads a suite, an environment or a model once, on `device`). Episode i of a scenario has the same seed
     whoever drives it, so every driver meets the same traffic."""
     from unified.model_dir import resolve_device
+    from unified.serve import is_url
 
-    device = resolve_device(device) if any(e.learned and not is_state_mlp(e.model) for e in evaluations) else "cpu"
+    local = [e for e in evaluations if e.learned and not is_state_mlp(e.model) and not is_url(e.model)]
+    device = resolve_device(device) if local else "cpu"
     for e in evaluations:
-        if e.learned and not (Path(e.model) / "unified.json").is_file() and not is_state_mlp(e.model):
+        if e.learned and not is_url(e.model) and not (Path(e.model) / "unified.json").is_file() \
+                and not is_state_mlp(e.model):
             raise UnifiedError(f"--model: {e.model!r} is neither an exported model directory (with unified.json), "
-                               f"a state-MLP baseline (with state_mlp.json) nor a driver ({', '.join(DRIVERS)})")
+                               f"a state-MLP baseline (with state_mlp.json), a policy server (http://HOST:PORT) "
+                               f"nor a driver ({', '.join(DRIVERS)})")
         if e.mode not in ("reason", "direct", "continuous"):
             raise UnifiedError(f"--mode: {e.mode!r} is not reason, direct or continuous")
         if e.readout not in READOUTS:
@@ -231,6 +315,9 @@ def evaluate(evaluations: list[Evaluation], episodes: int, workers: int = 1, see
             "overall": summarise(mine),
             # One row per episode, so that drivers evaluated on the same seeds can be compared pair by pair.
             "episodes": [{k: r[k] for k in EPISODE_FIELDS} for r in mine],
+            "videos_per_scenario": e.videos,
+            "videos": [{"scenario": r["scenario"], "index": r["index"], "success": r["success"], "path": r["video"]}
+                       for r in mine if r["video"]],
         }
     return reports
 
@@ -241,6 +328,12 @@ EPISODE_FIELDS = ("scenario", "index", "seed", "success", "collision", "offroad"
 def _fingerprint(model: str) -> str:
     """The weights' fingerprint, after checking every file of the export against its manifest's checksums (the
     workers then load it with the quick size check); a state MLP's: the checksum of its weights file."""
+    from unified.serve import PolicyClient, is_url
+
+    if is_url(model):  # the server verified its export when it loaded it, and says whose weights it serves
+        client = PolicyClient(model)
+        client.close()
+        return client.info["fingerprint"]
     if is_state_mlp(model):
         import hashlib
 
@@ -294,6 +387,13 @@ def format_table(report: dict[str, Any]) -> str:
             f"{name:<{width}}{m['episodes']:>9}{rate('success_rate'):>18}{rate('collision_rate'):>18}"
             f"{m['mean_progress']['mean']:>12.1f}{m['mean_speed']['mean']:>11.1f}"
         )
+    c = report["overall"].get("reasoning_consistency")
+    if c:
+        lo, hi = c["consistent"]["ci95"]
+        rows.append(f"explanations: {c['decisions']} ({c['unparsed']} outside the grammar); the car did what the "
+                    f"explanation said in {c['consistent']['mean']:.2f} [{lo:.2f},{hi:.2f}] of {c['judged']} "
+                    f"(" + ", ".join(f"{d} {v['consistent']:.2f} of {v['judged']}" for d, v in c["by_decision"].items())
+                    + ")")
     return "\n".join(rows)
 
 

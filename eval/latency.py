@@ -105,3 +105,58 @@ def latency(*, models: list[str], data: Path, decisions: int = 40, threads: int 
     if json is not None:
         write_report(Path(json), report, "latency")
     return report
+
+
+def serve_overhead(*, model: Path, data: Path, decisions: int = 40, mode: Literal["reason", "direct"] = "direct",
+                   threads: int = 1, json: Path | None = None, progress: bool = True) -> dict:
+    """What the policy server costs per decision: the same model asked for `decisions` held-out observations of
+    `data` in process and through `unified serve`'s HTTP endpoint on the loopback interface (a server in a thread
+    of this process), in turn, on the CPU with `threads` torch threads. Prints both medians and the overhead."""
+    import threading
+
+    import torch
+
+    from unified.outputs import check_file, write_report
+    from unified.policy import Policy
+    from unified.serve import PolicyClient, PolicyServer
+
+    if decisions < 1 or threads < 1:
+        raise UnifiedError(f"--decisions and --threads must be at least 1, got {decisions} and {threads}")
+    path, _ = parse_entry(str(model))
+    if json is not None:
+        check_file(json, "serve-latency", [path, data])
+    torch.set_num_threads(threads)
+    policy = Policy.from_pretrained(path)
+    server = PolicyServer(policy, ("127.0.0.1", 0), model=Path(path).name)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = PolicyClient(server.url)
+    try:
+        seen = observations(data, decisions, policy.config.history)
+        ways = {"in process": policy, "server": client}
+        for way in ways.values():  # one untimed decision each: first-call allocations, the connection
+            way.act(*seen[0][:2], state=seen[0][2], reason=mode == "reason")
+        client.server_ms.clear()
+        times: dict[str, list[float]] = {name: [] for name in ways}
+        rng = np.random.default_rng(0)
+        for frames, instruction, state in tqdm(seen, desc="serve latency", unit="round", disable=not progress):
+            for name in rng.permutation(list(ways)):
+                start = time.perf_counter()
+                ways[name].act(frames, instruction, state=state, reason=mode == "reason")
+                times[name].append(1000 * (time.perf_counter() - start))
+    finally:
+        client.close()
+        server.shutdown()
+        server.server_close()
+    overhead = np.asarray(times["server"]) - np.asarray(client.server_ms)  # the round trip beyond the model's own time
+    report = {"model": path, "mode": mode, "data": str(data), "decisions": len(seen), "threads": threads,
+              "in_process_median_ms": float(np.median(times["in process"])),
+              "server_median_ms": float(np.median(times["server"])),
+              "server_p95_ms": float(np.percentile(times["server"], 95)),
+              "overhead_median_ms": float(np.median(overhead)), "overhead_p95_ms": float(np.percentile(overhead, 95))}
+    print(f"{Path(path).name} ({mode}), {len(seen)} decisions in turn, {threads} thread(s): in process median "
+          f"{report['in_process_median_ms']:.1f} ms; through the server {report['server_median_ms']:.1f} ms "
+          f"(p95 {report['server_p95_ms']:.1f}); the server's overhead beyond the model's own time: median "
+          f"{report['overhead_median_ms']:.2f} ms, p95 {report['overhead_p95_ms']:.2f} ms", flush=True)
+    if json is not None:
+        write_report(Path(json), report, "serve-latency")
+    return report

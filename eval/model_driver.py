@@ -3,7 +3,14 @@ chunk, and re-plans every `replan_every` steps (or when the chunk runs out).
 
 With `ensemble` (ACT's temporal ensembling) every chunk still covering the current step votes for its action,
 weighted exp(-ensemble * i) with i = 0 for the oldest: consecutive chunks are blended instead of switched, so
-re-planning often does not make the car jerk from one plan to the next."""
+re-planning often does not make the car jerk from one plan to the next.
+
+Reasoning-action consistency: every decision a reasoning driver explains is checked against what the car then
+did in the next `CONSISTENCY_WINDOW_S` seconds (whatever later decisions changed): "slow down" and "yield" need
+a mean executed acceleration below 0 (or, for "yield", a car that stands, under 1 m/s), "accelerate" above 0,
+"change left"/"change right" a move of at least `LANE_CHANGE_M` to that side of the lane it was in when it
+decided, "keep lane" a move of less than `KEEP_LANE_M` either way. An explanation outside the grammar of the
+causation records is counted as unparsed, not as consistent."""
 
 from __future__ import annotations
 
@@ -25,6 +32,33 @@ Mode = Literal["reason", "direct", "continuous"]
 # success in distribution, not significant (p = 0.11), and never worse. `replan_every` at least the chunk length
 # (None: the chunk length) executes each chunk to its end, blind.
 REPLAN_EVERY, ENSEMBLE = 5, 0.5
+CONSISTENCY_WINDOW_S = 2.0  # the time in which the car must do what it said (a 10-step chunk at 5 Hz)
+LANE_CHANGE_M = 0.5  # lateral move (m) towards the stated side that counts as changing lane within the window
+KEEP_LANE_M = 1.0  # lateral move (m) below which the car kept its lane (a lane is 4 m wide)
+STANDING_MPS = 1.0  # a yielding car that stands this slowly is doing what it said
+
+
+def lateral(env, lane_index) -> float:
+    """The ego's offset (m, positive to the right) from the centre of lane `lane_index`."""
+    ego = env.unwrapped.vehicle
+    return float(env.unwrapped.road.network.get_lane(lane_index).local_coordinates(ego.position)[1])
+
+
+def consistent(decision: str, accelerations: np.ndarray, moved_m: float, speed: float) -> bool:
+    """Did the executed actions (accelerations m/s^2 over the window; `moved_m` the lateral move, positive to the
+    right; `speed` m/s at the window's end) do what `decision` says?"""
+    mean = float(np.mean(accelerations))
+    if decision == "slow down":
+        return mean < 0
+    if decision == "yield":
+        return mean < 0 or speed < STANDING_MPS
+    if decision == "accelerate":
+        return mean > 0
+    if decision == "change left":
+        return moved_m <= -LANE_CHANGE_M
+    if decision == "change right":
+        return moved_m >= LANE_CHANGE_M
+    return abs(moved_m) < KEEP_LANE_M  # keep lane
 
 
 class ModelDriver:
@@ -36,6 +70,7 @@ class ModelDriver:
         self.policy, self.mode, self.ensemble, self.readout = policy, mode, ensemble, readout
         self.replan_every = replan_every or policy.config.horizon
         self.decisions: list[dict] = []
+        self.windows: list[dict] = []  # reasoning decisions whose consistency window is still open
 
     def reset(self, env, scenario: Scenario, seed: int) -> None:
         # The same instruction run_episode records for this seed.
@@ -44,8 +79,9 @@ class ModelDriver:
         self.chunks: list[tuple[int, np.ndarray]] = []  # (step it was planned at, (H, 2) actions), oldest first
         self.frames: list[np.ndarray] = []
         self.step = 0
-        self.decisions = []
+        self.decisions, self.windows = [], []
         self.where = f"scenario {scenario.name!r}, seed {seed}"
+        self.window_steps = max(1, round(CONSISTENCY_WINDOW_S * env.unwrapped.config["policy_frequency"]))
 
     def plan(self, env) -> np.ndarray:
         """(H, 2) a new chunk for the current state."""
@@ -54,13 +90,38 @@ class ModelDriver:
         result = self.policy.act(np.stack(self.frames), self.instruction, state=state,
                                  reason=self.mode == "reason", continuous=self.mode == "continuous",
                                  readout=self.readout)
-        self.decisions.append({"latency_ms": 1000 * (time.perf_counter() - start),
-                               "tokens": result.tokens_generated, "reasoning": result.reasoning})
+        decision = {"step": self.step, "latency_ms": 1000 * (time.perf_counter() - start),
+                    "tokens": result.tokens_generated, "reasoning": result.reasoning}
+        self.decisions.append(decision)
+        if result.reasoning is not None:
+            from unified.eval.reasoning import parse
+
+            parsed = parse(result.reasoning)
+            decision["stated"] = parsed["decision"] if parsed else None
+            lane = env.unwrapped.vehicle.lane_index
+            self.windows.append({"decision": decision, "lane": lane, "lateral": lateral(env, lane), "accel": []})
         return np.asarray(result.actions, np.float32)
+
+    def close_windows(self, env, final: bool = False) -> None:
+        """Judge the reasoning decisions whose window is over (`final`: every open one, at the episode's end, on
+        the steps it had); the verdict goes into the decision's record as "consistent"."""
+        still = []
+        for w in self.windows:
+            if len(w["accel"]) < self.window_steps and not (final and w["accel"]):
+                still.append(w)
+                continue
+            stated = w["decision"]["stated"]
+            if stated is not None and w["accel"]:
+                moved = lateral(env, w["lane"]) - w["lateral"]
+                w["decision"]["consistent"] = consistent(stated, np.asarray(w["accel"]), moved,
+                                                         float(env.unwrapped.vehicle.speed))
+                w["decision"]["window_steps"] = len(w["accel"])
+        self.windows = [] if final else still
 
     def action(self, env) -> np.ndarray:
         """The (2,) action for the current step."""
         t, horizon = self.step, self.policy.config.horizon
+        self.close_windows(env)
         current = [(s, c) for s, c in self.chunks if s + len(c) > t]
         replan = t % self.replan_every == 0 or not current
         history = self.policy.config.history
@@ -73,10 +134,14 @@ class ModelDriver:
         self.step += 1
         if self.ensemble is None:
             s, chunk = current[-1]
-            return chunk[t - s]
-        votes = np.stack([c[t - s] for s, c in current])  # oldest first
-        weights = np.exp(-self.ensemble * np.arange(len(votes)))
-        return (weights[:, None] * votes).sum(0) / weights.sum()
+            action = chunk[t - s]
+        else:
+            votes = np.stack([c[t - s] for s, c in current])  # oldest first
+            weights = np.exp(-self.ensemble * np.arange(len(votes)))
+            action = (weights[:, None] * votes).sum(0) / weights.sum()
+        for w in self.windows:
+            w["accel"].append(float(action[0]))
+        return action
 
     def act(self, env) -> Intent:
         return passive_intent(env, self.action(env).astype(np.float32))

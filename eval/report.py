@@ -4,6 +4,7 @@ sentences, the plots) and two PNG plots (success in and out of distribution per 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,11 @@ def write_study_report(config, out: Path, models: dict, closed: dict, explained:
                 "mean_jerk": o["mean_jerk"]["mean"], "episodes": o["episodes"],
                 "decision_latency_ms": o["decision_latency_ms"], "tokens_per_decision": o["tokens_per_decision"],
                 "per_scenario_success": {k: v["success_rate"]["mean"] for k, v in report["scenarios"].items()},
+                "reasoning_consistency": o.get("reasoning_consistency"),
+                # One video of a success and one of a failure, where the recorded episodes hold them.
+                "videos": {kind: next((os.path.relpath(v["path"], out) for v in report.get("videos", [])
+                                       if v["success"] == (kind == "success")), None)
+                           for kind in ("success", "failure")},
             }
         if mode is not None:
             b = bench[(str(models[name]), mode)]
@@ -184,6 +190,28 @@ def markdown(report: dict, suites: list[str]) -> str:
                      f"{r['agent_accuracy']:.1%}, well-formed {r['parsed_rate']:.1%})")
         for example in r["examples"][:2]:
             lines.append(f"  - generated: \"{example['generated']}\" / simulator: \"{example['truth']}\"")
+    teacher = next(row for row in report["models"] if row["kind"] == "teacher" and row["mode"] == "reason")
+    consistent = {s: teacher["suites"][s].get("reasoning_consistency") for s in suites}
+    if any(consistent.values()):
+        lines += ["", "Reasoning-action consistency in closed loop: for every decision the teacher explained while "
+                  "driving, whether the car then did what the explanation says within 2 s (\"slow down\": a mean "
+                  "acceleration below 0; a lane change: 0.5 m towards that side; \"keep lane\": under 1 m either "
+                  "way; `eval/model_driver.py`):", ""]
+        for s, c in consistent.items():
+            if c:
+                lo, hi = c["consistent"]["ci95"]
+                per = ", ".join(f"{d} {v['consistent']:.2f} of {v['judged']}" for d, v in c["by_decision"].items())
+                lines.append(f"- {s.replace('_', ' ')}: {c['consistent']['mean']:.2f} [{lo:.2f}, {hi:.2f}] of "
+                             f"{c['judged']} explained decisions ({c['unparsed']} more outside the grammar); {per}")
+    videos = [(row["label"], s, row["suites"][s].get("videos") or {}) for row in report["models"] for s in suites]
+    if any(v.get("success") or v.get("failure") for _, _, v in videos):
+        lines += ["", "## Rollout videos", "", f"The first {config.get('videos', 0)} episodes of every scenario, per "
+                  "driver and suite, are in `videos/` (what the driver saw, its explanation, its action, the outcome); "
+                  "one success and one failure each where those episodes hold one:", "",
+                  "| driver | suite | a success | a failure |", "|---|---|---|---|"]
+        for label, s, v in videos:
+            link = {k: f"[{Path(p).name}]({p})" if p else "-" for k, p in v.items()}
+            lines.append(f"| {label} | {s.replace('_', ' ')} | {link['success']} | {link['failure']} |")
     lines += ["", "## Per scenario (success rate)", ""]
     for s in suites:
         names = list(report["models"][0]["suites"][s]["per_scenario_success"])

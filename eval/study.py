@@ -70,6 +70,8 @@ class StudyConfig:
     train_stores: list[str] = field(default_factory=lambda: ["runs/demo/data/train"])
     reasoning_episodes: int = 5
     latency_decisions: int = 40
+    videos: int = 2  # the first N episodes of every scenario, per driver and suite, as rollout GIFs in OUT/videos
+
     aim_success_ratio: float = 0.9  # the student should keep this fraction of the teacher's success
     aim_speedup: float = 3.0  # and decide this many times faster
 
@@ -91,6 +93,8 @@ class StudyConfig:
                 raise UnifiedError(f"study: students.{name}.modes is empty; give direct and/or continuous")
         if self.ranks < 1 or self.episodes < 1 or self.workers < 1:
             raise UnifiedError("study: ranks, episodes and workers must each be at least 1")
+        if self.videos < 0:
+            raise UnifiedError(f"study: videos is a number of episodes per scenario, at least 0; got {self.videos}")
 
 
 def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
@@ -248,7 +252,7 @@ def _closed_loop(config: StudyConfig, out: Path, drivers: list[tuple[str, str | 
                  prints: dict[str, str]) -> dict[tuple[str, str | None], dict[str, dict]]:
     """(driver, mode) -> suite label -> closed-loop report. Reports on disk that match (the same weights, suite
     and episode count) are reused; all the others are driven by one worker pool."""
-    from unified.eval.closed_loop import REPORT_VERSION, Evaluation, evaluate, write_report
+    from unified.eval.closed_loop import REPORT_VERSION, Evaluation, check_video_dir, evaluate, write_report
 
     from unified.sim.suite import load_suite
 
@@ -257,11 +261,12 @@ def _closed_loop(config: StudyConfig, out: Path, drivers: list[tuple[str, str | 
         suite_hash = load_suite(suite_path).hash
         for name, mode in drivers:
             learned = mode is not None
+            videos = out / "videos" / f"{name}_{mode or 'scripted'}_{label}"
             evaluation = Evaluation(str(models[name]) if learned else name, str(suite_path), mode or "reason",
                                     config.replan_every if learned else None, config.ensemble if learned else None,
-                                    config.readout)
+                                    config.readout, config.videos, str(videos) if config.videos else None)
             expected = {"suite_hash": suite_hash, "episodes_per_scenario": config.episodes,
-                        "report_version": REPORT_VERSION,
+                        "report_version": REPORT_VERSION, "videos_per_scenario": config.videos,
                         **({"mode": mode, "fingerprint": prints[name], "replan_every": config.replan_every,
                             "ensemble": config.ensemble} if learned else {"model": name})}
             path = out / "eval" / f"{name}_{mode or 'scripted'}_{label}.json"
@@ -274,6 +279,9 @@ def _closed_loop(config: StudyConfig, out: Path, drivers: list[tuple[str, str | 
         if report is not None:
             print(f"{path}: reused", flush=True)
     missing = [evaluation for evaluation, _, report in wanted.values() if report is None]
+    for evaluation in missing:
+        if evaluation.video_dir:
+            check_video_dir(Path(evaluation.video_dir))
     fresh = evaluate(missing, config.episodes, config.workers, device=config.device) if missing else {}
     closed: dict[tuple[str, str | None], dict[str, dict]] = {driver: {} for driver in drivers}
     for (name, mode, label), (evaluation, path, report) in wanted.items():

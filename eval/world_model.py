@@ -1,6 +1,7 @@
 """`unified eval world-model`: imagined futures against the real ones on held-out episodes: PSNR and SSIM per
 horizon (autoregressive rollouts of 1..K chunks), the same for copying the current frame (the baseline a
-world model has to beat), teacher-forced next-frame token accuracy, and a PNG strip of real vs imagined."""
+world model has to beat), teacher-forced next-frame token accuracy, a PNG strip of real vs imagined, and a GIF of
+the same side by side (`--video`)."""
 
 from __future__ import annotations
 
@@ -45,11 +46,13 @@ def token_accuracy(world, frames: np.ndarray, actions: np.ndarray, next_frames: 
 
 def world_model(
     *, model: Path, data: Path, json: Path | None = None, horizon: int = 3, episodes: int = 8,
-    strip: Path | None = None, device: Literal["auto", "cpu", "cuda"] = "auto", progress: bool = True,
+    strip: Path | None = None, video: Path | None = None, device: Literal["auto", "cpu", "cuda"] = "auto",
+    progress: bool = True,
 ) -> dict:
     """Roll the world model out `horizon` chunks from the start of up to `episodes` held-out episodes of
     `data` (taken round robin over its scenarios) and compare with what really happened; the model runs on
-    `device` (auto: cuda when a GPU is present)."""
+    `device` (auto: cuda when a GPU is present). `--strip` writes real over imagined frames as a PNG, `--video`
+    (a .gif) the real future left and the imagined one right, one chunk a second, for the first four episodes."""
     from unified.data.store import EpisodeStore
     from unified.outputs import check_file, write_report
     from unified.policy import WorldModel
@@ -60,6 +63,10 @@ def world_model(
         check_file(json, "world-model", [model, data])
     if strip is not None:
         check_file(strip, None, [model, data], what="--strip")
+    if video is not None:
+        if Path(video).suffix != ".gif":
+            raise UnifiedError(f"--video {video}: the video is written as a GIF; name it FILE.gif")
+        check_file(video, "gif", [model, data], what="--video")
     from unified.model_dir import resolve_device
 
     world = WorldModel.from_pretrained(model, device=resolve_device(device))
@@ -103,6 +110,18 @@ def world_model(
         _write_strip(rows[:4], Path(strip))
         report["strip"] = str(strip)
         print(f"wrote {strip}")
+    if video is not None:
+        from unified.eval.video import side_by_side, write_gif
+
+        images = []
+        for n, (now, truth, imagined) in enumerate(rows[:4]):
+            captions = [f"held-out episode {chosen[n]}: now"] + \
+                [f"held-out episode {chosen[n]}: {(k + 1) * h} steps ahead" for k in range(len(truth))]
+            images += side_by_side(np.concatenate([now[None], truth]), np.concatenate([now[None], imagined]),
+                                   captions=captions)
+        write_gif(Path(video), images, fps=1.0)
+        report["video"] = str(video)
+        print(f"wrote {video}")
     if json is not None:
         write_report(Path(json), report, "world-model")
         print(f"wrote {json}")

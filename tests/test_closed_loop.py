@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,7 +86,8 @@ def test_a_trained_model_drives_in_closed_loop(model_data, tmp_path):
     reports = {}
     for mode in ("reason", "direct"):
         reports[mode] = closed_loop(model=str(tmp_path / "model"), scenarios=model_data / "suite.yaml", episodes=1,
-                                    mode=mode, replan_every=4, json=tmp_path / f"{mode}.json", progress=False)
+                                    mode=mode, replan_every=4, json=tmp_path / f"{mode}.json", progress=False,
+                                    videos=1 if mode == "reason" else 0)
     if not torch.cuda.is_available():  # --device cuda on a machine without one: refused before any episode
         with pytest.raises(UnifiedError, match="--device cuda: no CUDA GPU"):
             closed_loop(model=str(tmp_path / "model"), scenarios=model_data / "suite.yaml", episodes=1,
@@ -95,6 +97,19 @@ def test_a_trained_model_drives_in_closed_loop(model_data, tmp_path):
     assert direct["tokens_per_decision"] == 4 * 2  # H steps x 2 action dimensions, nothing else
     assert reason["tokens_per_decision"] > direct["tokens_per_decision"]  # reasoning costs tokens
     assert reports["reason"]["model"].endswith("(reason)") and reports["reason"]["model_path"]
+    # Every explanation is counted (this untrained model's are outside the grammar, so none is judged).
+    consistency = reason["reasoning_consistency"]
+    assert consistency["decisions"] == reason["decision_latency_ms"]["decisions"] == consistency["unparsed"]
+    assert "reasoning_consistency" not in direct
+    # The rollout video: beside the report, one frame per step and the outcome held at the end.
+    from PIL import Image
+
+    (video,) = reports["reason"]["videos"]
+    steps = reports["reason"]["episodes"][0]["steps"]
+    assert video["path"].startswith(str(tmp_path / "reason_videos")) and video["path"].endswith(".gif")
+    with Image.open(video["path"]) as gif:
+        assert gif.n_frames == steps + 1 and gif.size == (128 + 336, 128)  # 32x32 upscaled 4x, the panel
+    assert reports["direct"]["videos"] == []
     with pytest.raises(UnifiedError, match="neither an exported model directory"):
         closed_loop(model=str(tmp_path), scenarios=model_data / "suite.yaml", episodes=1, progress=False)
     # A model that fails to load in the workers is an error, not a pool that restarts them forever.
@@ -253,3 +268,74 @@ def test_device_auto_is_the_gpu_when_present_and_cuda_without_one_is_refused():
     if not torch.cuda.is_available():
         with pytest.raises(UnifiedError, match="--device cuda: no CUDA GPU"):
             resolve_device("cuda")
+
+
+class _Saying:
+    """A stand-in reasoning policy that always states `sentence` and plans a constant chunk (acceleration,
+    steering)."""
+
+    class config:  # noqa: N801 - the attribute Policy.config provides
+        horizon, history = 4, 1
+
+    def __init__(self, sentence, action):
+        self.sentence, self.action = sentence, np.asarray(action, np.float64)
+
+    def act(self, frames, instruction, state, reason, continuous, readout="mode"):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(actions=np.tile(self.action, (4, 1)), tokens_generated=10, reasoning=self.sentence)
+
+
+def _consistency(sentence, action, steps=30):
+    from unified.eval.closed_loop import consistency
+    from unified.eval.model_driver import ModelDriver
+
+    from unified.sim.env import make_env
+    from unified.sim.rollout import run_episode
+    from unified.sim.suite import suite_from_dict
+
+    suite = suite_from_dict({"image_size": [32, 32], "scenarios": {"highway": {
+        "env": "highway-v0", "config": {"lanes_count": 3, "vehicles_count": 0}, "max_steps": steps}}})
+    scenario = suite.scenarios["highway"]
+    env = make_env(suite, scenario)
+    driver = ModelDriver(_Saying(sentence, action), "reason", replan_every=4)
+    run_episode(suite, scenario, driver, seed=2, env=env, render=False)
+    driver.close_windows(env, final=True)
+    return consistency([{"decision": d["stated"], "consistent": d.get("consistent")} for d in driver.decisions])
+
+
+def test_reasoning_action_consistency_reads_what_the_car_did():
+    """A decision is judged by the executed actions of the next 2 s: braking after "slow down" agrees, speeding
+    up does not; steering left after "change to the left lane" agrees, driving straight does not."""
+    slow = "I am above my target speed, so I slow down."
+    agrees = _consistency(slow, [-2.0, 0.0])
+    assert agrees["decisions"] == 8 and agrees["unparsed"] == 0 and agrees["judged"] == 8  # a plan every 4 of 30
+    assert agrees["consistent"]["mean"] == 1.0 and agrees["by_decision"]["slow down"]["judged"] == 8
+    assert _consistency(slow, [1.0, 0.0])["consistent"]["mean"] == 0.0
+    left = "The left lane is free and faster, so I change to the left lane."
+    assert _consistency(left, [0.0, -0.03], steps=10)["consistent"]["mean"] == 1.0
+    assert _consistency(left, [0.0, 0.0], steps=10)["consistent"]["mean"] == 0.0
+    assert _consistency("The road ahead is clear, so I keep my lane.", [0.0, 0.0])["consistent"]["mean"] == 1.0
+    garbled = _consistency("so I fly", [0.0, 0.0])
+    assert garbled["unparsed"] == garbled["decisions"] == 8 and garbled["judged"] == 0
+
+
+def test_rollout_videos_of_a_scripted_driver_and_a_directory_that_is_not_ours(model_data, tmp_path):
+    from PIL import Image
+
+    report = closed_loop(model="expert", scenarios=model_data / "suite.yaml", episodes=2, videos=1,
+                         video_dir=tmp_path / "v", progress=False)
+    (video,) = report["videos"]
+    assert video["index"] == 0 and Path(video["path"]).parent == tmp_path / "v"
+    assert Path(video["path"]).name.startswith("highway_000_")
+    with Image.open(video["path"]) as gif:
+        assert gif.n_frames == report["episodes"][0]["steps"] + 1
+        assert len({gif.seek(k) or gif.convert("RGB").tobytes() for k in range(3)}) > 1  # the scene moves
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(UnifiedError, match="not only rollout videos"):
+        closed_loop(model="expert", scenarios=model_data / "suite.yaml", episodes=1, videos=1,
+                    video_dir=tmp_path / "mine", progress=False)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    with pytest.raises(UnifiedError, match="give --video-dir"):
+        closed_loop(model="expert", scenarios=model_data / "suite.yaml", episodes=1, videos=1, progress=False)

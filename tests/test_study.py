@@ -131,6 +131,17 @@ def test_the_study_end_to_end_on_tiny_settings(model_data, tmp_path, capsys):
     assert "![success in and out of distribution](success.png)" in markdown
     for png in ("success.png", "latency.png"):
         assert Image.open(out / png).size[0] > 300
+    # Rollout videos (the study's default: the first 2 episodes of every scenario), linked from the report; the
+    # teacher's explained decisions are checked against what its car did.
+    teacher_row = rows[("teacher", "reason")]["suites"]["in_distribution"]
+    linked = [v for v in teacher_row["videos"].values() if v]
+    assert linked and all((out / v).is_file() and v.startswith("videos/teacher_reason_in_distribution/")
+                          for v in linked)
+    assert len(list((out / "videos").rglob("*.gif"))) == 8 * 2 * 2  # 8 drivers, 2 suites of 1 scenario, 2 episodes
+    assert "## Rollout videos" in markdown and f"]({linked[0]})" in markdown
+    consistency = teacher_row["reasoning_consistency"]
+    assert consistency["decisions"] >= 2 and rows[("teacher", "direct")]["suites"]["in_distribution"][
+        "reasoning_consistency"] is None
     # The distilled student, exported action-only: a policy without an image decoder.
     assert json.loads((out / "student_action_only" / "unified.json").read_text())["action_only"] is True
     with pytest.raises(UnifiedError, match="action-only"):

@@ -30,7 +30,8 @@ def test_world_model_eval_command(model_data, tmp_path):
     result = subprocess.run(
         [str(Path(sys.executable).parent / "unified"), "eval", "world-model", "--model", str(tmp_path / "model"),
          "--data", str(model_data / "store"), "--horizon", "2", "--episodes", "1", "--json", str(tmp_path / "w.json"),
-         "--strip", str(tmp_path / "strip.png")], capture_output=True, text=True, timeout=600)
+         "--strip", str(tmp_path / "strip.png"), "--video", str(tmp_path / "w.gif")],
+        capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "w.json").read_text())
     assert len(report["psnr_db"]) == len(report["ssim"]) == len(report["copy_current_frame_psnr_db"]) == 2
@@ -44,3 +45,17 @@ def test_world_model_eval_command(model_data, tmp_path):
                                                                       psnr_db(frames[0], frames[8])])
     assert all(np.isfinite(report["psnr_db"])) and all(0 < v <= 1 for v in report["ssim"])
     assert (tmp_path / "strip.png").stat().st_size > 0
+    # The video: the current frame, then real left and imagined right for each chunk ahead.
+    from PIL import Image
+
+    with Image.open(tmp_path / "w.gif") as gif:
+        assert gif.n_frames == 1 + 2 and gif.size == (2 * 32 * 4 + 4, 32 * 4 + 2 * 12 + 4)
+        gif.seek(0)
+        now = np.asarray(gif.convert("RGB"))
+    assert (now[14:14 + 128, :128] == now[14:14 + 128, 132:]).all()  # "now" is the same frame on both sides
+    assert report["video"] == str(tmp_path / "w.gif")
+    (tmp_path / "notes.txt").write_text("keep")
+    refused = subprocess.run(
+        [str(Path(sys.executable).parent / "unified"), "eval", "world-model", "--model", str(tmp_path / "model"),
+         "--data", str(model_data / "store"), "--video", str(tmp_path / "notes.txt")], capture_output=True, text=True)
+    assert refused.returncode == 2 and "name it FILE.gif" in refused.stderr

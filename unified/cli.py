@@ -43,6 +43,9 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "eval ablation": ("unified.eval.ablation", "ablation", "what made the driver drive: one lever per row, a table"),
     "baseline fit-state-mlp": ("unified.eval.state_mlp", "fit_state_mlp",
                                "behaviour cloning from the ego state alone: a small MLP, a baseline to drive"),
+    "serve": ("unified.serve", "serve", "serve an exported policy over HTTP (eval closed-loop --model http://...)"),
+    "bench serve": ("unified.eval.latency", "serve_overhead",
+                    "decision latency in process and through the policy server, on the same observations"),
     "bench train": ("unified.train_bench", "bench_train", "training tokens/s: the pipeline against a bare loop"),
     "bench latency": ("unified.eval.latency", "latency", "decision latency of models on the same observations"),
     "eval compare": ("unified.eval.closed_loop", "compare", "a Markdown table of closed-loop reports (--json files)"),
@@ -51,7 +54,7 @@ VERBS: dict[str, tuple[str, str, str]] = {
 }
 HIDDEN = {"progress"}  # parameters for Python callers only
 # Every numeric option is a count (at least 1) unless named here; floats must be positive unless named here.
-MINIMUM = {"seed": 0, "dump": 0, "image_weight": 0.0, "ensemble": 0.0, "beta": 0.0}
+MINIMUM = {"seed": 0, "dump": 0, "videos": 0, "image_weight": 0.0, "ensemble": 0.0, "beta": 0.0}
 
 
 def in_range(kind: type, name: str):

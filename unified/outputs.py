@@ -53,7 +53,7 @@ KINDS = {
                      ("ablation_dir.json", "ablation.json", "ablation.md", "rows")),
     "study": Kind("study directory", "study.json", "unified-study",
                   ("study.json", "runs", "models", "eval", "student_action_only", "report.md", "report.json",
-                   "success.png", "latency.png")),
+                   "success.png", "latency.png", "videos")),
 }
 HIDDEN_OK = (".*.tmp*", ".*.partial*", ".lock", ".ranks.lock")  # our own locks and temporary files
 
@@ -176,14 +176,14 @@ def recover(out: Path) -> None:
 
 def check_file(path: Path, report: str | None, inputs=(), what: str = "--json") -> None:
     """Check a file output before any work: not an input, not a directory, an existing file only if it is of the
-    same kind (a JSON report with the same "report" field, or a PNG when `report` is None), and its directory
-    writable (a temporary file is made and removed)."""
+    same kind (a JSON report with the same "report" field, a PNG when `report` is None, a GIF for "gif"), and its
+    directory writable (a temporary file is made and removed)."""
     path = Path(path)
     check_not_input(path, inputs, what)
     if path.is_dir():
         raise UnifiedError(f"{what} {path}: is a directory; give a file path")
     if path.exists() and not _same_file_kind(path, report):
-        kind = f"a `{report}` report" if report else "a PNG image"
+        kind = "a GIF" if report == "gif" else f"a `{report}` report" if report else "a PNG image"
         raise UnifiedError(f"{what} {path}: exists and is not {kind} written by unified; choose another path "
                            "(nothing was changed)")
     try:
@@ -198,9 +198,10 @@ def check_file(path: Path, report: str | None, inputs=(), what: str = "--json") 
 
 def _same_file_kind(path: Path, report: str | None) -> bool:
     try:
-        if report is None:
+        if report in (None, "gif"):  # an image: known by its signature
             with open(path, "rb") as f:
-                return f.read(8) == PNG_SIGNATURE
+                head = f.read(8)
+            return head == PNG_SIGNATURE if report is None else head[:6] in (b"GIF87a", b"GIF89a")
         data = json.loads(path.read_text())
         return isinstance(data, dict) and data.get("report") == report
     except (OSError, ValueError, UnicodeDecodeError):
