@@ -58,3 +58,43 @@ def test_malformed_datasets_are_refused_with_the_file_and_field(tmp_path):
     video.write_bytes(video.read_bytes()[:200])
     with pytest.raises(UnifiedError, match="file-000.mp4: (holds no video stream|cannot decode the video)"):
         LeRobotDataset(copy).episode(0)
+
+
+def test_a_store_exported_as_lerobot_reads_back(tiny_store, tmp_path):
+    """`data export-lerobot` writes what the reader above (checked against LeRobot's writer) reads back: every
+    episode's actions, states and instruction exactly, its frames through the AV1 video. (LeRobot 0.4.4's own
+    LeRobotDataset loads such an export too: tests/fixtures/check_export_with_lerobot.py, run by hand.)"""
+    from unified.data.lerobot import export_lerobot
+    from unified.data.store import EpisodeStore
+
+    store = EpisodeStore(tiny_store)
+    info = export_lerobot(data=tiny_store, out=tmp_path / "lr", progress=False)
+    assert info["codebase_version"] == "v3.0" and info["total_episodes"] == len(store.indices())
+    dataset = LeRobotDataset(tmp_path / "lr")
+    assert len(dataset) == len(store.indices()) and dataset.fps == store.info["fps"]
+    assert dataset.features["observation.state"]["names"] == store.info["state_names"]
+    for k, index in enumerate(store.indices()):
+        mine, theirs = store.read_episode(index), dataset.episode(k)
+        np.testing.assert_array_equal(theirs.actions, mine.actions)
+        np.testing.assert_array_equal(theirs.states, mine.states)
+        assert theirs.task == mine.instruction and theirs.frames.shape == mine.frames.shape
+        assert np.abs(theirs.frames.astype(int) - mine.frames).mean() < 3
+    exported = json.loads((tmp_path / "lr" / "meta" / "unified_export.json").read_text())
+    assert exported["store_indices"] == store.indices()
+    assert [store.indices()[k] for k in exported["held_out_episodes"]] == \
+        [i for i in store.indices() if store.is_held_out(i)]
+    # Its statistics are LeRobot's: per feature min ... q99 over every frame.
+    stats = json.loads((tmp_path / "lr" / "meta" / "stats.json").read_text())
+    actions = np.concatenate([store.read_episode(i).actions for i in store.indices()])
+    np.testing.assert_allclose(stats["action"]["mean"], actions.mean(0), rtol=1e-5)
+    assert stats["action"]["count"] == [len(actions)] and len(stats["observation.images.front"]["mean"]) == 3
+    # A second export needs --overwrite; a directory that is not an export is refused, untouched.
+    with pytest.raises(UnifiedError, match="pass --overwrite"):
+        export_lerobot(data=tiny_store, out=tmp_path / "lr", progress=False)
+    with pytest.raises(UnifiedError, match="is the input"):
+        export_lerobot(data=tiny_store, out=tiny_store, progress=False)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(UnifiedError, match="holds notes.txt"):
+        export_lerobot(data=tiny_store, out=tmp_path / "mine", progress=False)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"

@@ -54,6 +54,8 @@ KINDS = {
     "study": Kind("study directory", "study.json", "unified-study",
                   ("study.json", "runs", "models", "eval", "student_action_only", "report.md", "report.json",
                    "success.png", "latency.png", "videos")),
+    "lerobot": Kind("LeRobot dataset exported by unified", "meta/unified_export.json", "unified-lerobot-export",
+                    ("meta", "data", "videos")),
 }
 HIDDEN_OK = (".*.tmp*", ".*.partial*", ".lock", ".ranks.lock")  # our own locks and temporary files
 

@@ -179,3 +179,147 @@ def _matrix(table, column: str, rows: np.ndarray, path: Path) -> np.ndarray:
     if not np.isfinite(array).all():
         raise UnifiedError(f"{path}: column {column!r} holds values that are not finite")
     return array
+
+
+# -- writing: an episode store as a LeRobot v3 dataset -------------------------------------------------------
+
+CAMERA = "observation.images.front"
+QUANTILES = (0.01, 0.10, 0.50, 0.90, 0.99)
+
+
+def _stats(values: np.ndarray) -> dict:
+    """LeRobot's per-feature statistics of (N, D) values: min, max, mean, std, count, q01 ... q99."""
+    values = np.asarray(values, np.float64)
+    out = {"min": values.min(0), "max": values.max(0), "mean": values.mean(0), "std": values.std(0),
+           "count": np.array([len(values)])}
+    for q in QUANTILES:
+        out[f"q{round(q * 100):02d}"] = np.quantile(values, q, axis=0)
+    return {k: v.tolist() for k, v in out.items()}
+
+
+def _image_stats(frames: np.ndarray) -> dict:
+    """Per-channel statistics of (T, H, W, 3) uint8 frames scaled to [0, 1], shaped (3, 1, 1) as LeRobot keeps them
+    (over every 4th pixel of every frame)."""
+    pixels = frames[:, ::2, ::2].reshape(-1, 3).astype(np.float64) / 255.0
+    return {k: (np.asarray(v)[:, None, None].tolist() if k != "count" else v)
+            for k, v in _stats(pixels).items()} | {"count": [len(frames)]}
+
+
+def _encode_video(path: Path, frames: list[np.ndarray], fps: float) -> None:
+    """Frames (H, W, 3) uint8 -> an AV1 MP4 as LeRobot writes its cameras (libsvtav1, yuv420p, GOP 2, CRF 30)."""
+    import fractions
+    import os
+
+    import av
+
+    os.environ.setdefault("SVT_LOG", "1")  # the encoder's own log: errors only (it prints its settings otherwise)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = frames[0].shape[:2]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libsvtav1", rate=fractions.Fraction(fps).limit_denominator(1000),
+                                      options={"g": "2", "crf": "30"})
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _write_parquet(path: Path, table) -> None:
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+def export_lerobot(*, data: Path, out: Path, overwrite: bool = False, progress: bool = True) -> dict:
+    """Write the episode store `data` as a LeRobot v3 dataset at `out`: the frames as one AV1 video
+    (observation.images.front), `action` (acceleration m/s^2, steering rad), `observation.state` (the store's
+    state, its names kept), the instruction as each episode's task, LeRobot's statistics; fps as recorded. The
+    store's held-out split is kept in meta/unified_export.json (LeRobot has one split, "train", over all episodes)."""
+    import pyarrow as pa
+    from tqdm import tqdm
+
+    from unified.data.store import EpisodeStore
+    from unified.outputs import staged_dir
+
+    store = EpisodeStore(data)
+    indices = store.indices()
+    if not indices:
+        raise UnifiedError(f"{data}: the store holds no episodes")
+    fps = store.info["fps"]
+    fps = int(fps) if float(fps).is_integer() else float(fps)  # LeRobot records an integer rate where it is one
+    h, w, _ = store.info["image_shape"]
+    if h % 2 or w % 2:
+        raise UnifiedError(f"{data}: frames of {h}x{w}; the video codec (yuv420p) needs even sizes")
+    with staged_dir(Path(out), "lerobot", [data], overwrite) as staging:
+        tasks: dict[str, int] = {}
+        rows: dict[str, list] = {k: [] for k in ("observation.state", "action", "timestamp", "frame_index",
+                                                 "episode_index", "index", "task_index")}
+        episodes, frames_all, start = [], [], 0
+        for k, index in enumerate(tqdm(indices, desc="export", unit="ep", disable=not progress)):
+            episode = store.read_episode(index)
+            n = len(episode.actions)
+            task = tasks.setdefault(episode.instruction, len(tasks))
+            columns = {"observation.state": episode.states.astype(np.float32),
+                       "action": episode.actions.astype(np.float32),
+                       "timestamp": (np.arange(n) / fps).astype(np.float32), "frame_index": np.arange(n),
+                       "episode_index": np.full(n, k), "index": np.arange(start, start + n),
+                       "task_index": np.full(n, task)}
+            for name, values in columns.items():
+                rows[name].append(values)
+            frames_all += list(episode.frames)
+            meta = {"episode_index": k, "tasks": [episode.instruction], "length": n, "data/chunk_index": 0,
+                    "data/file_index": 0, "dataset_from_index": start, "dataset_to_index": start + n,
+                    f"videos/{CAMERA}/chunk_index": 0, f"videos/{CAMERA}/file_index": 0,
+                    f"videos/{CAMERA}/from_timestamp": start / fps, f"videos/{CAMERA}/to_timestamp": (start + n) / fps,
+                    "meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0}
+            for name, values in columns.items():
+                for stat, value in _stats(np.asarray(values).reshape(n, -1)).items():
+                    meta[f"stats/{name}/{stat}"] = value
+            for stat, value in _image_stats(episode.frames).items():
+                meta[f"stats/{CAMERA}/{stat}"] = value
+            episodes.append(meta)
+            start += n
+        data_table = pa.table({
+            name: (pa.array(list(np.concatenate(parts)), pa.list_(pa.float32(), np.concatenate(parts).shape[1]))
+                   if name in ("observation.state", "action")
+                   else pa.array(np.concatenate(parts).astype(np.float32 if name == "timestamp" else np.int64)))
+            for name, parts in rows.items()})
+        _write_parquet(staging / "data" / "chunk-000" / "file-000.parquet", data_table)
+        _write_parquet(staging / "meta" / "episodes" / "chunk-000" / "file-000.parquet", pa.Table.from_pylist(episodes))
+        import pandas as pd
+
+        tasks_frame = pd.DataFrame({"task_index": list(tasks.values())}, index=list(tasks))
+        _write_parquet(staging / "meta" / "tasks.parquet", pa.Table.from_pandas(tasks_frame))
+        _encode_video(staging / "videos" / CAMERA / "chunk-000" / "file-000.mp4", frames_all, fps)
+        everything = {name: np.concatenate(parts).reshape(start, -1) for name, parts in rows.items()}
+        stats = {name: _stats(values) for name, values in everything.items()}
+        stats[CAMERA] = _image_stats(np.stack(frames_all))
+        (staging / "meta" / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        state_names = list(store.info["state_names"])
+        features = {
+            CAMERA: {"dtype": "video", "shape": [h, w, 3], "names": ["height", "width", "channels"],
+                     "info": {"video.height": h, "video.width": w, "video.codec": "av1", "video.pix_fmt": "yuv420p",
+                              "video.is_depth_map": False, "video.fps": fps, "video.channels": 3,
+                              "has_audio": False}},
+            "observation.state": {"dtype": "float32", "shape": [len(state_names)], "names": state_names},
+            "action": {"dtype": "float32", "shape": [2], "names": list(store.info["action_names"])},
+            **{name: {"dtype": "float32" if name == "timestamp" else "int64", "shape": [1], "names": None}
+               for name in ("timestamp", "frame_index", "episode_index", "index", "task_index")},
+        }
+        info = {"codebase_version": "v3.0", "robot_type": "highway-env", "total_episodes": len(indices),
+                "total_frames": start, "total_tasks": len(tasks), "chunks_size": 1000, "data_files_size_in_mb": 100,
+                "video_files_size_in_mb": 200, "fps": fps, "splits": {"train": f"0:{len(indices)}"},
+                "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
+                "video_path": "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4",
+                "features": features}
+        (staging / "meta" / "info.json").write_text(json.dumps(info, indent=4) + "\n")
+        held_out = [k for k, index in enumerate(indices) if store.is_held_out(index)]
+        (staging / "meta" / "unified_export.json").write_text(json.dumps({
+            "format": "unified-lerobot-export", "source": str(data), "store_indices": indices,
+            "held_out_episodes": held_out, "held_out_rule": store.rule.description}, indent=2) + "\n")
+    print(f"{out}: {len(indices)} episodes, {start} frames at {fps:g} fps, {len(tasks)} tasks "
+          f"({len(held_out)} episodes held out in the store, listed in meta/unified_export.json)", flush=True)
+    return info
