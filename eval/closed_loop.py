@@ -122,11 +122,11 @@ def _video(evaluation: Evaluation, scenario: str, index: int, seed: int, episode
     from unified.eval.video import episode_video, outcome_of
 
     steps = len(episode.actions)
-    if decisions is None:  # a scripted driver: its own causation record at every step
-        explanations = [c.text for c in episode.causation]
-    else:  # a learned one: the explanation of the latest decision (None when it acted without one)
-        explanations, latest = [], None
-        by_step = {d["step"]: d["reasoning"] for d in decisions}
+    if not evaluation.learned:  # a scripted driver: the causation record of what it chose, at every step
+        explanations, label = [c.text for c in episode.causation], "its reason"
+    else:  # a learned one: the explanation of its latest decision (None when it acted without one)
+        explanations, latest, label = [], None, "reasoning"
+        by_step = {d["step"]: d["reasoning"] for d in decisions or [] if "step" in d}
         for t in range(steps):
             latest = by_step.get(t, latest)
             explanations.append(latest)
@@ -134,7 +134,7 @@ def _video(evaluation: Evaluation, scenario: str, index: int, seed: int, episode
     mode = f" ({evaluation.mode})" if evaluation.learned and not is_state_mlp(evaluation.model) else ""
     slug = outcome_of(episode.summary).split(" (")[0].replace(" ", "_")
     path = Path(evaluation.video_dir) / f"{scenario}_{index:03d}_{slug}.gif"
-    episode_video(path, episode, explanations, fps, f"{name}{mode} | {scenario}, seed {seed}")
+    episode_video(path, episode, explanations, fps, f"{name}{mode} | {scenario}, seed {seed}", label)
     return str(path)
 
 

@@ -41,7 +41,7 @@ def _panel(height: int, lines: list[str], colour=(235, 235, 235)):
 
 
 def rollout_frames(frames: np.ndarray, instruction: str, actions: np.ndarray, explanations: list[str | None],
-                   outcome: str, title: str = "") -> list:
+                   outcome: str, title: str = "", label: str = "reasoning") -> list:
     """frames (T, H, W, 3) uint8 and actions (T, 2) of one episode, `explanations[t]` the explanation in force at
     step t -> the video's PIL images."""
     from PIL import Image
@@ -58,7 +58,7 @@ def rollout_frames(frames: np.ndarray, instruction: str, actions: np.ndarray, ex
         picture = Image.fromarray(frame).resize((w * SCALE, h * SCALE), Image.NEAREST)
         lines = [title, f"instruction: {instruction}",
                  f"step {t + 1}/{len(frames)}: acceleration {action[0]:+.2f} m/s2, steering {action[1]:+.3f} rad",
-                 f"reasoning: {explanations[t] if explanations[t] is not None else '- (acts without one)'}"]
+                 f"{label}: {explanations[t] if explanations[t] is not None else '- (acts without one)'}"]
         canvas = Image.new("RGB", (picture.width + PANEL_WIDTH, picture.height))
         canvas.paste(picture, (0, 0))
         canvas.paste(_panel(picture.height, lines), (picture.width, 0))
@@ -87,10 +87,11 @@ def outcome_of(summary) -> str:
     return "collision" if summary.collision else "off road" if summary.offroad else f"failure ({summary.end})"
 
 
-def episode_video(path: Path, episode, explanations: list[str | None], fps: float, title: str) -> Path:
+def episode_video(path: Path, episode, explanations: list[str | None], fps: float, title: str,
+                  label: str = "reasoning") -> Path:
     """One driven episode (`run_episode(..., render=True)`) as a GIF at `path`."""
     return write_gif(path, rollout_frames(episode.frames, episode.instruction, episode.actions, explanations,
-                                          outcome_of(episode.summary), title), fps)
+                                          outcome_of(episode.summary), title, label), fps)
 
 
 def side_by_side(real: np.ndarray, imagined: np.ndarray, labels: tuple[str, str] = ("real", "imagined"),

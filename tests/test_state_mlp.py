@@ -75,8 +75,9 @@ def test_drives_in_closed_loop_planning_at_every_step_without_blending(tiny_stor
     fit_state_mlp(data=tiny_store, out=tmp_path / "mlp", horizon=4, steps=20, batch_size=16, progress=False)
     suite = tiny_store.parent / "tiny.yaml"
     report = closed_loop(model=str(tmp_path / "mlp"), scenarios=suite, episodes=1, replan_every=1,
-                         no_ensemble=True, progress=False)
+                         no_ensemble=True, progress=False, videos=1, video_dir=tmp_path / "videos")
     assert report["model"] == "mlp (state MLP)" and report["replan_every"] == 1 and report["ensemble"] is None
+    assert len(report["videos"]) == len(report["scenarios"])  # a state MLP renders its videos too
     assert report["overall"]["episodes"] == len(report["episodes"]) > 0
     assert len(report["fingerprint"]) == 16
     # Every step it drove was one decision: it planned at every step.
