@@ -76,7 +76,8 @@ operators: $(VENV)/.installed
 			--tokenizer $(D)/tokenizers --out $(O)/$$pad/shards --operators $(O)/$$pad/data --operator-hops 2-4 \
 			--tasks text || exit 1; \
 		test -f $(O)/$$pad/run/checkpoints/latest || $(BIN)/unified train --recipe recipes/operators.yaml --ranks 2 \
-			run_dir=$(O)/$$pad/run data=$(O)/$$pad/shards || exit 1; \
+			run_dir=$(O)/$$pad/run data=$(O)/$$pad/shards \
+			$$(test $$pad = inductive && echo model.inductive_scratchpad=true attention=sdpa) || exit 1; \
 		$(BIN)/unified export --checkpoint $(O)/$$pad/run --out $(O)/$$pad/model || exit 1; \
 		$(BIN)/unified eval operators --model $(O)/$$pad/model --data $(O)/test --json $(O)/$$pad.json || exit 1; \
 	done

@@ -42,19 +42,63 @@ def read_examples(data: Path, hops: list[int] | None, n: int) -> dict[int, list[
 
 
 def answer(model, tokenizers, prompt: str, hops: int) -> tuple[str, str, int]:
-    """Greedy scratchpad and answer for one question -> (scratchpad, answer, tokens generated)."""
+    """Greedy scratchpad and answer for one question -> (scratchpad, answer, tokens generated); in the inductive
+    form when the model was trained so (`model.inductive_scratchpad`)."""
     from unified.generation import Decoder
 
     layout = model.layout
     text = layout.to_global("text", tokenizers.text.encode([prompt])[0])
     decoder = Decoder(model)
-    decoder.feed([layout.special("<bos>"), *text.tolist(), layout.special("<reason>")])
+    prefix = [layout.special("<bos>"), *text.tolist(), layout.special("<reason>")]
+    decoder.feed(prefix)
+    decode = tokenizers.text.decode
+    if model.config.inductive_scratchpad:
+        steps, reply = generate_inductive(decoder, len(prefix), max_steps=hops + 2,
+                                          max_step_tokens=SCRATCHPAD_TOKENS_PER_HOP)
+        scratchpad = " ".join(decode([layout.to_local("text", step)])[0] for step in steps if step)
+        return scratchpad, (decode([layout.to_local("text", reply)])[0] if reply else ""), decoder.generated
     steps = decoder.generate(layout.mask("text"), stop=layout.special("</reason>"),
                              max_tokens=SCRATCHPAD_TOKENS_PER_HOP * hops)
     reply = decoder.generate(layout.mask("text"), stop=layout.special("<eos>"), max_tokens=4)
-    decode = tokenizers.text.decode
     scratchpad = decode([layout.to_local("text", steps)])[0] if steps else ""
     return scratchpad, (decode([layout.to_local("text", reply)])[0] if reply else ""), decoder.generated
+
+
+def generate_inductive(decoder, prefix: int, max_steps: int, max_step_tokens: int,
+                       max_answer_tokens: int = 4) -> tuple[list[list[int]], list[int]]:
+    """The inductive scratchpad written greedily after the first `prefix` tokens fed to `decoder` (the question
+    and `<reason>`): before each step after the first, the cache is cropped back to the question and the previous
+    step fed again at the positions right after it, so a step sees what it saw in training
+    (`sequences.build_text`). A step ends at `<step>` (another follows) or `</reason>` (the answer follows, until
+    `<eos>`); a step out of budget, or a scratchpad out of steps, is closed with `</reason>` as training closes
+    it. -> (the steps' text ids, the answer's text ids)."""
+    layout = decoder.model.layout
+    step, close = layout.special("<step>"), layout.special("</reason>")
+    allowed = layout.mask("text").copy()
+    allowed[[step, close]] = True
+    steps: list[list[int]] = []
+    for k in range(max_steps):
+        if k:
+            decoder.crop(prefix)
+            decoder.feed([*steps[-1], step])
+        tokens, ended = [], None
+        for _ in range(max_step_tokens):
+            token = decoder._choose(decoder.last_logits, allowed, True, 1.0)
+            decoder.generated += 1
+            decoder.feed([token])
+            if token in (step, close):
+                ended = token
+                break
+            tokens.append(token)
+        steps.append(tokens)
+        if ended != step:
+            if ended is None:
+                decoder.feed([close])
+            break
+    else:
+        decoder.feed([close])  # the last step asked for another: the scratchpad ends here
+    reply = decoder.generate(layout.mask("text"), stop=layout.special("<eos>"), max_tokens=max_answer_tokens)
+    return steps, reply
 
 
 def operators_eval(*, model: Path, data: Path, hops: str | None = None, n: int = 100, json: Path | None = None,

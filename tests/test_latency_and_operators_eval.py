@@ -53,6 +53,13 @@ def test_operators_eval_by_hops_and_the_plot(exported, tmp_path):
         operators_eval(model=exported, data=tmp_path / "ops", hops="5", progress=False)
     with pytest.raises(UnifiedError, match="not an operator data set"):
         operators_eval(model=exported, data=tmp_path, progress=False)
+    # A model trained with the inductive scratchpad is asked the same way, step by step (tests/test_inductive.py).
+    tokenizers = Tokenizers.from_pretrained(exported / "tokenizers")
+    torch.manual_seed(0)
+    inductive = UnifiedModel(ModelConfig(**TINY, inductive_scratchpad=True), tokenizers.layout)
+    save_model(inductive, tokenizers, tmp_path / "inductive")
+    stepwise = operators_eval(model=tmp_path / "inductive", data=tmp_path / "ops", n=2, progress=False)
+    assert set(stepwise["accuracy_by_hops"]) == {"2", "3"} and all(t > 0 for t in stepwise["tokens_by_hops"].values())
     (tmp_path / "b.json").write_text(json.dumps({"accuracy_by_hops": {"2": 1.0, "4": 0.5}}))
     table = plot_operators([tmp_path / "a.json", tmp_path / "b.json"], out=tmp_path / "ops.png",
                            labels=["tiny", "other"])

@@ -80,6 +80,29 @@ def test_a_layout_that_does_not_match_is_refused(tokdir, tmp_path):
         Tokenizers.from_pretrained(copy)
 
 
+def test_a_layout_saved_before_the_step_marker_still_loads(tokdir, tmp_path):
+    """Tokenizers fitted before `<step>` joined the markers keep their layout (and every id in their shards and
+    models); only the inductive scratchpad, which needs the marker, is refused with them."""
+    import json
+    import shutil
+
+    copy = tmp_path / "old"
+    shutil.copytree(tokdir, copy)
+    data = json.loads((copy / "layout.json").read_text())
+    assert data["specials"][-1] == "<step>"
+    data["specials"] = data["specials"][:-1]
+    for name, segment in data["segments"].items():
+        segment["start"] = max(0, segment["start"] - 1)
+        segment["size"] -= name == "special"
+    data["vocab_size"] -= 1
+    (copy / "layout.json").write_text(json.dumps(data))
+    old = Tokenizers.from_pretrained(copy)
+    new = Tokenizers.from_pretrained(tokdir)
+    assert old.layout.vocab_size == new.layout.vocab_size - 1 and old.layout.special("</state>") == 11
+    with pytest.raises(UnifiedError, match="no special token '<step>'"):
+        old.layout.special("<step>")
+
+
 def test_fit_needs_held_out_episodes(tiny_store, tmp_path):
     # 4 episodes, 2 per scenario: the default rule (every 10th of each scenario) holds none out.
     with pytest.raises(UnifiedError, match="4 training and 0 held-out episode.*fitting needs both"):

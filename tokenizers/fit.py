@@ -63,7 +63,7 @@ class Tokenizers:
             layout=TokenLayout.load(directory / "layout.json"),
         )
         expected = TokenLayout.build(loaded.text.vocab_size, loaded.image.config.codebook_size,
-                                     loaded.action.vocab_size, loaded.state.vocab_size)
+                                     loaded.action.vocab_size, loaded.state.vocab_size, loaded.layout.specials)
         if expected != loaded.layout:
             raise UnifiedError(f"{directory / 'layout.json'}: does not match the tokenizers beside it ({expected})")
         return loaded

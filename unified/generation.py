@@ -27,6 +27,14 @@ class Decoder:
         self.generated = 0  # tokens chosen by the model
         self.passes = 0  # forward passes
 
+    def crop(self, length: int) -> None:
+        """Forget everything fed after the first `length` tokens (their cache too); the next token is fed at
+        position `length` unless told otherwise. An inductive scratchpad crops back to its question before each
+        step."""
+        self.cache.crop(length - len(self.ids))  # transformers: a negative count of tokens to remove
+        self.ids, self.blocks = self.ids[:length], self.blocks[:length]
+        self.next_position = length
+
     @torch.inference_mode()
     def feed(self, ids, blocks=None, positions=None) -> torch.Tensor:
         """Append `ids` (with their action blocks, and position ids, by default the next ones in sequence order)

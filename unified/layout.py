@@ -22,6 +22,7 @@ SPECIALS = (
     "<act>", "</act>",
     "<reason>", "</reason>",
     "<state>", "</state>",
+    "<step>",  # ends a step of an inductive scratchpad (the operator questions' reasoning)
 )
 MODALITIES = ("special", "text", "image", "action", "state")
 
@@ -64,14 +65,16 @@ class TokenLayout:
         self.vocab_size = max(s.stop for s in segments)
 
     @classmethod
-    def build(cls, text: int, image: int, action: int, state: int = 0) -> TokenLayout:
-        """Consecutive segments in the order of docs/design.md, from each tokenizer's vocabulary size."""
-        sizes = {"special": len(SPECIALS), "text": text, "image": image, "action": action, "state": state}
+    def build(cls, text: int, image: int, action: int, state: int = 0,
+              specials: tuple[str, ...] = SPECIALS) -> TokenLayout:
+        """Consecutive segments in the order of docs/design.md, from each tokenizer's vocabulary size. `specials`:
+        today's markers by default; a layout saved before `<step>` was added keeps its own."""
+        sizes = {"special": len(specials), "text": text, "image": image, "action": action, "state": state}
         segments, start = [], 0
         for name in MODALITIES:
             segments.append(Segment(name, start, sizes[name]))
             start += sizes[name]
-        return cls(segments)
+        return cls(segments, tuple(specials))
 
     # -- ids --------------------------------------------------------------------------------------------
 

@@ -41,6 +41,10 @@ class ModelConfig:
     use_state: bool = True  # put the ego state tokens in the policy prompt
     state_dims: int | None = None  # the first N state values only (3: the ego's own, no nearby vehicles); None: all
     max_reason_tokens: int = 48  # cap on generated reasoning
+    # The operator questions' scratchpad in its inductive form: each step written from the question and the step
+    # before it only, at positions that restart after the question (`sequences.build_text`); generation does the
+    # same (`eval.operators`). Needs shards tokenized with the steps apart and a tokenizer with the <step> marker.
+    inductive_scratchpad: bool = False
     # -- optional continuous action head beside the discrete action tokens
     action_head: bool = False  # a small bidirectional transformer over H learned queries, trained with L1
     action_head_layers: int = 2

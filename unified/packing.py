@@ -13,20 +13,27 @@ from unified.layout import TokenLayout
 from unified.sequences import IGNORE, TASKS, Built
 
 
-def attention_mask(segment: np.ndarray, action_block: np.ndarray) -> np.ndarray:
+def attention_mask(segment: np.ndarray, action_block: np.ndarray, group: np.ndarray | None = None) -> np.ndarray:
     """(T, T) bool, True where query i may attend to key j.
 
     Causal, only within the same sample (`segment`, -1 for padding), and a token of an action block never sees
     another block of its chunk. In a training sequence the other blocks that causality lets through are the
     earlier ones; a decoder that writes all blocks at once (`Decoder.generate_blocks`) has later ones in its cache
-    too, and they are hidden by the same rule. Padding attends to itself only, so that no row is empty.
+    too, and they are hidden by the same rule. A token of an inductive scratchpad's group k >= 1 (`group`, -1
+    where there is none) sees its group and group 0 (the question) only. Padding attends to itself only, so that
+    no row is empty.
     """
     segment = np.asarray(segment)
     block = np.asarray(action_block)
     same = (segment[:, None] == segment[None, :]) & (segment[:, None] >= 0)
     causal = np.tri(len(segment), dtype=bool)
     other_block = (block[:, None] >= 0) & (block[None, :] >= 0) & (block[None, :] != block[:, None])
-    return (same & causal & ~other_block) | np.eye(len(segment), dtype=bool)
+    allowed = same & causal & ~other_block
+    if group is not None:
+        group = np.asarray(group)
+        other_step = (group[:, None] >= 1) & (group[None, :] != 0) & (group[None, :] != group[:, None])
+        allowed &= ~other_step
+    return allowed | np.eye(len(segment), dtype=bool)
 
 
 @dataclass
@@ -102,9 +109,14 @@ def collate(rows: list[list[Built]], seq_len: int, layout: TokenLayout, dense_ma
     segments = np.full((b, seq_len), -1, np.int64)
     blocks = np.full((b, seq_len), -1, np.int16)
     sample_ids, head_index, head_targets, head_states = [], [], [], []
+    grouped = any(built.group is not None for row in rows for built in row)
+    if grouped and not dense_mask:
+        raise UnifiedError("an inductive scratchpad's attention mask is built densely: train it with "
+                           "attention=sdpa (the flex-attention block mask does not have its groups)")
     for r, row in enumerate(rows):
         segment = np.full(seq_len, -1, np.int64)
         block = np.full(seq_len, -1, np.int16)
+        group = np.full(seq_len, -1, np.int16) if grouped else None
         start = 0
         for s, built in enumerate(row):
             stop = start + len(built)
@@ -115,7 +127,9 @@ def collate(rows: list[list[Built]], seq_len: int, layout: TokenLayout, dense_ma
             input_ids[r, start:stop] = built.ids
             targets[r, start:stop] = built.targets
             weights[r, start:stop] = built.weights
-            position_ids[r, start:stop] = np.arange(len(built))
+            position_ids[r, start:stop] = np.arange(len(built)) if built.positions is None else built.positions
+            if built.group is not None:
+                group[start:stop] = built.group
             task_ids[r, start:stop] = TASKS.index(built.task)
             segment[start:stop] = s
             block[start:stop] = built.action_block
@@ -125,7 +139,7 @@ def collate(rows: list[list[Built]], seq_len: int, layout: TokenLayout, dense_ma
                 head_states.append(built.state_values if built.state_values is not None else np.zeros(0, np.float32))
             start = stop
         if dense_mask:
-            masks[r, 0] = attention_mask(segment, block)
+            masks[r, 0] = attention_mask(segment, block, group)
         segments[r], blocks[r] = segment, block
         sample_ids.append([x.id for x in row])
     return Batch(

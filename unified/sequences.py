@@ -4,6 +4,8 @@
     policy        : <bos> instruction <img> f_t </img> [<state> s_t </state>] CHUNK
     world         : <bos> <img> f_t </img> CHUNK <img> f_t+H </img>
     text          : <bos> question <reason> steps </reason> answer <eos>
+    text, inductive: <bos> question <reason> s1 <step> | s1 <step> s2 <step> | s2 <step> s3 ... | sK-1 <step> sK
+                    </reason> answer <eos>   (each | starts a group; see `build_text`)
     CHUNK         : <act> a_t <act> a_t+1 ... <act> a_t+H-1 </act>
 
 All ids are global (see `TokenLayout`). `targets[i]` is the token position i must predict (ids[i + 1]) where
@@ -11,6 +13,11 @@ that token lies in a target span, else IGNORE; `weights[i]` is its loss weight. 
 action blocks (one per step of the chunk: its `<act>` marker and its D tokens) so that the attention mask can
 hide the other blocks. Each block is predicted from its own marker, never from another block, so a decoder can
 write all H steps of a chunk at once, in D forward passes (`Decoder.generate_blocks`).
+
+The inductive scratchpad (Abbe et al., "How far can transformers reason?"): a step k >= 2 is preceded by a copy of
+step k - 1 (not a target), and `group[i]` lets a token of group k >= 1 see the prefix (group 0: the question) and its
+own group only, while `positions` restart after the question for every group. So every step is written from the
+question and the step before it, at the same positions, whatever its number: step 12 looks like step 2.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ class Sample:
     question: np.ndarray | None = None  # (n,) text ids (text task)
     steps: np.ndarray | None = None  # (n,) text ids of the scratchpad, may be empty (text task)
     answer: np.ndarray | None = None  # (n,) text ids (text task)
+    step_list: list[np.ndarray] | None = None  # the scratchpad's steps, each (n,) text ids: its inductive form
     action_values: np.ndarray | None = None  # (H, D) the chunk normalised to [-1, 1], for a continuous head
     state_values: np.ndarray | None = None  # (S,) the ego state normalised to [-1, 1], for a head that reads it
     id: str = ""  # where it came from, e.g. "episode 12 step 40", for error reports
@@ -56,6 +64,8 @@ class Built:
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> [start, stop) positions
     action_values: np.ndarray | None = None  # (H, D) normalised chunk (policy tasks), for a continuous head
     state_values: np.ndarray | None = None  # (S,) normalised ego state (policy tasks), for a head that reads it
+    group: np.ndarray | None = None  # (L,) int16, an inductive scratchpad's groups (0: the prefix); None: none
+    positions: np.ndarray | None = None  # (L,) int64 position ids; None: 0, 1, ... L - 1
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -69,17 +79,28 @@ class _Writer:
         self.ids: list[np.ndarray] = []
         self.is_target: list[np.ndarray] = []
         self.block: list[np.ndarray] = []
+        self.group: list[np.ndarray] = []
+        self.positions: list[np.ndarray] = []
+        self.grouped = False
         self.spans: dict[str, tuple[int, int]] = {}
         self.length = 0
+        self.next_position = 0
 
-    def add(self, tokens, target=False, name: str | None = None, block: np.ndarray | None = None) -> None:
-        """Append `tokens`; `target` is one flag for all of them or one per token."""
+    def add(self, tokens, target=False, name: str | None = None, block: np.ndarray | None = None,
+            group: int = -1, position: int | None = None) -> None:
+        """Append `tokens`; `target` is one flag for all of them or one per token. `group` (inductive form) and
+        `position` (the first token's position id; by default the next one) are for the inductive scratchpad."""
         tokens = np.atleast_1d(np.asarray(tokens, np.int64))
         if name:
             self.spans[name] = (self.length, self.length + len(tokens))
         self.ids.append(tokens)
         self.is_target.append(np.broadcast_to(np.asarray(target, bool), tokens.shape))
         self.block.append(np.full(len(tokens), -1, np.int16) if block is None else block.astype(np.int16))
+        self.group.append(np.full(len(tokens), group, np.int16))
+        self.grouped = self.grouped or group >= 0
+        first = self.next_position if position is None else position
+        self.positions.append(first + np.arange(len(tokens)))
+        self.next_position = first + len(tokens)
         self.length += len(tokens)
 
     def special(self, token: str, target: bool = False) -> None:
@@ -95,7 +116,10 @@ class _Writer:
         image = self.layout.mask("image")
         predicts_image = (targets != IGNORE) & image[np.clip(targets, 0, None)]
         weights[predicts_image] *= image_weight
-        return Built(ids, targets, weights, np.concatenate(self.block), task, sample_id, self.spans)
+        built = Built(ids, targets, weights, np.concatenate(self.block), task, sample_id, self.spans)
+        if self.grouped:
+            built.group, built.positions = np.concatenate(self.group), np.concatenate(self.positions)
+        return built
 
 
 def _need(sample: Sample, *names: str) -> None:
@@ -171,8 +195,11 @@ def build_world(sample: Sample, layout: TokenLayout, image_weight: float = 0.04,
 
 
 def build_text(sample: Sample, layout: TokenLayout, image_weight: float = 0.04, task_weight: float = 1.0) -> Built:
-    """The text task: question, then the scratchpad (possibly empty) and the answer as targets."""
+    """The text task: question, then the scratchpad (possibly empty) and the answer as targets; in the inductive
+    form when the sample carries its steps (`step_list`)."""
     _need(sample, "question", "answer")
+    if sample.step_list:
+        return _build_inductive(sample, layout, image_weight, task_weight)
     w = _Writer(layout)
     w.special("<bos>")
     w.add(sample.question, name="question")
@@ -182,6 +209,34 @@ def build_text(sample: Sample, layout: TokenLayout, image_weight: float = 0.04, 
     w.special("</reason>", target=True)
     w.add(sample.answer, target=True, name="answer")
     w.special("<eos>", target=True)
+    return w.finish("text", sample.id, image_weight, task_weight)
+
+
+def _build_inductive(sample: Sample, layout: TokenLayout, image_weight: float, task_weight: float) -> Built:
+    """Group 0: `<bos> question <reason>` at positions 0..P-1. Group k: a copy of step k - 1 and its `<step>` (for
+    k >= 2, not a target) at positions P.., then step k and its `<step>` (targets) right after it; the last group ends
+    with `</reason> answer <eos>` instead of a `<step>`."""
+    w = _Writer(layout)
+    w.special("<bos>")
+    w.add(sample.question, name="question", group=0)
+    w.add([layout.special("<reason>")], group=0)
+    prefix = w.length
+    step = layout.special("<step>")
+    steps = [np.asarray(s, np.int64) for s in sample.step_list]
+    w.group[0][:] = 0  # <bos>
+    w.grouped = True
+    for k, tokens in enumerate(steps, 1):
+        if k > 1:
+            w.add(np.append(steps[k - 2], step), group=k, position=prefix)
+        else:
+            w.next_position = prefix
+        if k < len(steps):
+            w.add(np.append(tokens, step), target=True, group=k)
+        else:
+            w.add(tokens, target=True, group=k)
+            w.add([layout.special("</reason>")], target=True, group=k)
+            w.add(sample.answer, target=True, name="answer", group=k)
+            w.add([layout.special("<eos>")], target=True, group=k)
     return w.finish("text", sample.id, image_weight, task_weight)
 
 

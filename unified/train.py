@@ -72,7 +72,8 @@ def mixture(config, shards, split: str = "train", gpu: bool = False):
     return MixtureBatches(shards, config.data.tasks, config.data.seq_len, config.data.batch_size, config.seed,
                           config.model.image_loss_weight, config.model.task_weights,
                           config.data.with_state and config.model.use_state, config.model.state_dims,
-                          split=split, dense_mask=not uses_flex(config, gpu), **extra)
+                          split=split, dense_mask=not uses_flex(config, gpu),
+                          inductive=config.model.inductive_scratchpad, **extra)
 
 
 def prepare_data(config, run_dir: Path, progress: bool) -> Path:

@@ -9,7 +9,8 @@ samples for training come only from the training episodes (`TokenShards.index(ta
     SHARDS/*.npy           image (N, 64), action (N, D), action_values (N, D) float32, state (N, S),
                            state_values (N, S) float32,
                            episode (N,), step (N,), instruction (N,), reason (N,) -> rows of the text table,
-                           text_ids (flat), text_offsets (K + 1,), operator_* (M,) rows of the text table
+                           text_ids (flat), text_offsets (K + 1,), operator_* (M,) rows of the text table,
+                           operator_step_rows (M, K) the row of each step of a scratchpad, -1 padded
 """
 
 from __future__ import annotations
@@ -78,15 +79,26 @@ class TokenShards:
                 self._index[(task, split)] = np.concatenate(rows) if rows else np.zeros(0, np.int64)
         return self._index[(task, split)]
 
-    def sample(self, task: str, row: int, with_state: bool = True, state_dims: int | None = None) -> Sample:
+    def sample(self, task: str, row: int, with_state: bool = True, state_dims: int | None = None,
+               inductive: bool = False) -> Sample:
+        """The sample of `task` at `row`; `inductive`: an operator question with its scratchpad's steps apart."""
         a = self.arrays
         if task == "text":
             steps = int(a["operator_steps"][row])
-            return Sample(
+            sample = Sample(
                 task, question=self._text(int(a["operator_question"][row])),
                 steps=self._text(steps) if steps >= 0 else np.zeros(0, np.int64),
                 answer=self._text(int(a["operator_answer"][row])), id=f"operator {row}",
             )
+            if inductive:
+                if "operator_step_rows" not in a:
+                    raise UnifiedError(f"{self.root}: these shards keep each scratchpad whole; the inductive "
+                                       "scratchpad needs its steps apart: run `unified data tokenize` again")
+                if "<step>" not in self.layout.specials:
+                    raise UnifiedError(f"{self.root}: the tokenizer has no <step> marker, which the inductive "
+                                       "scratchpad ends its steps with: fit the tokenizers again")
+                sample.step_list = [self._text(int(r)) for r in a["operator_step_rows"][row] if r >= 0]
+            return sample
         episode_first = row - int(a["step"][row])
         history = [max(episode_first, row - k) for k in range(self.history - 1, -1, -1)]
         sample = Sample(

@@ -99,7 +99,11 @@ def tokenize(
         np.save(staging / "text_ids.npy", text_ids.astype(dtype))
         np.save(staging / "text_offsets.npy", text_offsets)
         for name, rows in operator_rows.items():
-            np.save(staging / f"operator_{name}.npy", np.asarray(rows, np.int32))
+            if name == "step_rows":  # ragged: one row of text rows per question, padded with -1
+                width = max((len(r) for r in rows), default=0)
+                rows = [r + [-1] * (width - len(r)) for r in rows]
+            np.save(staging / f"operator_{name}.npy", np.asarray(rows, np.int32).reshape(len(rows), -1)
+                    if name == "step_rows" else np.asarray(rows, np.int32))
         layout.save(staging / "layout.json")
         meta = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "data": str(data), "tokenizer": str(tokenizer),
@@ -128,10 +132,17 @@ def tokenize(
     return meta | {"samples": counts}
 
 
-def _operators(directory: Path, hops: str, table: _TextTable) -> dict[str, list[int]]:
+def split_steps(scratchpad: str) -> list[str]:
+    """A scratchpad's steps: its sentences ("Alice > Kenji. Alice > Zoe. So ..." -> three)."""
+    import re
+
+    return [s for s in re.split(r"(?<=[.!?])\s+", scratchpad.strip()) if s]
+
+
+def _operators(directory: Path, hops: str, table: _TextTable) -> dict[str, list]:
     from unified.data.operators import parse_hops
 
-    rows: dict[str, list[int]] = {"question": [], "steps": [], "answer": [], "hops": []}
+    rows: dict[str, list] = {"question": [], "steps": [], "answer": [], "hops": [], "step_rows": []}
     for h in parse_hops(hops):
         path = Path(directory) / f"hops_{h}.jsonl"
         if not path.is_file():
@@ -141,6 +152,8 @@ def _operators(directory: Path, hops: str, table: _TextTable) -> dict[str, list[
                 example = json.loads(line)
                 rows["question"].append(table.row(example["prompt"]))
                 rows["steps"].append(table.row(example["scratchpad"]) if example["scratchpad"] else -1)
+                # Each step (sentence) apart too, for the inductive form of the scratchpad.
+                rows["step_rows"].append([table.row(step) for step in split_steps(example["scratchpad"])])
                 rows["answer"].append(table.row(example["answer"]))
                 rows["hops"].append(int(example["hops"]))
             except (json.JSONDecodeError, KeyError, ValueError) as e:
