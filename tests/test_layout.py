@@ -41,9 +41,11 @@ def test_ids_of_another_modality_are_refused():
 
 
 def test_overlapping_segments_are_rejected():
-    segments = [Segment("special", 0, len(SPECIALS)), Segment("text", 12, 100), Segment("image", 100, 50),
-                Segment("action", 150, 10), Segment("state", 160, 0)]
-    with pytest.raises(UnifiedError, match="'text' \\[12, 112\\) and 'image' \\[100, 150\\) overlap"):
+    n = len(SPECIALS)
+    segments = [Segment("special", 0, n), Segment("text", n, 100), Segment("image", n + 88, 50),
+                Segment("action", n + 138, 10), Segment("state", n + 148, 0)]
+    message = f"'text' \\[{n}, {n + 100}\\) and 'image' \\[{n + 88}, {n + 138}\\) overlap"
+    with pytest.raises(UnifiedError, match=message):
         TokenLayout(segments)
 
 

@@ -126,12 +126,14 @@ def output_cases(model_data, export, run):
         "bench train": lambda f, t: ["--recipe", DEBUG, f"data={shards}", *TINY, "--steps", 1, "--json", t],
         "eval state-response": lambda f, t: ["--model", export, "--data", store, "--json", t],
         "baseline fit-state-mlp": lambda f, t: ["--data", store, "--out", f, "--steps", 2],
+        "bench serve": lambda f, t: ["--model", export, "--data", store, "--json", t],
+        "data export-lerobot": lambda f, t: ["--data", store, "--out", f],
     }
 
 
 # Parameters that name where a verb writes (`--json` as a switch that prints JSON is not one); `train` takes
 # run_dir among its key=value overrides.
-OUTPUT_PARAMETERS = {"out", "json", "strip", "overrides"}
+OUTPUT_PARAMETERS = {"out", "json", "strip", "video", "video_dir", "overrides"}
 
 
 def test_every_verb_with_an_output_is_covered():

@@ -59,3 +59,9 @@ def test_world_model_eval_command(model_data, tmp_path):
         [str(Path(sys.executable).parent / "unified"), "eval", "world-model", "--model", str(tmp_path / "model"),
          "--data", str(model_data / "store"), "--video", str(tmp_path / "notes.txt")], capture_output=True, text=True)
     assert refused.returncode == 2 and "name it FILE.gif" in refused.stderr
+    (tmp_path / "thesis.gif").write_text("four years of work")  # a .gif that is not a GIF is not overwritten
+    refused = subprocess.run(
+        [str(Path(sys.executable).parent / "unified"), "eval", "world-model", "--model", str(tmp_path / "model"),
+         "--data", str(model_data / "store"), "--video", str(tmp_path / "thesis.gif")], capture_output=True, text=True)
+    assert refused.returncode == 2 and "is not a GIF" in refused.stderr
+    assert (tmp_path / "thesis.gif").read_text() == "four years of work"
