@@ -97,6 +97,8 @@ def test_malformed_requests_get_an_error_and_the_server_keeps_serving(server, ex
     assert status == 404 and "POST /act" in reply["error"]
     status, reply = post(server, b"x", headers={"Content-Length": str(1 << 30)})
     assert status == 413
+    status, reply = post(server, b"", headers={"Content-Length": "-5"})
+    assert status == 411 and "Content-Length" in reply["error"]
     status, reply = post(server, json.dumps(good).encode())
     assert status == 200 and np.asarray(reply["actions"]["shape"]).tolist() == [4, 2]
     with pytest.raises(UnifiedError, match="state: expected"):  # the client raises the server's message

@@ -145,8 +145,10 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             length = int(self.headers.get("Content-Length", ""))
         except ValueError:
+            length = -1
+        if length < 0:
             self.close_connection = True
-            return self._reply(411, {"error": "a request needs a Content-Length"})
+            return self._reply(411, {"error": "a request needs a Content-Length of 0 or more bytes"})
         if length > MAX_REQUEST_BYTES:
             self.close_connection = True
             return self._reply(413, {"error": f"the request has {length} bytes, more than {MAX_REQUEST_BYTES}"})

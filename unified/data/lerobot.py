@@ -197,33 +197,44 @@ def _stats(values: np.ndarray) -> dict:
     return {k: v.tolist() for k, v in out.items()}
 
 
-def _image_stats(frames: np.ndarray) -> dict:
-    """Per-channel statistics of (T, H, W, 3) uint8 frames scaled to [0, 1], shaped (3, 1, 1) as LeRobot keeps them
-    (over every 4th pixel of every frame)."""
-    pixels = frames[:, ::2, ::2].reshape(-1, 3).astype(np.float64) / 255.0
-    return {k: (np.asarray(v)[:, None, None].tolist() if k != "count" else v)
-            for k, v in _stats(pixels).items()} | {"count": [len(frames)]}
+def _pixels(frames: np.ndarray) -> np.ndarray:
+    """Every 4th pixel of (T, H, W, 3) uint8 frames, as (N, 3) uint8: what the image statistics are taken over."""
+    return frames[:, ::2, ::2].reshape(-1, 3)
 
 
-def _encode_video(path: Path, frames: list[np.ndarray], fps: float) -> None:
-    """Frames (H, W, 3) uint8 -> an AV1 MP4 as LeRobot writes its cameras (libsvtav1, yuv420p, GOP 2, CRF 30)."""
-    import fractions
-    import os
+def _image_stats(pixels: np.ndarray, frames: int) -> dict:
+    """Per-channel statistics of (N, 3) uint8 pixels scaled to [0, 1], shaped (3, 1, 1) as LeRobot keeps them;
+    `count` the number of frames they came from."""
+    stats = _stats(pixels.astype(np.float64) / 255.0)
+    return {k: np.asarray(v)[:, None, None].tolist() for k, v in stats.items() if k != "count"} | {"count": [frames]}
 
-    import av
 
-    os.environ.setdefault("SVT_LOG", "1")  # the encoder's own log: errors only (it prints its settings otherwise)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    h, w = frames[0].shape[:2]
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libsvtav1", rate=fractions.Fraction(fps).limit_denominator(1000),
-                                      options={"g": "2", "crf": "30"})
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+class _Video:
+    """An AV1 MP4 written frame by frame as LeRobot writes its cameras (libsvtav1, yuv420p, GOP 2, CRF 30)."""
+
+    def __init__(self, path: Path, fps: float, height: int, width: int):
+        import fractions
+        import os
+
+        import av
+
+        os.environ.setdefault("SVT_LOG", "1")  # the encoder's own log: errors only (it prints its settings otherwise)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.av = av
+        self.container = av.open(str(path), "w")
+        self.stream = self.container.add_stream("libsvtav1", rate=fractions.Fraction(fps).limit_denominator(1000),
+                                                options={"g": "2", "crf": "30"})
+        self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "yuv420p"
+
+    def add(self, frames: np.ndarray) -> None:
         for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+            for packet in self.stream.encode(self.av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                self.container.mux(packet)
+
+    def close(self) -> None:
+        for packet in self.stream.encode():
+            self.container.mux(packet)
+        self.container.close()
 
 
 def _write_parquet(path: Path, table) -> None:
@@ -257,7 +268,8 @@ def export_lerobot(*, data: Path, out: Path, overwrite: bool = False, progress: 
         tasks: dict[str, int] = {}
         rows: dict[str, list] = {k: [] for k in ("observation.state", "action", "timestamp", "frame_index",
                                                  "episode_index", "index", "task_index")}
-        episodes, frames_all, start = [], [], 0
+        episodes, pixels, start = [], [], 0
+        video = _Video(staging / "videos" / CAMERA / "chunk-000" / "file-000.mp4", fps, h, w)
         for k, index in enumerate(tqdm(indices, desc="export", unit="ep", disable=not progress)):
             episode = store.read_episode(index)
             n = len(episode.actions)
@@ -269,7 +281,8 @@ def export_lerobot(*, data: Path, out: Path, overwrite: bool = False, progress: 
                        "task_index": np.full(n, task)}
             for name, values in columns.items():
                 rows[name].append(values)
-            frames_all += list(episode.frames)
+            video.add(episode.frames)  # streamed: the store's frames are never all in memory
+            pixels.append(_pixels(episode.frames))
             meta = {"episode_index": k, "tasks": [episode.instruction], "length": n, "data/chunk_index": 0,
                     "data/file_index": 0, "dataset_from_index": start, "dataset_to_index": start + n,
                     f"videos/{CAMERA}/chunk_index": 0, f"videos/{CAMERA}/file_index": 0,
@@ -278,7 +291,7 @@ def export_lerobot(*, data: Path, out: Path, overwrite: bool = False, progress: 
             for name, values in columns.items():
                 for stat, value in _stats(np.asarray(values).reshape(n, -1)).items():
                     meta[f"stats/{name}/{stat}"] = value
-            for stat, value in _image_stats(episode.frames).items():
+            for stat, value in _image_stats(pixels[-1], n).items():
                 meta[f"stats/{CAMERA}/{stat}"] = value
             episodes.append(meta)
             start += n
@@ -293,10 +306,10 @@ def export_lerobot(*, data: Path, out: Path, overwrite: bool = False, progress: 
 
         tasks_frame = pd.DataFrame({"task_index": list(tasks.values())}, index=list(tasks))
         _write_parquet(staging / "meta" / "tasks.parquet", pa.Table.from_pandas(tasks_frame))
-        _encode_video(staging / "videos" / CAMERA / "chunk-000" / "file-000.mp4", frames_all, fps)
+        video.close()
         everything = {name: np.concatenate(parts).reshape(start, -1) for name, parts in rows.items()}
         stats = {name: _stats(values) for name, values in everything.items()}
-        stats[CAMERA] = _image_stats(np.stack(frames_all))
+        stats[CAMERA] = _image_stats(np.concatenate(pixels), start)
         (staging / "meta" / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         state_names = list(store.info["state_names"])
         features = {
