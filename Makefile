@@ -69,7 +69,7 @@ clean:
 O := $(D)/operators
 operators: $(VENV)/.installed
 	@test -f $(D)/tokenizers/layout.json || { echo "make operators reads the demo's data and tokenizers: run make demo first"; exit 1; }
-	@grep -q '"<step>"' $(D)/tokenizers/layout.json || { echo "make operators: $(D)/tokenizers predate the <step> marker the inductive scratchpad needs; fit them again (delete $(D)/tokenizers and $(D)/shards, then make demo)"; exit 1; }
+	@grep -q '"<step>"' $(D)/tokenizers/layout.json || { echo "make operators: $(D)/tokenizers predate the <step> marker the inductive scratchpad needs; run make demo into a new directory (make demo DEMO_DIR=runs/demo2, then make operators DEMO_DIR=runs/demo2)"; exit 1; }
 	$(BIN)/unified data operators --out $(O)/test --hops 2-8 --n 100 --seed 1
 	for pad in none full inductive; do \
 		$(BIN)/unified data operators --out $(O)/$$pad/data --hops 2-4 --scratchpad $$pad --n 2000 || exit 1; \
