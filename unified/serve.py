@@ -35,6 +35,7 @@ import numpy as np
 
 from unified.errors import UnifiedError
 from unified.policy import ActionResult
+from unified.tokenizers.action import READOUTS
 
 MAX_REQUEST_BYTES = 64 << 20  # a request bigger than this is refused before it is read
 ACT_FIELDS = {"frames", "instruction", "state", "reason", "readout", "continuous", "greedy", "temperature", "seed"}
@@ -76,7 +77,7 @@ class PolicyServer(ThreadingHTTPServer):
         self.info = {"model": model, "fingerprint": fingerprint, "config": asdict(policy.config),
                      "image_size": list(tok.image.config.image_size), "state_names": list(tok.state.names),
                      "action_names": ["acceleration", "steering"][:tok.action.dim],
-                     "readouts": list(_readouts())}
+                     "readouts": list(READOUTS)}
         super().__init__(address, _Handler)
 
     @property
@@ -106,12 +107,6 @@ class PolicyServer(ThreadingHTTPServer):
             result = self.policy.act(frames, request["instruction"], state=request.get("state"), **kwargs)
         return {"actions": encode_array(np.asarray(result.actions, np.float32)), "reasoning": result.reasoning,
                 "tokens_generated": int(result.tokens_generated), "latency_ms": float(result.latency_ms)}
-
-
-def _readouts() -> tuple[str, ...]:
-    from unified.tokenizers.action import READOUTS
-
-    return tuple(READOUTS)
 
 
 class _Handler(BaseHTTPRequestHandler):
