@@ -64,26 +64,37 @@ $(D)/joint/checkpoints/latest: $(D)/shards/meta.json
 clean:
 	rm -rf $(VENV) build *.egg-info runs
 
-# Length generalisation on the operator data set: one small model per scratchpad (none, full, inductive), each
-# trained on 2-4 hops through the DeepSpeed launcher and tested on 2-8 hops. Reads the demo's store and tokenizers.
+# Length generalisation on the operator data set: one small model per scratchpad (none, full, inductive) and seed,
+# each trained on 2-4 hops through the DeepSpeed launcher and tested on 2-12 hops, on questions no training set holds.
+# Reads the demo's tokenizers; writes $(O)/summary.json, summary.md and accuracy_by_hops.png. Rerunning skips what
+# is done.
 O := $(D)/operators
+OPS_SEEDS ?= 0 1 2
+OPS_QUESTIONS ?= 200
+OPS_STEPS ?= 300
+INDUCTIVE := model.inductive_scratchpad=true attention=sdpa
 operators: $(VENV)/.installed
 	@test -f $(D)/tokenizers/layout.json || { echo "make operators reads the demo's data and tokenizers: run make demo first"; exit 1; }
 	@grep -q '"<step>"' $(D)/tokenizers/layout.json || { echo "make operators: $(D)/tokenizers predate the <step> marker the inductive scratchpad needs; run make demo into a new directory (make demo DEMO_DIR=runs/demo2, then make operators DEMO_DIR=runs/demo2)"; exit 1; }
-	$(BIN)/unified data operators --out $(O)/test --hops 2-8 --n 100 --seed 1
 	for pad in none full inductive; do \
-		$(BIN)/unified data operators --out $(O)/$$pad/data --hops 2-4 --scratchpad $$pad --n 2000 || exit 1; \
+		$(BIN)/unified data operators --out $(O)/$$pad/data --hops 2-4 --scratchpad $$pad --n 5000 || exit 1; \
 		test -f $(O)/$$pad/shards/meta.json || $(BIN)/unified data tokenize --data $(D)/data/train \
 			--tokenizer $(D)/tokenizers --out $(O)/$$pad/shards --operators $(O)/$$pad/data --operator-hops 2-4 \
 			--tasks text || exit 1; \
-		test -f $(O)/$$pad/run/checkpoints/latest || $(BIN)/unified train --recipe recipes/operators.yaml --ranks 2 \
-			run_dir=$(O)/$$pad/run data=$(O)/$$pad/shards \
-			$$(test $$pad = inductive && echo model.inductive_scratchpad=true attention=sdpa) || exit 1; \
-		$(BIN)/unified export --checkpoint $(O)/$$pad/run --out $(O)/$$pad/model || exit 1; \
-		$(BIN)/unified eval operators --model $(O)/$$pad/model --data $(O)/test --json $(O)/$$pad.json || exit 1; \
 	done
-	$(BIN)/unified eval plot-operators $(O)/none.json $(O)/full.json $(O)/inductive.json \
-		--labels "no scratchpad" "full scratchpad" "inductive scratchpad" --out $(O)/accuracy_by_hops.png
+	$(BIN)/unified data operators --out $(O)/test --hops 2-12 --n $(OPS_QUESTIONS) --seed 1 \
+		--exclude $(O)/none/data $(O)/full/data $(O)/inductive/data
+	for pad in none full inductive; do for seed in $(OPS_SEEDS); do \
+		test -f $(O)/$$pad/seed$$seed/checkpoints/latest || $(BIN)/unified train --recipe recipes/operators.yaml \
+			--ranks 2 run_dir=$(O)/$$pad/seed$$seed data=$(O)/$$pad/shards seed=$$seed \
+			steps=$(OPS_STEPS) save_every=$(OPS_STEPS) \
+			$$(test $$pad = inductive && echo $(INDUCTIVE)) || exit 1; \
+		test -f $(O)/$$pad/seed$$seed.json && continue; \
+		$(BIN)/unified export --checkpoint $(O)/$$pad/seed$$seed --out $(O)/$$pad/model$$seed --overwrite || exit 1; \
+		$(BIN)/unified eval operators --model $(O)/$$pad/model$$seed --data $(O)/test \
+			--json $(O)/$$pad/seed$$seed.json || exit 1; \
+	done; done
+	$(BIN)/unified eval operators-summary --runs $(O)
 
 # DAgger after make demo: ROUNDS rounds of driving with the latest teacher (re-planning as the study does), the
 # expert labelling every state it visits into the demo's store, and a fine-tune of the teacher on all of it.

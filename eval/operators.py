@@ -64,6 +64,59 @@ def answer(model, tokenizers, prompt: str, hops: int) -> tuple[str, str, int]:
     return scratchpad, (decode([layout.to_local("text", reply)])[0] if reply else ""), decoder.generated
 
 
+def answer_batch(model, tokenizers, prompts: list[str], hops: int) -> list[tuple[str, str, int]]:
+    """`answer` for many questions at once (`generation.generate_batch`: left-padded, each question decoded as it
+    would be alone; tested against `answer`). The inductive scratchpad is written step by step: step k's prompt is
+    the question and step k - 1 at the positions right after it, exactly what `generate_inductive` leaves in its
+    cache, so the batch needs no cropping."""
+    from unified.generation import generate_batch
+
+    layout = model.layout
+    step, close, eos = layout.special("<step>"), layout.special("</reason>"), layout.special("<eos>")
+    text_ids = [layout.to_global("text", ids).tolist() for ids in tokenizers.text.encode(prompts)]
+    prefixes = [[layout.special("<bos>"), *t, layout.special("<reason>")] for t in text_ids]
+    text = layout.mask("text")
+    decode = tokenizers.text.decode
+    steps: list[list[list[int]]] = [[] for _ in prompts]
+    if model.config.inductive_scratchpad:
+        allowed = text.copy()
+        allowed[[step, close]] = True
+        active = list(range(len(prompts)))
+        generated = [0] * len(prompts)
+        ends: list[list[int]] = [[] for _ in prompts]  # the step's closing tokens, as `generate_inductive` feeds them
+        for k in range(hops + 2):
+            if not active:
+                break
+            asks = [prefixes[q] + ([*steps[q][-1], step] if k else []) for q in active]
+            outs = generate_batch(model, asks, allowed, [step, close], SCRATCHPAD_TOKENS_PER_HOP, keep_stop=True)
+            still = []
+            for q, out in zip(active, outs):
+                generated[q] += len(out)
+                ended = out[-1] if out and out[-1] in (step, close) else None
+                steps[q].append(out[:-1] if ended is not None else out)
+                # out of budget: closed; asked for another step after the last one allowed: <step> then closed
+                ends[q] = [close] if ended != step else [step, close]
+                if ended == step:
+                    still.append(q)
+            active = still
+        # The answer follows in the last step's group: the step before it (if any), the last step and its end.
+        answer_prompts = [prefixes[q] + ([*steps[q][-2], step] if len(steps[q]) > 1 else []) + steps[q][-1] + ends[q]
+                          for q in range(len(prompts))]
+    else:
+        budget = SCRATCHPAD_TOKENS_PER_HOP * hops
+        outs = generate_batch(model, prefixes, text, close, budget)
+        steps = [[out] for out in outs]
+        answer_prompts = [prefixes[q] + outs[q] + [close] for q in range(len(prompts))]
+        generated = [len(out) + (len(out) < budget) for out in outs]  # the stop counts when the model chose it
+    replies = generate_batch(model, answer_prompts, text, eos, 4)
+    results = []
+    for q, reply in enumerate(replies):
+        pad = " ".join(decode([layout.to_local("text", s)])[0] for s in steps[q] if s)
+        said = decode([layout.to_local("text", reply)])[0] if reply else ""
+        results.append((pad, said, generated[q] + len(reply) + (len(reply) < 4)))
+    return results
+
+
 def generate_inductive(decoder, prefix: int, max_steps: int, max_step_tokens: int,
                        max_answer_tokens: int = 4) -> tuple[list[list[int]], list[int]]:
     """The inductive scratchpad written greedily after the first `prefix` tokens fed to `decoder` (the question
@@ -101,10 +154,10 @@ def generate_inductive(decoder, prefix: int, max_steps: int, max_step_tokens: in
     return steps, reply
 
 
-def operators_eval(*, model: Path, data: Path, hops: str | None = None, n: int = 100, json: Path | None = None,
-                   progress: bool = True) -> dict:
-    """Answer the first `n` questions of each hop count in `hops` (default: every file of `data`) with `model`
-    and report the accuracy per hop count."""
+def operators_eval(*, model: Path, data: Path, hops: str | None = None, n: int = 100, batch: int = 100,
+                   json: Path | None = None, progress: bool = True) -> dict:
+    """Answer the first `n` questions of each hop count in `hops` (default: every file of `data`) with `model`,
+    `batch` questions at a time (`answer_batch`), and report the accuracy per hop count."""
     import torch
 
     from unified.data.operators import parse_hops
@@ -121,13 +174,18 @@ def operators_eval(*, model: Path, data: Path, hops: str | None = None, n: int =
     with torch.inference_mode():
         for h, rows in examples.items():
             correct = []
-            for example in tqdm(rows, desc=f"{h} hops", unit="q", disable=not progress):
-                scratchpad, reply, generated = answer(loaded, tokenizers, example["prompt"], h)
-                correct.append(reply.strip() == example["answer"])
-                tokens.setdefault(h, []).append(generated)
-                if sum(s["hops"] == h for s in shown) < 2:
-                    shown.append({"hops": h, "prompt": example["prompt"], "expected": example["target"],
-                                  "generated": (scratchpad + " " + reply).strip()})
+            bar = tqdm(total=len(rows), desc=f"{h} hops", unit="q", disable=not progress)
+            for start in range(0, len(rows), batch):
+                chunk = rows[start:start + batch]
+                for example, (scratchpad, reply, generated) in zip(
+                        chunk, answer_batch(loaded, tokenizers, [e["prompt"] for e in chunk], h)):
+                    correct.append(reply.strip() == example["answer"])
+                    tokens.setdefault(h, []).append(generated)
+                    if sum(s["hops"] == h for s in shown) < 2:
+                        shown.append({"hops": h, "prompt": example["prompt"], "expected": example["target"],
+                                      "generated": (scratchpad + " " + reply).strip()})
+                bar.update(len(chunk))
+            bar.close()
             accuracy[h] = float(np.mean(correct))
             print(f"{h} hops: accuracy {accuracy[h]:.1%} over {len(rows)} questions", flush=True)
     report = {"model": str(model), "data": str(data), "questions_per_hop": n,
@@ -172,3 +230,103 @@ def plot_operators(reports: list[Path], *, out: Path, labels: list[str] = ()) ->
     text = "\n".join(table)
     print(text + f"\nwrote {out}", flush=True)
     return text
+
+
+SCRATCHPADS = ("none", "full", "inductive")
+LABELS = {"none": "no scratchpad", "full": "full scratchpad", "inductive": "inductive scratchpad"}
+
+
+def summarize_operators(*, runs: Path, trained: str = "2-4") -> dict:
+    """Gather `runs/{none,full,inductive}/seed*.json` (`eval operators --json` reports, one per training seed)
+    into `runs/summary.json`, beside the reports: {scratchpad: {hops: {"mean", "seeds", "interval",
+    "questions"}}}, the interval a 95% Wilson interval over every seed's questions pooled; a plot of the mean
+    accuracy against hops, each seed's as a faint line, the trained hop counts shaded (`accuracy_by_hops.png`);
+    and the table in Markdown (`summary.md`, also printed)."""
+    from unified.eval.stats import wilson_interval
+    from unified.eval.training_plot import save_figure, subplots
+
+    from unified.data.operators import parse_hops
+    from unified.outputs import check_file, write_text_atomic
+
+    runs = Path(runs)
+    out = runs
+    for name in ("summary.json", "summary.md"):
+        _check_summary_file(out / name)
+    check_file(out / "accuracy_by_hops.png", None, what="plot")
+    summary: dict[str, dict] = {}
+    for pad in SCRATCHPADS:
+        reports = sorted((runs / pad).glob("seed*.json"))
+        if not reports:
+            continue
+        by_hops: dict[str, list[tuple[float, int]]] = {}
+        for path in reports:
+            try:
+                report = jsonlib.loads(path.read_text())
+                n = int(report["questions_per_hop"])
+                for h, a in report["accuracy_by_hops"].items():
+                    by_hops.setdefault(h, []).append((float(a), n))
+            except (OSError, ValueError, KeyError) as e:
+                raise UnifiedError(f"{path}: not a report of `unified eval operators --json` ({e})") from None
+        summary[pad] = {}
+        for h in sorted(by_hops, key=int):
+            accuracies = [a for a, _ in by_hops[h]]
+            correct = sum(round(a * n) for a, n in by_hops[h])
+            questions = sum(n for _, n in by_hops[h])
+            summary[pad][h] = {"mean": float(np.mean(accuracies)), "seeds": accuracies,
+                               "interval": list(wilson_interval(correct, questions)), "questions": questions}
+    if not summary:
+        raise UnifiedError(f"{runs}: no reports (expected {runs}/none/seed0.json and the like, from "
+                           "`unified eval operators --json`)")
+    hops = sorted({int(h) for table in summary.values() for h in table})
+    fig, ax = subplots(figsize=(6.5, 4))
+    trained_hops = parse_hops(trained)
+    ax.axvspan(min(trained_hops) - 0.5, max(trained_hops) + 0.5, color="gray", alpha=0.12,
+               label=f"trained ({trained} hops)")
+    for k, (pad, table) in enumerate(summary.items()):
+        xs = [h for h in hops if str(h) in table]
+        color = f"C{k}"
+        seeds = len(table[str(xs[0])]["seeds"])
+        for s in range(seeds):
+            ax.plot(xs, [table[str(h)]["seeds"][s] if s < len(table[str(h)]["seeds"]) else np.nan for h in xs],
+                    color=color, alpha=0.25, linewidth=1)
+        ax.plot(xs, [table[str(h)]["mean"] for h in xs], color=color, marker="o",
+                label=f"{LABELS[pad]} ({seeds} seeds)")
+    ax.axhline(0.5, color="gray", linestyle=":", linewidth=1, label="chance")
+    ax.set_xlabel("hops")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_xticks(hops)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    save_figure(fig, out / "accuracy_by_hops.png")
+    lines = ["| scratchpad | " + " | ".join(f"{h}" for h in hops) + " |", "|---|" + "---|" * len(hops)]
+    for pad, table in summary.items():
+        cells = []
+        for h in hops:
+            cell = table.get(str(h))
+            cells.append("-" if cell is None else f"{cell['mean']:.2f} [{cell['interval'][0]:.2f}, "
+                         f"{cell['interval'][1]:.2f}]")
+        lines.append(f"| {LABELS[pad]} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    write_text_atomic(out / "summary.json", jsonlib.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / "summary.md", text + "\n")
+    print(text + f"\nwrote {out / 'summary.json'} and {out / 'accuracy_by_hops.png'}", flush=True)
+    return summary
+
+
+def _check_summary_file(path: Path) -> None:
+    """An existing summary file is replaced only if it is one this command wrote."""
+    if not path.exists():
+        return
+    ours = False
+    try:
+        if path.suffix == ".json":
+            data = jsonlib.loads(path.read_text())
+            ours = isinstance(data, dict) and set(data) <= set(SCRATCHPADS)
+        else:
+            ours = path.read_text().startswith("| scratchpad |")
+    except (OSError, ValueError):
+        pass
+    if not ours:
+        raise UnifiedError(f"{path}: exists and is not an operator summary written by unified; choose another "
+                           "--out (nothing was changed)")

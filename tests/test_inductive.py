@@ -135,3 +135,31 @@ def test_operator_shards_keep_the_steps_apart(model_data, tmp_path):
     rows = [[build(shards.sample("text", 0, inductive=True), shards.layout)]]
     with pytest.raises(UnifiedError, match="attention=sdpa"):
         collate(rows, 256, shards.layout, dense_mask=False)
+
+
+
+@pytest.mark.parametrize("inductive", [True, False])
+def test_batched_questions_are_answered_as_one_at_a_time(tokenizers, tmp_path, inductive):
+    """`eval operators` answers a batch of questions at once; each must get what `answer` gives it alone: the same
+    scratchpad, reply and token count, through every way a step can end (`<step>`, `</reason>`, out of budget,
+    out of steps). The head is tilted towards the markers so that a random model takes every path."""
+    from unified.eval.operators import answer, answer_batch, read_examples
+
+    from unified.data.operators import operators
+
+    layout = tokenizers.layout
+    torch.manual_seed(3)
+    model = UnifiedModel(ModelConfig(**TINY, inductive_scratchpad=inductive), layout).eval()
+    head = model.backbone.get_output_embeddings().weight
+    with torch.no_grad():
+        for k, marker in enumerate(("<step>", "</reason>", "<eos>")):
+            head[layout.special(marker)] = torch.randn(head.shape[1], generator=torch.Generator().manual_seed(k)) * 0.03
+    operators(out=tmp_path / "ops", hops="2-3", n=6, scratchpad="inductive" if inductive else "full",
+              progress=False)
+    ended = set()
+    for h, rows in read_examples(tmp_path / "ops", None, 6).items():
+        prompts = [r["prompt"] for r in rows]
+        alone = [answer(model, tokenizers, p, h) for p in prompts]
+        assert answer_batch(model, tokenizers, prompts, h) == alone
+        ended |= {tokens for _, _, tokens in alone}
+    assert len(ended) >= 3  # scratchpads closed at once, after a few tokens, out of budget: the paths differ

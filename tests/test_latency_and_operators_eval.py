@@ -117,3 +117,31 @@ def test_state_response_reads_the_steering_slope_of_a_policy(exported, model_dat
         state_response(model=exported, data=model_data / "store", mode="reason", progress=False)
     with pytest.raises(UnifiedError, match="must be positive"):
         state_response(model=exported, data=model_data / "store", heading=0.0, progress=False)
+
+
+def test_operators_summary_over_scratchpads_and_seeds(tmp_path):
+    from unified.eval.operators import summarize_operators
+
+    runs = tmp_path / "operators"
+    accuracies = {"none": [0.6, 0.5, 0.55], "full": [0.9, 0.8, 1.0], "inductive": [1.0, 0.95, 0.9]}
+    for pad, values in accuracies.items():
+        (runs / pad).mkdir(parents=True)
+        for seed, a in enumerate(values):
+            report = {"report": "operators", "questions_per_hop": 20, "accuracy_by_hops": {"2": a, "12": a / 2}}
+            (runs / pad / f"seed{seed}.json").write_text(json.dumps(report))
+    summary = summarize_operators(runs=runs)
+    written = json.loads((runs / "summary.json").read_text())
+    assert set(written) == {"none", "full", "inductive"} == set(summary)
+    assert written["full"]["2"]["seeds"] == [0.9, 0.8, 1.0] and written["full"]["2"]["mean"] == pytest.approx(0.9)
+    assert written["inductive"]["12"]["mean"] == pytest.approx(0.475) and written["none"]["2"]["questions"] == 60
+    low, high = written["full"]["2"]["interval"]
+    assert low < 0.9 < high  # 54 of 60 pooled
+    assert (runs / "accuracy_by_hops.png").read_bytes()[:4] == b"\x89PNG"
+    table = (runs / "summary.md").read_text().splitlines()
+    assert table[0] == "| scratchpad | 2 | 12 |" and table[3].startswith("| full scratchpad | 0.90 [")
+    summarize_operators(runs=runs)  # its own files are replaced
+    (runs / "summary.md").write_text("my notes\n")
+    with pytest.raises(UnifiedError, match="not an operator summary"):
+        summarize_operators(runs=runs)
+    with pytest.raises(UnifiedError, match="no reports"):
+        summarize_operators(runs=tmp_path / "empty")

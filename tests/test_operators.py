@@ -78,3 +78,54 @@ def test_same_seed_same_data(tmp_path):
 def test_bad_hops(bad):
     with pytest.raises(UnifiedError, match="--hops"):
         parse_hops(bad)
+
+
+def _relations(premises: list[str], relation: str) -> set[tuple[str, str]]:
+    """(greater, smaller) pairs the premises state, in terms of `relation`."""
+    pairs = set()
+    for premise in premises:
+        a, rel, b = re.match(r"(\w+) is (\w+) than (\w+)\.", premise).groups()
+        pairs.add((a, b) if rel == relation else (b, a))
+    return pairs
+
+
+@settings(max_examples=200, deadline=None)
+@given(hops=st.integers(1, 12), seed=st.integers(0, 2**32 - 1))
+def test_every_inductive_step_follows_from_the_previous_one_and_one_premise(hops, seed):
+    """The inductive scratchpad is local: step 1 from the one premise naming the question's first name, every
+    later step from the name the previous step reached and the one premise going on from it in the same direction,
+    the verdict from the last name reached and the question. No step needs the whole chain."""
+    example = make_example(hops, "inductive", np.random.default_rng(seed))
+    x, relation, y = re.match(r"Is (\w+) (\w+) than (\w+)\?", example["question"]).groups()
+    pairs = _relations(example["premises"], relation)
+    *steps, verdict = example["scratchpad"].split(". ")
+    assert len(steps) == hops
+    direction, reached = None, x
+    for step in steps:
+        subject, symbol, name = re.fullmatch(r"(\w+) ([<>]) (\w+)\.?", step).groups()
+        assert subject == x
+        direction = direction or symbol
+        assert symbol == direction  # one direction from the first step on
+        following = [b for a, b in pairs if a == reached] if symbol == ">" else [a for a, b in pairs if b == reached]
+        assert following == [name]  # exactly one premise goes on from the name reached, to this one
+        reached = name
+    assert reached == y
+    assert verdict == (f"So {x} is {relation} than {y}." if direction == ">" else f"So {x} is not {relation} than {y}.")
+    assert example["answer"] == ("yes" if direction == ">" else "no")
+
+
+def test_a_test_set_excluding_the_training_set_shares_no_question(tmp_path):
+    train = tmp_path / "train"
+    operators(out=train, hops="2-3", n=300, seed=0, progress=False)
+    # The same seed repeats the first question of each file: it is drawn again, and none is left in common.
+    info = operators(out=tmp_path / "test", hops="2-3", n=300, seed=0, exclude=[train], progress=False)
+    assert info["redrawn_as_excluded"]["2"] >= 1 and info["excluding"] == [str(train)]
+
+    def prompts(d, h):
+        return {json.loads(line)["prompt"] for line in (d / f"hops_{h}.jsonl").read_text().splitlines()}
+
+    for h in (2, 3):
+        assert not prompts(train, h) & prompts(tmp_path / "test", h)
+        assert len(prompts(tmp_path / "test", h)) == 300
+    with pytest.raises(UnifiedError, match="--exclude .*not an operator data set"):
+        operators(out=tmp_path / "other", hops="2", n=5, exclude=[tmp_path / "missing"], progress=False)

@@ -40,6 +40,8 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "eval reasoning": ("unified.eval.reasoning", "reasoning", "generated explanations vs the simulator's causes"),
     "eval operators": ("unified.eval.operators", "operators_eval", "multi-hop comparison accuracy by number of hops"),
     "eval plot-operators": ("unified.eval.operators", "plot_operators", "accuracy against hops of operator reports"),
+    "eval operators-summary": ("unified.eval.operators", "summarize_operators",
+                               "the length-generalisation table and plot over scratchpads and seeds"),
     "eval plot-training": ("unified.eval.training_plot", "plot_training", "loss curves per task of runs, as a PNG"),
     "eval distill": ("unified.eval.study", "distill", "teacher vs action-only students: the distillation study"),
     "eval ablation": ("unified.eval.ablation", "ablation", "what made the driver drive: one lever per row, a table"),

@@ -116,11 +116,14 @@ class Decoder:
 
 
 @torch.inference_mode()
-def generate_batch(model: UnifiedModel, prompts: list[list[int]], allowed: np.ndarray, stop: int,
-                   max_tokens: int) -> list[list[int]]:
-    """Greedy decoding of several prompts at once, each until `stop` (not returned) or `max_tokens`, choosing from
-    `allowed` ((V,) bool). The prompts are left-padded; padding is masked out and every prompt keeps its own
-    position ids from 0, so each sequence decodes exactly as it would alone (tested against `Decoder.generate`)."""
+def generate_batch(model: UnifiedModel, prompts: list[list[int]], allowed: np.ndarray, stop,
+                   max_tokens: int, keep_stop: bool = False) -> list[list[int]]:
+    """Greedy decoding of several prompts at once, each until a token of `stop` (one id or several) or
+    `max_tokens`, choosing from `allowed` ((V,) bool) and the stops. The stop token ends a sequence's output when
+    `keep_stop` (so a caller can tell which stop it met), else it is left out. The prompts are left-padded; padding
+    is masked out and every prompt keeps its own position ids from 0, so each sequence decodes exactly as it
+    would alone (tested against `Decoder.generate`)."""
+    stops = [int(s) for s in np.atleast_1d(stop)]
     device = next(model.parameters()).device
     lengths = np.array([len(p) for p in prompts])
     b, width = len(prompts), int(lengths.max())
@@ -139,7 +142,7 @@ def generate_batch(model: UnifiedModel, prompts: list[list[int]], allowed: np.nd
     cache = DynamicCache(config=model.backbone.config)
     logits, cache = model.logits(torch.from_numpy(ids).to(device), torch.from_numpy(mask[:, None]).to(device),
                                  torch.from_numpy(positions).to(device), cache)
-    choice = torch.from_numpy(allowed | (np.arange(len(allowed)) == stop)).to(device)
+    choice = torch.from_numpy(allowed | np.isin(np.arange(len(allowed)), stops)).to(device)
     out: list[list[int]] = [[] for _ in prompts]
     done = np.zeros(b, bool)
     last = logits[:, -1].float()
@@ -147,8 +150,10 @@ def generate_batch(model: UnifiedModel, prompts: list[list[int]], allowed: np.nd
     for _ in range(max_tokens):
         tokens = torch.where(choice, last, -torch.inf).argmax(-1).cpu().numpy()
         for k in np.flatnonzero(~done):
-            if tokens[k] == stop:
+            if tokens[k] in stops:
                 done[k] = True
+                if keep_stop:
+                    out[k].append(int(tokens[k]))
             else:
                 out[k].append(int(tokens[k]))
         if done.all():

@@ -76,31 +76,39 @@ def make_example(
 
 
 def _reasoning(chain: list[str], more: str, x: str, y: str, scratchpad: Scratchpad) -> str:
-    """Step-by-step text walking the chain from its top; 'inductive' states only the carried conclusion."""
+    """Step-by-step text walking the chain from the question's first name `x` towards `y`: down the chain when `x`
+    is its top (each step finds the premise where the last name reached is the greater one), up it when `x` is its
+    bottom. Every step needs the question and the previous step only: the first finds the one premise naming `x`,
+    the next ones the premise that goes on from the name just reached; the verdict compares the last name with `y`.
+    'inductive' states only the carried conclusion (`x > c.` or `x < c.`), 'full' the premise used as well."""
     if scratchpad == "none":
         return ""
-    top, lines = chain[0], []
-    for i in range(1, len(chain)):
+    down = x == chain[0]
+    walk = chain if down else chain[::-1]
+    less = dict(RELATIONS)[more]
+    word, symbol = (more, ">") if down else (less, "<")
+    lines = []
+    for i in range(1, len(walk)):
         if scratchpad == "full":
             if i == 1:
-                lines.append(f"{top} is {more} than {chain[1]}.")
+                lines.append(f"{x} is {word} than {walk[1]}.")
             else:
-                lines.append(
-                    f"{top} is {more} than {chain[i - 1]} and {chain[i - 1]} is {more} than {chain[i]}, "
-                    f"so {top} is {more} than {chain[i]}."
-                )
+                lines.append(f"{x} is {word} than {walk[i - 1]} and {walk[i - 1]} is {word} than {walk[i]}, "
+                             f"so {x} is {word} than {walk[i]}.")
         else:  # inductive: each step depends on the previous state and one premise only
-            lines.append(f"{top} > {chain[i]}.")
-    verdict = f"So {x} is {more} than {y}." if x == top else f"So {x} is not {more} than {y}."
+            lines.append(f"{x} {symbol} {walk[i]}.")
+    verdict = f"So {x} is {more} than {y}." if down else f"So {x} is not {more} than {y}."
     return " ".join(lines) + " " + verdict
 
 
 def operators(
     *, out: Path, hops: str = "2-6", scratchpad: Scratchpad = "none", n: int = 1000, seed: int = 0,
-    overwrite: bool = False, progress: bool = True,
+    exclude: list[Path] = (), overwrite: bool = False, progress: bool = True,
 ) -> dict:
     """Write `n` examples per hop count to `out/hops_{h}.jsonl` plus `out/meta/info.json`; returns the info.
 
+    No example repeats a question (premises and question) of the operator data sets in `exclude`: one that
+    would is drawn again, so a test set made with `--exclude TRAIN` holds no question a model trained on TRAIN saw.
     The same data set already at `out` (same options) is kept as it is; another one is replaced only with
     `overwrite`; a directory holding anything else (an episode store, a user's files) is refused."""
     from unified.outputs import check_dir, staged_dir
@@ -113,21 +121,43 @@ def operators(
         raise UnifiedError(f"--scratchpad: expected none, full or inductive, got {scratchpad!r}")
     hop_counts = parse_hops(hops)
     out = Path(out)
+    excluded = _prompts(exclude)
     if check_dir(out, "operators") == "same":
         existing = json.loads((out / "meta" / "info.json").read_text())
-        wanted = {"hops": hop_counts, "examples_per_hop": n, "scratchpad": scratchpad, "seed": seed}
+        wanted = {"hops": hop_counts, "examples_per_hop": n, "scratchpad": scratchpad, "seed": seed,
+                  "excluding": sorted(str(p) for p in exclude)}
         if all(existing.get(k) == v for k, v in wanted.items()):
             print(f"{out}: already holds these {existing['examples']} examples, kept", flush=True)
             return existing
     with staged_dir(out, "operators", overwrite=overwrite) as staging:
-        info = _write(staging, hop_counts, scratchpad, n, seed, progress)
+        info = _write(staging, hop_counts, scratchpad, n, seed, progress, excluded)
+        info["excluding"] = sorted(str(p) for p in exclude)
+        (staging / "meta" / "info.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"{out}: {info['examples']} examples, hops {hops}, scratchpad {scratchpad}", flush=True)
     return info
 
 
-def _write(out: Path, hop_counts: list[int], scratchpad: str, n: int, seed: int, progress: bool) -> dict:
+def _prompts(data_sets: list[Path]) -> set[str]:
+    """Every prompt of the operator data sets `data_sets` (all their hop files)."""
+    prompts: set[str] = set()
+    for directory in data_sets:
+        directory = Path(directory)
+        if not (directory / "meta" / "info.json").is_file():
+            raise UnifiedError(f"--exclude {directory}: not an operator data set (no meta/info.json)")
+        for path in sorted(directory.glob("hops_*.jsonl")):
+            for line_number, line in enumerate(path.read_text().splitlines(), 1):
+                try:
+                    prompts.add(json.loads(line)["prompt"])
+                except (ValueError, KeyError) as e:
+                    raise UnifiedError(f"{path}:{line_number}: not an operator example ({e})") from None
+    return prompts
+
+
+def _write(out: Path, hop_counts: list[int], scratchpad: str, n: int, seed: int, progress: bool,
+           excluded: set[str] = frozenset()) -> dict:
     (out / "meta").mkdir(parents=True, exist_ok=True)
     answers: dict[int, Counter] = {}
+    redrawn: Counter = Counter()
     for h in tqdm(hop_counts, desc="operators", unit="hop count", disable=not progress):
         rng = np.random.default_rng([seed, h])
         path = out / f"hops_{h}.jsonl"
@@ -137,6 +167,13 @@ def _write(out: Path, hop_counts: list[int], scratchpad: str, n: int, seed: int,
         with open(path, "w") as f:  # in the staging directory: the whole set appears at once
             for i in range(n):
                 example = make_example(h, scratchpad, rng, i, answer=str(balanced[i]))
+                for _ in range(1000):
+                    if example["prompt"] not in excluded:
+                        break
+                    redrawn[h] += 1
+                    example = make_example(h, scratchpad, rng, i, answer=str(balanced[i]))
+                else:
+                    raise UnifiedError(f"--exclude: no {h}-hop question left that the excluded sets do not hold")
                 counts[example["answer"]] += 1
                 f.write(json.dumps(example) + "\n")
         answers[h] = counts
@@ -150,6 +187,7 @@ def _write(out: Path, hop_counts: list[int], scratchpad: str, n: int, seed: int,
         "seed": seed,
         "files": {str(h): f"hops_{h}.jsonl" for h in hop_counts},
         "yes_fraction": {str(h): answers[h]["yes"] / n for h in hop_counts},
+        "redrawn_as_excluded": {str(h): redrawn[h] for h in hop_counts},
     }
     (out / "meta" / "info.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
