@@ -249,10 +249,9 @@ def summarize_operators(*, runs: Path, trained: str = "2-4") -> dict:
     from unified.outputs import check_file, write_text_atomic
 
     runs = Path(runs)
-    out = runs
     for name in ("summary.json", "summary.md"):
-        _check_summary_file(out / name)
-    check_file(out / "accuracy_by_hops.png", None, what="plot")
+        _check_summary_file(runs / name)
+    check_file(runs / "accuracy_by_hops.png", None, what="plot")
     summary: dict[str, dict] = {}
     for pad in SCRATCHPADS:
         reports = sorted((runs / pad).glob("seed*.json"))
@@ -298,7 +297,7 @@ def summarize_operators(*, runs: Path, trained: str = "2-4") -> dict:
     ax.set_xticks(hops)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
-    save_figure(fig, out / "accuracy_by_hops.png")
+    save_figure(fig, runs / "accuracy_by_hops.png")
     lines = ["| scratchpad | " + " | ".join(f"{h}" for h in hops) + " |", "|---|" + "---|" * len(hops)]
     for pad, table in summary.items():
         cells = []
@@ -308,9 +307,9 @@ def summarize_operators(*, runs: Path, trained: str = "2-4") -> dict:
                          f"{cell['interval'][1]:.2f}]")
         lines.append(f"| {LABELS[pad]} | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
-    write_text_atomic(out / "summary.json", jsonlib.dumps(summary, indent=2) + "\n")
-    write_text_atomic(out / "summary.md", text + "\n")
-    print(text + f"\nwrote {out / 'summary.json'} and {out / 'accuracy_by_hops.png'}", flush=True)
+    write_text_atomic(runs / "summary.json", jsonlib.dumps(summary, indent=2) + "\n")
+    write_text_atomic(runs / "summary.md", text + "\n")
+    print(text + f"\nwrote {runs / 'summary.json'} and {runs / 'accuracy_by_hops.png'}", flush=True)
     return summary
 
 
@@ -328,5 +327,5 @@ def _check_summary_file(path: Path) -> None:
     except (OSError, ValueError):
         pass
     if not ours:
-        raise UnifiedError(f"{path}: exists and is not an operator summary written by unified; choose another "
-                           "--out (nothing was changed)")
+        raise UnifiedError(f"{path}: exists and is not an operator summary written by unified; move it away and "
+                           "rerun (nothing was changed)")
