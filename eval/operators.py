@@ -20,11 +20,9 @@ SCRATCHPAD_TOKENS_PER_HOP = 40  # generation budget for the scratchpad: a 'full'
 
 def read_examples(data: Path, hops: list[int] | None, n: int) -> dict[int, list[dict]]:
     """The first `n` examples of each hop file of an operator data set (`unified data operators --out DATA`)."""
-    info_path = Path(data) / "meta" / "info.json"
-    if not info_path.is_file():
-        raise UnifiedError(f"{data}: not an operator data set (no meta/info.json); make one with "
-                           "`unified data operators`")
-    info = jsonlib.loads(info_path.read_text())
+    from unified.data.operators import read_info
+
+    info = read_info(data, "--data ")
     available = [int(h) for h in info["hops"]]
     wanted = available if hops is None else hops
     missing = sorted(set(wanted) - set(available))

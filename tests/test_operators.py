@@ -43,12 +43,18 @@ def solve(premises: list[str], question: str) -> tuple[str, int]:
 
 
 @settings(max_examples=200, deadline=None)
-@given(hops=st.integers(1, 12), seed=st.integers(0, 2**32 - 1), pad=st.sampled_from(["none", "full", "inductive"]))
+@given(hops=st.integers(2, 12), seed=st.integers(0, 2**32 - 1), pad=st.sampled_from(["none", "full", "inductive"]))
 def test_answer_follows_from_premises(hops, seed, pad):
     example = make_example(hops, pad, np.random.default_rng(seed))
     answer, distance = solve(example["premises"], example["question"])
     assert example["answer"] == answer
-    assert distance == hops == len(example["premises"])
+    assert distance == hops and len(example["premises"]) == 2 * hops
+    # Both names are inside the chain: each has a greater and a smaller neighbour, so no premise alone says which
+    # end of the chain a name is near.
+    x, relation, y = re.match(r"Is (\w+) (\w+) than (\w+)\?", example["question"]).groups()
+    pairs = _relations(example["premises"], relation)
+    for name in (x, y):
+        assert sum(a == name for a, b in pairs) == 1 and sum(b == name for a, b in pairs) == 1
     assert example["target"].endswith(answer)
     if pad != "none":
         assert example["scratchpad"].count(".") >= hops  # one step per hop
@@ -74,7 +80,7 @@ def test_same_seed_same_data(tmp_path):
     assert (tmp_path / "a/hops_3.jsonl").read_text() == (tmp_path / "b/hops_3.jsonl").read_text()
 
 
-@pytest.mark.parametrize("bad", ["", "a-b", "0-3", "3-1", "2,x"])
+@pytest.mark.parametrize("bad", ["", "a-b", "0-3", "1-3", "3-1", "2,x", "2-30"])
 def test_bad_hops(bad):
     with pytest.raises(UnifiedError, match="--hops"):
         parse_hops(bad)
@@ -90,28 +96,46 @@ def _relations(premises: list[str], relation: str) -> set[tuple[str, str]]:
 
 
 @settings(max_examples=200, deadline=None)
-@given(hops=st.integers(1, 12), seed=st.integers(0, 2**32 - 1))
-def test_every_inductive_step_follows_from_the_previous_one_and_one_premise(hops, seed):
-    """The inductive scratchpad is local: step 1 from the one premise naming the question's first name, every
-    later step from the name the previous step reached and the one premise going on from it in the same direction,
-    the verdict from the last name reached and the question. No step needs the whole chain."""
+@given(hops=st.integers(2, 12), seed=st.integers(0, 2**32 - 1))
+def test_every_inductive_step_follows_from_the_previous_one_and_the_premises_at_its_ends(hops, seed):
+    """The inductive scratchpad is local: step 1 from the two premises naming the question's first name, every
+    later step from the previous step's two ends and the premise going on from each (an end with none stays), the
+    verdict from the last step and the question. No step needs the whole chain, and the question is decided at
+    step `hops` exactly."""
     example = make_example(hops, "inductive", np.random.default_rng(seed))
     x, relation, y = re.match(r"Is (\w+) (\w+) than (\w+)\?", example["question"]).groups()
     pairs = _relations(example["premises"], relation)
+
+    def next_below(name):
+        found = [b for a, b in pairs if a == name]
+        assert len(found) <= 1
+        return found[0] if found else name
+
+    def next_above(name):
+        found = [a for a, b in pairs if b == name]
+        assert len(found) <= 1
+        return found[0] if found else name
+
     *steps, verdict = example["scratchpad"].split(". ")
     assert len(steps) == hops
-    direction, reached = None, x
-    for step in steps:
-        subject, symbol, name = re.fullmatch(r"(\w+) ([<>]) (\w+)\.?", step).groups()
-        assert subject == x
-        direction = direction or symbol
-        assert symbol == direction  # one direction from the first step on
-        following = [b for a, b in pairs if a == reached] if symbol == ">" else [a for a, b in pairs if b == reached]
-        assert following == [name]  # exactly one premise goes on from the name reached, to this one
-        reached = name
-    assert reached == y
-    assert verdict == (f"So {x} is {relation} than {y}." if direction == ">" else f"So {x} is not {relation} than {y}.")
-    assert example["answer"] == ("yes" if direction == ">" else "no")
+    below = above = x
+    for k, step in enumerate(steps, 1):
+        low, middle, high = re.fullmatch(r"(\w+) < (\w+) < (\w+)\.?", step).groups()
+        assert middle == x
+        below, above = next_below(below), next_above(above)
+        assert (low, high) == (below, above)
+        assert (y in (low, high)) == (k == hops)  # the walk stops the step it reaches y
+    assert verdict == (f"So {x} is {relation} than {y}." if below == y else f"So {x} is not {relation} than {y}.")
+    assert example["answer"] == ("yes" if below == y else "no")
+    assert make_example(hops, "full", np.random.default_rng(seed))["scratchpad"] == example["scratchpad"]
+
+
+def test_an_operator_set_of_the_earlier_format_is_refused(tmp_path):
+    operators(out=tmp_path / "old", hops="2", n=4, progress=False)
+    info_path = tmp_path / "old/meta/info.json"
+    info_path.write_text(json.dumps(json.loads(info_path.read_text()) | {"format_version": 1}))
+    with pytest.raises(UnifiedError, match="format version 1 .*--overwrite"):
+        operators(out=tmp_path / "test", hops="2", n=4, exclude=[tmp_path / "old"], progress=False)
 
 
 def test_a_test_set_excluding_the_training_set_shares_no_question(tmp_path):

@@ -79,6 +79,9 @@ def texts_of(store: EpisodeStore, operators: Path | None) -> list[str]:
         texts.update(table.column("reason").unique().to_pylist())
     corpus = sorted(texts)
     if operators is not None:
+        from unified.data.operators import read_info
+
+        read_info(operators, "--operators ")
         files = sorted(Path(operators).glob("hops_*.jsonl"))
         if not files:
             raise UnifiedError(f"{operators}: no hops_*.jsonl files (make them with `unified data operators`)")

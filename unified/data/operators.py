@@ -1,9 +1,12 @@
 """`unified data operators`: synthetic multi-hop transitive comparisons for measuring length generalisation.
 
-Each example hides a chain p0 > p1 > ... > pH behind H shuffled premises, each stated as "A is taller than
-B" or, equivalently, "B is shorter than A", and asks about p0 and pH (in either order, so yes and no are
-balanced). Answering takes exactly H hops. Files are split by hop count so that a model can train on few
-hops and be tested on more.
+Each example hides a chain of 2H + 1 names, p0 > p1 > ... > p2H, behind 2H shuffled premises, each stated as
+"A is taller than B" or, equivalently, "B is shorter than A", and asks about two names H links apart, both inside
+the chain: p_u and p_{u+H} for a random u in 1..H-1, in either order (so yes and no are balanced). Neither name is
+an end of the chain, so no premise or short walk from the question's names tells which is the greater: the
+answer needs the H links between them. (An earlier version asked about the chain's two ends; the first name's one
+premise then decided the answer at any hop count, a shortcut that made the task no test of length.)
+Files are split by hop count so that a model can train on few hops and be tested on more.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from tqdm import tqdm
 from unified.errors import UnifiedError
 
 FORMAT = "unified-operators"
+FORMAT_VERSION = 2  # 2: questions about names inside the chain, interval scratchpad
 RELATIONS = (("taller", "shorter"), ("older", "younger"), ("faster", "slower"), ("heavier", "lighter"))
 NAMES = (
     "Ada", "Alan", "Alice", "Amir", "Ana", "Anton", "Aria", "Ben", "Bianca", "Bob", "Carla", "Chen", "Chloe",
@@ -28,6 +32,7 @@ NAMES = (
     "Tess", "Umar", "Vera", "Victor", "Wen", "Yara", "Yusuf", "Zoe", "Zane",
 )
 Scratchpad = Literal["none", "full", "inductive"]
+MIN_HOPS = 2
 
 
 def parse_hops(hops: str) -> list[int]:
@@ -40,26 +45,38 @@ def parse_hops(hops: str) -> list[int]:
             values = [int(x) for x in hops.split(",")]
     except ValueError:
         raise UnifiedError(f"--hops: expected a range like 2-6 or a list like 2,4,8, got {hops!r}") from None
-    if not values or min(values) < 1:
-        raise UnifiedError(f"--hops: hop counts must be at least 1, got {hops!r}")
-    if max(values) + 1 > len(NAMES):
-        raise UnifiedError(f"--hops: at most {len(NAMES) - 1} hops (there are {len(NAMES)} names), got {hops!r}")
+    if not values or min(values) < MIN_HOPS:
+        raise UnifiedError(f"--hops: hop counts must be at least {MIN_HOPS} (both names inside the chain), "
+                           f"got {hops!r}")
+    if chain_length(max(values)) > len(NAMES):
+        raise UnifiedError(f"--hops: at most {(len(NAMES) - 1) // 2} hops (a chain of 2 x hops + 1 names, there are "
+                           f"{len(NAMES)} names), got {hops!r}")
     return values
+
+
+def chain_length(hops: int) -> int:
+    """Names in the chain of a `hops`-hop question: the H + 1 between and including the question's two, and H more
+    above and below them together (at least one on each side)."""
+    return 2 * hops + 1
 
 
 def make_example(
     hops: int, scratchpad: Scratchpad, rng: np.random.Generator, index: int = 0, answer: str | None = None
 ) -> dict:
     """One example needing `hops` steps of transitive reasoning; `answer` ('yes'/'no') is drawn when None."""
+    if hops < MIN_HOPS:
+        raise UnifiedError(f"an operator question needs at least {MIN_HOPS} hops, got {hops}")
     more, less = RELATIONS[int(rng.integers(len(RELATIONS)))]
-    chain = [NAMES[i] for i in rng.choice(len(NAMES), size=hops + 1, replace=False)]
+    chain = [NAMES[i] for i in rng.choice(len(NAMES), size=chain_length(hops), replace=False)]
     premises = []
     for a, b in zip(chain, chain[1:]):
         premises.append(f"{a} is {more} than {b}." if rng.random() < 0.5 else f"{b} is {less} than {a}.")
-    premises = [premises[i] for i in rng.permutation(hops)]
+    premises = [premises[i] for i in rng.permutation(len(premises))]
     if answer is None:
         answer = "yes" if rng.random() < 0.5 else "no"
-    x, y = (chain[0], chain[-1]) if answer == "yes" else (chain[-1], chain[0])
+    upper = int(rng.integers(1, hops))  # names above the question's greater one: 1..H-1, so H-1..1 below the other
+    high, low = chain[upper], chain[upper + hops]
+    x, y = (high, low) if answer == "yes" else (low, high)
     question = f"Is {x} {more} than {y}?"
     steps = _reasoning(chain, more, x, y, scratchpad)
     return {
@@ -76,28 +93,22 @@ def make_example(
 
 
 def _reasoning(chain: list[str], more: str, x: str, y: str, scratchpad: Scratchpad) -> str:
-    """Step-by-step text walking the chain from the question's first name `x` towards `y`: down the chain when `x`
-    is its top (each step finds the premise where the last name reached is the greater one), up it when `x` is its
-    bottom. Every step needs the question and the previous step only: the first finds the one premise naming `x`,
-    the next ones the premise that goes on from the name just reached; the verdict compares the last name with `y`.
-    'inductive' states only the carried conclusion (`x > c.` or `x < c.`), 'full' the premise used as well."""
+    """Step-by-step text widening an interval around the question's first name `x` one link each way per step,
+    "b < x < a." (b below x, a above it, in the question's relation), until one end reaches `y`; then the verdict.
+    An end that reaches the top or bottom of the chain stays there. Every step needs the question and the previous
+    step only: the first finds the two premises naming `x`'s neighbours, each later one the premise going on from
+    each end, the verdict whether `y` is the lower or the upper end. 'full' and 'inductive' write the same text;
+    they differ in what the model attends to while writing it (every earlier step, or only the previous one)."""
     if scratchpad == "none":
         return ""
-    down = x == chain[0]
-    walk = chain if down else chain[::-1]
-    less = dict(RELATIONS)[more]
-    word, symbol = (more, ">") if down else (less, "<")
+    i = chain.index(x)
     lines = []
-    for i in range(1, len(walk)):
-        if scratchpad == "full":
-            if i == 1:
-                lines.append(f"{x} is {word} than {walk[1]}.")
-            else:
-                lines.append(f"{x} is {word} than {walk[i - 1]} and {walk[i - 1]} is {word} than {walk[i]}, "
-                             f"so {x} is {word} than {walk[i]}.")
-        else:  # inductive: each step depends on the previous state and one premise only
-            lines.append(f"{x} {symbol} {walk[i]}.")
-    verdict = f"So {x} is {more} than {y}." if down else f"So {x} is not {more} than {y}."
+    for k in range(1, len(chain)):
+        below, above = chain[min(i + k, len(chain) - 1)], chain[max(i - k, 0)]
+        lines.append(f"{below} < {x} < {above}.")
+        if y in (below, above):
+            break
+    verdict = f"So {x} is {more} than {y}." if y == below else f"So {x} is not {more} than {y}."
     return " ".join(lines) + " " + verdict
 
 
@@ -124,8 +135,8 @@ def operators(
     excluded = _prompts(exclude)
     if check_dir(out, "operators") == "same":
         existing = json.loads((out / "meta" / "info.json").read_text())
-        wanted = {"hops": hop_counts, "examples_per_hop": n, "scratchpad": scratchpad, "seed": seed,
-                  "excluding": sorted(str(p) for p in exclude)}
+        wanted = {"format_version": FORMAT_VERSION, "hops": hop_counts, "examples_per_hop": n,
+                  "scratchpad": scratchpad, "seed": seed, "excluding": sorted(str(p) for p in exclude)}
         if all(existing.get(k) == v for k, v in wanted.items()):
             print(f"{out}: already holds these {existing['examples']} examples, kept", flush=True)
             return existing
@@ -137,13 +148,33 @@ def operators(
     return info
 
 
+def read_info(directory: Path, what: str = "") -> dict:
+    """The meta/info.json of the operator data set at `directory`; a clear error when it is none, or one an earlier
+    version of this command wrote (its questions asked about the chain's ends). `what` prefixes the error (an
+    option's name)."""
+    path = Path(directory) / "meta" / "info.json"
+    if not path.is_file():
+        raise UnifiedError(f"{what}{directory}: not an operator data set (no meta/info.json); make one with "
+                           "`unified data operators`")
+    try:
+        info = json.loads(path.read_text())
+    except ValueError as e:
+        raise UnifiedError(f"{path}: not JSON ({e})") from None
+    if info.get("format") != FORMAT:
+        raise UnifiedError(f"{path}: format {info.get('format')!r}, expected {FORMAT!r}")
+    if info.get("format_version", 1) != FORMAT_VERSION:
+        raise UnifiedError(f"{what}{directory}: an operator data set of format version {info.get('format_version', 1)}"
+                           f" (questions about the chain's two ends), this version reads {FORMAT_VERSION}; make it "
+                           "again with `unified data operators ... --overwrite`")
+    return info
+
+
 def _prompts(data_sets: list[Path]) -> set[str]:
     """Every prompt of the operator data sets `data_sets` (all their hop files)."""
     prompts: set[str] = set()
     for directory in data_sets:
         directory = Path(directory)
-        if not (directory / "meta" / "info.json").is_file():
-            raise UnifiedError(f"--exclude {directory}: not an operator data set (no meta/info.json)")
+        read_info(directory, "--exclude ")
         for path in sorted(directory.glob("hops_*.jsonl")):
             for line_number, line in enumerate(path.read_text().splitlines(), 1):
                 try:
@@ -179,7 +210,7 @@ def _write(out: Path, hop_counts: list[int], scratchpad: str, n: int, seed: int,
         answers[h] = counts
     info = {
         "format": FORMAT,
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "hops": hop_counts,
         "examples_per_hop": n,
         "examples": n * len(hop_counts),

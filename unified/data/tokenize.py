@@ -140,8 +140,9 @@ def split_steps(scratchpad: str) -> list[str]:
 
 
 def _operators(directory: Path, hops: str, table: _TextTable) -> dict[str, list]:
-    from unified.data.operators import parse_hops
+    from unified.data.operators import parse_hops, read_info
 
+    read_info(directory, "--operators ")
     rows: dict[str, list] = {"question": [], "steps": [], "answer": [], "hops": [], "step_rows": []}
     for h in parse_hops(hops):
         path = Path(directory) / f"hops_{h}.jsonl"
