@@ -98,3 +98,94 @@ def test_a_store_exported_as_lerobot_reads_back(tiny_store, tmp_path):
     with pytest.raises(UnifiedError, match="holds notes.txt"):
         export_lerobot(data=tiny_store, out=tmp_path / "mine", progress=False)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_import_lerobot_makes_a_store_of_its_episodes(tmp_path):
+    """`data import-lerobot`: every episode's actions, states, task and frames (resized to --size) in an episode
+    store with the dataset's fps and statistics, its own held-out split, written all at once."""
+    from unified.data.lerobot import _resize, import_lerobot
+    from unified.data.store import EpisodeStore, data_info
+
+    info = import_lerobot(FIXTURE, out=tmp_path / "store", size="32x40", held_out_every=3, progress=False)
+    store = EpisodeStore(tmp_path / "store")
+    dataset = LeRobotDataset(FIXTURE)
+    assert store.imported and info["episodes"] == 3 and info["steps"] == sum(make_fixture.LENGTHS)
+    assert info["fps"] == 10 and info["image_shape"] == [32, 40, 3]
+    assert store.action_names == ["throttle", "steer"] and store.state_names == ["x", "cos", "ramp"]
+    assert info["imported_from"]["stats"]["action"] == dataset.stats["action"]  # LeRobot's statistics kept
+    assert store.train_indices() == [0, 1] and store.held_out_indices() == [2]
+    for k in range(3):
+        ours, theirs = store.read_episode(k), dataset.episode(k)
+        np.testing.assert_array_equal(ours.actions, theirs.actions)
+        np.testing.assert_array_equal(ours.states, theirs.states)
+        assert ours.instruction == theirs.task == make_fixture.TASKS[k % 2]
+        np.testing.assert_array_equal(ours.frames, _resize(theirs.frames, (32, 40)))  # PNG: lossless
+    # Statistics over the training episodes only, as in every store.
+    train_actions = np.concatenate([dataset.episode(k).actions for k in (0, 1)])
+    np.testing.assert_allclose(info["action_stats"]["mean"], train_actions.mean(0), rtol=1e-5)
+    assert data_info(tmp_path / "store")["imported_from"]["camera"] == "observation.images.front"
+    with pytest.raises(UnifiedError, match="already holds an episode store; pass --overwrite"):
+        import_lerobot(FIXTURE, out=tmp_path / "store", progress=False)
+    with pytest.raises(UnifiedError, match="lies inside the input"):
+        import_lerobot(FIXTURE, out=FIXTURE / "store", progress=False)
+    with pytest.raises(UnifiedError, match=r"--state 'pose': not a feature"):
+        import_lerobot(FIXTURE, out=tmp_path / "other", state="pose", progress=False)
+    assert not (tmp_path / "other").exists()
+    with pytest.raises(UnifiedError, match="--size"):
+        import_lerobot(FIXTURE, out=tmp_path / "other", size="64", progress=False)
+
+
+def test_an_imported_store_trains_and_fine_tunes_with_its_own_widths(tmp_path):
+    """A 3-value action (the fixture's state read as the action, and its action as the state): tokenizers fitted on
+    the imported store, shards of the policy and world tasks, recipes/finetune.yaml through the DeepSpeed launcher
+    from a model with those tokenizers, and a policy that answers 3-value chunks. Reasons are refused (none were
+    recorded), and tokenizers of another width are refused by name."""
+    import subprocess
+    import sys
+
+    import torch
+    from unified.tokenizers.fit import Tokenizers, fit
+
+    from unified.data.lerobot import import_lerobot
+    from unified.data.tokenize import tokenize
+    from unified.model import ModelConfig, UnifiedModel
+    from unified.model_dir import save_model
+    from unified.policy import Policy
+
+    import_lerobot(FIXTURE, out=tmp_path / "store", action="observation.state", state="action", size="32x32",
+                   held_out_every=3, progress=False)
+    fit(data=tmp_path / "store", out=tmp_path / "tok", image_steps=2, image_batch=8, horizon=4, fast_vocab=700,
+        progress=False)
+    with pytest.raises(UnifiedError, match="imported .* records no reasons; use --tasks policy,world"):
+        tokenize(data=tmp_path / "store", tokenizer=tmp_path / "tok", out=tmp_path / "shards", horizon=4,
+                 progress=False)
+    tokenize(data=tmp_path / "store", tokenizer=tmp_path / "tok", out=tmp_path / "shards", horizon=4,
+             tasks="policy,world", progress=False)
+    import_lerobot(FIXTURE, out=tmp_path / "other", size="32x32", progress=False)  # 2 action values, 3 state
+    with pytest.raises(UnifiedError, match="records 2 action values .* tokenizer .* reads 3"):
+        tokenize(data=tmp_path / "other", tokenizer=tmp_path / "tok", out=tmp_path / "x", horizon=4,
+                 tasks="policy,world", progress=False)
+
+    tokenizers = Tokenizers.from_pretrained(tmp_path / "tok")
+    torch.manual_seed(0)
+    start = UnifiedModel(ModelConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                                     max_position_embeddings=256, horizon=4, action_dim=3), tokenizers.layout)
+    save_model(start, tokenizers, tmp_path / "start")
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "unified"), "train", "--recipe", str(root / "recipes" / "finetune.yaml"),
+         "--ranks", "2", f"run_dir={tmp_path / 'run'}", f"data={tmp_path / 'shards'}",
+         f"init_from={tmp_path / 'start'}",
+         "data.tasks={policy: 1.0, world: 1.0}", "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4",
+         "model.intermediate_size=128", "model.max_position_embeddings=256", "model.horizon=4", "data.seq_len=256",
+         "data.batch_size=2", "steps=3", "save_every=3", "sample_every=0"],
+        capture_output=True, text=True, timeout=600, cwd=root)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    subprocess.run([str(Path(sys.executable).parent / "unified"), "export", "--checkpoint", str(tmp_path / "run"),
+                    "--out", str(tmp_path / "model")], check=True, capture_output=True, cwd=root)
+    policy = Policy.from_pretrained(tmp_path / "model")
+    from unified.data.store import EpisodeStore
+
+    episode = EpisodeStore(tmp_path / "store").read_episode(2)
+    result = policy.act(episode.frames[:1], episode.instruction, state=episode.states[0])
+    assert result.actions.shape == (4, 3) and np.isfinite(result.actions).all()

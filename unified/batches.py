@@ -57,6 +57,9 @@ class MixtureBatches:
             weights = np.ones(len(rows))
             if self.balance > 0 and "decision" in self.shards.arrays:
                 decisions = np.asarray(self.shards.arrays["decision"][rows], np.int64)
+                if (decisions < 0).any():
+                    raise UnifiedError(f"{self.shards.root}: data.balance needs the driver's decisions, which "
+                                       "these shards do not record (an imported store); set data.balance=0")
                 share = np.bincount(decisions, minlength=decisions.max() + 1) / len(decisions)
                 weights *= share[decisions] ** -self.balance
             if self.turn_weight != 1.0:

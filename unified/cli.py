@@ -27,6 +27,8 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "data scenarios": ("unified.sim.suite", "data_scenarios", "list the highway-env scenario ids a suite may use"),
     "data export-lerobot": ("unified.data.lerobot", "export_lerobot",
                             "write an episode store as a LeRobot v3 dataset (AV1 video, Parquet, statistics)"),
+    "data import-lerobot": ("unified.data.lerobot", "import_lerobot",
+                            "a local LeRobot v3 dataset (video frames, actions, state, tasks) -> an episode store"),
     "data tokenize": ("unified.data.tokenize", "tokenize", "encode a store once into memory-mapped token shards"),
     "data inspect": ("unified.data.inspect", "inspect_shards", "samples as readable tokens, packing efficiency"),
     "train": ("unified.launcher", "train", "train a recipe on N ranks through the DeepSpeed launcher"),

@@ -134,8 +134,8 @@ def begin_dir(out: Path, kind: str, inputs=(), overwrite: bool = False, what: st
     recover(out)
     state = check_dir(out, kind, inputs, what)
     if state == "same" and not overwrite:
-        raise UnifiedError(f"{what} {out}: already holds a {KINDS[kind].name}; pass --overwrite to replace it, or "
-                           "choose another path")
+        raise UnifiedError(f"{what} {out}: already holds {article(KINDS[kind].name)}; pass --overwrite to replace "
+                           "it, or choose another path")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)

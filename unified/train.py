@@ -330,6 +330,8 @@ def check_shards(config, shards) -> None:
     if shards.horizon != config.model.horizon or shards.history != config.model.history:
         raise UnifiedError(f"{where}: shards were made with horizon {shards.horizon}, history {shards.history}; "
                            f"the model needs {config.model.horizon}, {config.model.history}")
+    # The data decides how many values an action has (2 for the simulator's stores, any number for an imported one).
+    config.model.action_dim = int(shards.meta.get("action_dim", config.model.action_dim))
     if config.model.action_head and shards.action_normalizer is None:
         raise UnifiedError(f"{where}/meta.json: no action_range (the shards predate the continuous head's "
                            "targets); tokenize the store again with `unified data tokenize`")

@@ -181,6 +181,89 @@ def _matrix(table, column: str, rows: np.ndarray, path: Path) -> np.ndarray:
     return array
 
 
+# -- importing: a LeRobot dataset as an episode store ---------------------------------------------------------
+
+def _names(feature: dict, key: str, width: int) -> list[str]:
+    """A feature's value names as LeRobot records them (a list, or a dict holding one), else key_0 ... key_N-1."""
+    names = feature.get("names")
+    if isinstance(names, dict):
+        names = next((v for v in names.values() if isinstance(v, list)), None)
+    if isinstance(names, list) and len(names) == width and all(isinstance(n, str) for n in names):
+        return list(names)
+    return [f"{key}_{i}" for i in range(width)]
+
+
+def _resize(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(T, H, W, 3) uint8 frames at (height, width) `size` (PIL's area-averaging reduction, bilinear upscaling)."""
+    from PIL import Image
+
+    h, w = size
+    if frames.shape[1:3] == (h, w):
+        return frames
+    shrink = frames.shape[1] >= h and frames.shape[2] >= w
+    method = Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR
+    return np.stack([np.asarray(Image.fromarray(f).resize((w, h), method)) for f in frames])
+
+
+def import_lerobot(
+    src: Path, *, out: Path, camera: str | None = None, action: str = "action", state: str = "observation.state",
+    size: str = "64x64", held_out_every: int = 10, overwrite: bool = False, progress: bool = True,
+) -> dict:
+    """Read the local LeRobot v3 dataset `src` into an episode store at `out`: frames of `camera` (default: its
+    first video camera) decoded and resized to `size` (HxW, the image tokenizer's size), `action` and `state`
+    (feature keys) as they are, each episode's task as its instruction, the dataset's fps and statistics kept in
+    meta/info.json (`imported_from`). One episode in `held_out_every` is held out, as in every store. The store is
+    written beside `out` and put in place when complete: an interrupted import leaves nothing behind."""
+    from tqdm import tqdm
+
+    from unified.data.store import EpisodeStore
+    from unified.outputs import staged_dir
+    from unified.sim.rollout import Episode, EpisodeSummary
+
+    try:
+        h, w = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise UnifiedError(f"--size: expected HEIGHTxWIDTH such as 64x64, got {size!r}") from None
+    if h < 16 or w < 16:
+        raise UnifiedError(f"--size: at least 16x16, got {size!r}")
+    dataset = LeRobotDataset(src, camera=camera, action=action, state=state)
+    if not len(dataset):
+        raise UnifiedError(f"{src}: the dataset holds no episodes")
+    features = dataset.features
+    first = dataset.episode(0)
+    action_names = _names(features[action], action, first.actions.shape[1])
+    state_names = _names(features[state], state, first.states.shape[1])
+    fps = int(dataset.fps) if dataset.fps.is_integer() else dataset.fps
+    source = {"format": "lerobot", "path": str(Path(src).resolve()),
+              "codebase_version": dataset.info.get("codebase_version"), "camera": dataset.camera, "action": action,
+              "state": state, "fps": fps, "episodes": len(dataset),
+              "stats": {k: dataset.stats[k] for k in (action, state, dataset.camera) if k in dataset.stats}}
+    with staged_dir(Path(out), "episodes", [src], overwrite) as staging:
+        store = EpisodeStore.create_imported(staging, name=Path(src).resolve().name, fps=fps, image_size=(h, w),
+                                             action_names=action_names, state_names=state_names, source=source,
+                                             held_out_every=held_out_every)
+        for k in tqdm(range(len(dataset)), desc="import", unit="ep", disable=not progress):
+            episode = first if k == 0 else dataset.episode(k)
+            for name, values, width in (("--action", episode.actions, len(action_names)),
+                                        ("--state", episode.states, len(state_names))):
+                if values.shape[1] != width:
+                    raise UnifiedError(f"{src}: episode {episode.index} has {values.shape[1]} {name} values, the "
+                                       f"first episode {width}")
+            n = len(episode.actions)
+            store.write_episode(Episode(
+                index=k, scenario="imported", seed=episode.index, driver="lerobot", instruction=episode.task,
+                actions=episode.actions, states=episode.states, causation=[],
+                summary=EpisodeSummary(steps=n, success=False, collision=False, offroad=False, end="imported",
+                                       progress_m=0.0, mean_speed=0.0, decision_ms=0.0),
+                frames=_resize(episode.frames, (h, w)), source={"lerobot_episode_index": episode.index}))
+        info = store.refresh_info()
+    split = info["split"]
+    print(f"{out}: {info['episodes']} episodes, {info['steps']} steps at {fps:g} fps from {src} (camera "
+          f"{dataset.camera!r} at {h}x{w}, action {action!r} {len(action_names)}-d, state {state!r} "
+          f"{len(state_names)}-d); {split['held_out_episodes']} held out", flush=True)
+    return info
+
+
 # -- writing: an episode store as a LeRobot v3 dataset -------------------------------------------------------
 
 CAMERA = "observation.images.front"

@@ -33,28 +33,36 @@ from unified.sim.env import ACTION_NAMES, ACTION_UNITS, STATE_NAMES, STATE_UNITS
 from unified.sim.rollout import Episode, EpisodeSummary
 from unified.sim.suite import Suite, suite_from_dict
 
+NO_CAUSE = Causation(-1, np.zeros(2, np.float32), np.zeros(2, np.float32), "", "", "")  # an imported step's record
 FORMAT = "unified-episodes"
 FORMAT_VERSION = 4  # 2: the held-out split in meta/info.json, statistics over training episodes, the nearest
 # vehicles in the state; 3: the ego's pose relative to its navigation route and the route's preview in the state;
 # 4: that pose measured against the lane the route follows (the expert's target lane), not the nearest route lane
 EPISODE_FILE = re.compile(r"^episode_(\d{6,})\.parquet$")
 
-SCHEMA = pa.schema([
-    ("episode_index", pa.int32()),
-    ("frame_index", pa.int32()),
-    ("timestamp", pa.float32()),  # seconds since the episode began
-    ("image", pa.binary()),  # PNG-encoded (H, W, 3) RGB frame seen before the action
-    ("action", pa.list_(pa.float32(), 2)),  # acceleration m/s^2, steering rad
-    # speed m/s, heading relative to the route's lane rad, lane offset m, the route ahead, ... (STATE_NAMES)
-    ("state", pa.list_(pa.float32(), len(STATE_NAMES))),
-    ("instruction", pa.string()),
-    ("critical_id", pa.int32()),  # -1: no critical agent
-    ("critical_position", pa.list_(pa.float32(), 2)),  # metres in the ego frame (x ahead, y right)
-    ("critical_velocity", pa.list_(pa.float32(), 2)),  # m/s relative to the ego, ego frame
-    ("cause", pa.string()),
-    ("decision", pa.string()),
-    ("reason", pa.string()),  # critical agent, cause and decision as one sentence
-])
+def schema(action_dim: int = 2, state_dim: int = len(STATE_NAMES)) -> pa.Schema:
+    """The columns of an episode file. The simulator's stores hold 2 action values and `STATE_NAMES`; a store
+    imported from a LeRobot dataset holds that dataset's widths (named in meta/info.json)."""
+    return pa.schema([
+        ("episode_index", pa.int32()),
+        ("frame_index", pa.int32()),
+        ("timestamp", pa.float32()),  # seconds since the episode began
+        ("image", pa.binary()),  # PNG-encoded (H, W, 3) RGB frame seen before the action
+        ("action", pa.list_(pa.float32(), action_dim)),  # simulator: acceleration m/s^2, steering rad
+        # simulator: speed m/s, heading relative to the route's lane rad, lane offset m, the route ahead, ...
+        ("state", pa.list_(pa.float32(), state_dim)),
+        ("instruction", pa.string()),
+        # Why the driver acted (the simulator's causation record); an imported episode has none: -1, zeros, "".
+        ("critical_id", pa.int32()),  # -1: no critical agent
+        ("critical_position", pa.list_(pa.float32(), 2)),  # metres in the ego frame (x ahead, y right)
+        ("critical_velocity", pa.list_(pa.float32(), 2)),  # m/s relative to the ego, ego frame
+        ("cause", pa.string()),
+        ("decision", pa.string()),
+        ("reason", pa.string()),  # critical agent, cause and decision as one sentence
+    ])
+
+
+SCHEMA = schema()
 
 
 def encode_png(frame: np.ndarray) -> bytes:
@@ -143,6 +151,38 @@ class EpisodeStore:
         _write_json_atomic(info_path, info)
         return cls(root)
 
+    @classmethod
+    def create_imported(cls, root: str | Path, *, name: str, fps: float, image_size: tuple[int, int],
+                        action_names: list[str], state_names: list[str], source: dict,
+                        held_out_every: int = DEFAULT_EVERY) -> EpisodeStore:
+        """Start an empty store at `root` (new or empty) for episodes imported from another data set (`source`
+        says which: format, path, keys). Its one scenario, named `imported`, is no simulator's: the store trains
+        and tokenizes as any other, with its held-out split (every `held_out_every`th episode), but cannot be
+        driven in closed loop."""
+        from unified.config import to_dict
+        from unified.sim.suite import Scenario
+
+        root = Path(root)
+        if root.exists() and any(root.iterdir()):
+            raise UnifiedError(f"{root}: not empty; choose an empty or new directory (nothing was changed)")
+        rule = HeldOutRule(held_out_every)
+        suite = Suite(scenarios={"imported": Scenario(env="imported", name="imported")}, name=name,
+                      image_size=tuple(image_size), policy_frequency=max(1, round(fps)))
+        (root / "meta").mkdir(parents=True, exist_ok=True)
+        (root / "episodes").mkdir(exist_ok=True)
+        h, w = image_size
+        info = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "episodes": 0, "steps": 0, "fps": fps,
+            "image_shape": [h, w, 3], "image_encoding": "png",
+            "action_names": list(action_names), "action_units": [""] * len(action_names),
+            "state_names": list(state_names), "state_units": [""] * len(state_names),
+            "driver": source.get("format", "imported"), "seed": 0, "suite": to_dict(suite), "suite_hash": suite.hash,
+            "scenarios": {}, "split": rule.to_info(suite, []), "action_stats": None, "state_stats": None,
+            "imported_from": source,
+        }
+        _write_json_atomic(root / "meta" / "info.json", info)
+        return cls(root)
+
     def lock(self):
         """An exclusive lock on the store for one writer; raises if another process writes to it."""
         handle = open(self.root / "meta" / ".lock", "w")  # noqa: SIM115 - held for the writer's lifetime
@@ -173,7 +213,7 @@ class EpisodeStore:
                 f"episode {episode.index}: frames of shape {episode.frames.shape[1:]}, the store holds {expected}"
             )
         n = len(episode.actions)
-        c = episode.causation
+        c = episode.causation or [NO_CAUSE] * n
         columns = {
             "episode_index": np.full(n, episode.index, np.int32),
             "frame_index": np.arange(n, dtype=np.int32),
@@ -194,7 +234,7 @@ class EpisodeStore:
             "instruction": episode.instruction, "summary": asdict(episode.summary),
             **({"source": episode.source} if episode.source else {}),
         }
-        schema = SCHEMA.with_metadata({"unified": json.dumps(meta)})
+        schema = self.schema.with_metadata({"unified": json.dumps(meta)})
         table = pa.table(columns, schema=schema)
         final = self.episode_path(episode.index)
         temporary = final.with_name(f".{final.name}.tmp{os.getpid()}")
@@ -211,6 +251,23 @@ class EpisodeStore:
         return final
 
     # -- reading --------------------------------------------------------------------------------------
+
+    @property
+    def imported(self) -> bool:
+        """Whether the episodes came from another data set (`data import-lerobot`): no simulator, no causation."""
+        return "imported_from" in self.info
+
+    @property
+    def action_names(self) -> list[str]:
+        return list(self.info["action_names"])
+
+    @property
+    def state_names(self) -> list[str]:
+        return list(self.info["state_names"])
+
+    @property
+    def schema(self) -> pa.Schema:
+        return schema(len(self.action_names), len(self.state_names))
 
     def indices(self) -> list[int]:
         """Indices of the complete episodes on disk, sorted."""
@@ -250,7 +307,8 @@ class EpisodeStore:
     @property
     def suite(self) -> Suite:
         if getattr(self, "_suite", None) is None:
-            self._suite = suite_from_dict(self.info["suite"], f"{self.info_path}: suite")
+            # An imported store's one scenario is no simulator's: only its name and the split are read from it.
+            self._suite = suite_from_dict(self.info["suite"], f"{self.info_path}: suite", check=not self.imported)
         return self._suite
 
     def _parquet(self, index: int) -> pq.ParquetFile:
@@ -281,7 +339,7 @@ class EpisodeStore:
     def read_episode(self, index: int, frames: bool = True) -> Episode:
         """One stored episode as an `Episode` (frames (T, H, W, 3) uint8 when `frames`)."""
         meta = self.episode_meta(index)
-        columns = [n for n in SCHEMA.names if frames or n != "image"]
+        columns = [n for n in self.schema.names if frames or n != "image"]
         table = self.read_columns(index, columns).to_pydict()
         causation = [
             Causation(cid, np.asarray(p, np.float32), np.asarray(v, np.float32), cause, decision, text)
@@ -293,8 +351,8 @@ class EpisodeStore:
         return Episode(
             index=meta["index"], scenario=meta["scenario"], seed=meta["seed"], driver=meta["driver"],
             instruction=meta["instruction"],
-            actions=np.asarray(table["action"], np.float32).reshape(-1, 2),
-            states=np.asarray(table["state"], np.float32).reshape(-1, len(STATE_NAMES)),
+            actions=np.asarray(table["action"], np.float32).reshape(-1, len(self.action_names)),
+            states=np.asarray(table["state"], np.float32).reshape(-1, len(self.state_names)),
             causation=causation, summary=EpisodeSummary(**meta["summary"]),
             frames=np.stack([decode_png(b) for b in table["image"]]) if frames else None,
         )
@@ -321,8 +379,8 @@ class EpisodeStore:
                 table = self.read_columns(index, ["action", "state"])
                 # Statistics need every value for exact quantiles; actions and states are 20 bytes a step, so a
                 # store of 10 million steps needs 200 MB here while its frames never leave the disk.
-                actions.append(_fixed_list(table.column("action"), 2))
-                states.append(_fixed_list(table.column("state"), len(STATE_NAMES)))
+                actions.append(_fixed_list(table.column("action"), len(self.action_names)))
+                states.append(_fixed_list(table.column("state"), len(self.state_names)))
             s = scenarios.setdefault(meta["scenario"], {"episodes": 0, "steps": 0, "success": 0, "collision": 0,
                                                         "held_out": 0})
             s["held_out"] += self.is_held_out(index)
@@ -339,8 +397,8 @@ class EpisodeStore:
         info["scenarios"] = dict(sorted(scenarios.items()))
         info["split"] = self.rule.to_info(self.suite, indices)
         info["stats_over"] = "training episodes" if len(train) < len(indices) or not indices else "all episodes"
-        info["action_stats"] = _stats(np.concatenate(actions), ACTION_NAMES) if actions else None
-        info["state_stats"] = _stats(np.concatenate(states), STATE_NAMES) if states else None
+        info["action_stats"] = _stats(np.concatenate(actions), self.action_names) if actions else None
+        info["state_stats"] = _stats(np.concatenate(states), self.state_names) if states else None
         _write_json_atomic(self.info_path, info)
         self.info = info
         return info
@@ -379,7 +437,11 @@ class EpisodeStore:
         for key in ("episodes", "steps", "fps", "image_shape", "suite", "suite_hash", "seed", "scenarios", "split"):
             if key not in info:
                 raise UnifiedError(f"{self.info_path}: missing field {key!r}")
-        if info.get("state_names") != list(STATE_NAMES):
+        if "imported_from" in info:
+            for key in ("action_names", "state_names"):
+                if not isinstance(info.get(key), list) or not info[key]:
+                    raise UnifiedError(f"{self.info_path}: {key} must be a non-empty list of names")
+        elif info.get("state_names") != list(STATE_NAMES):
             raise UnifiedError(f"{self.info_path}: state_names {info.get('state_names')!r}; this version of unified "
                                f"records {list(STATE_NAMES)}")
         return info
@@ -389,7 +451,7 @@ def _fixed_list(column: pa.ChunkedArray, width: int) -> np.ndarray:
     return np.concatenate([c.flatten().to_numpy() for c in column.chunks]).reshape(-1, width).astype(np.float32)
 
 
-def _stats(values: np.ndarray, names: tuple[str, ...]) -> dict[str, Any]:
+def _stats(values: np.ndarray, names: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """Per-dimension mean, std, min, max and the q01/q99 quantiles used to normalise actions and states."""
     v = values.astype(np.float64)
     return {
@@ -425,10 +487,17 @@ def data_info(data: Path, *, json: bool = False) -> dict:
     print(f"{data}: {info['episodes']} episodes, {info['steps']} steps at {info['fps']} Hz, "
           f"frames {shape} ({info['image_encoding']}), suite {info['suite']['name']!r}")
     print(f"held out: {info['split']['description']}; statistics over {info.get('stats_over', 'all episodes')}")
-    print(f"{'scenario':<24}{'episodes':>9}{'held out':>9}{'steps':>8}{'expert success':>16}{'expert collision':>18}")
+    source = info.get("imported_from")
+    if source:  # no simulator: no expert figures
+        print(f"imported from {source.get('format')} dataset {source.get('path')} (camera {source.get('camera')!r}, "
+              f"action {source.get('action')!r}, state {source.get('state')!r}, {source.get('fps')} fps)")
+        print(f"{'scenario':<24}{'episodes':>9}{'held out':>9}{'steps':>8}")
+    else:
+        print(f"{'scenario':<24}{'episodes':>9}{'held out':>9}{'steps':>8}{'expert success':>16}"
+              f"{'expert collision':>18}")
     for name, s in info["scenarios"].items():
-        print(f"{name:<24}{s['episodes']:>9}{s.get('held_out', 0):>9}{s['steps']:>8}{s['expert_success_rate']:>16.2f}"
-              f"{s['expert_collision_rate']:>18.2f}")
+        figures = "" if source else f"{s['expert_success_rate']:>16.2f}{s['expert_collision_rate']:>18.2f}"
+        print(f"{name:<24}{s['episodes']:>9}{s.get('held_out', 0):>9}{s['steps']:>8}{figures}")
     for key in ("action_stats", "state_stats"):
         stats = info.get(key)
         if stats:

@@ -66,6 +66,16 @@ def tokenize(
             f"{data} holds {store.info['image_shape'][:2]} frames but the image tokenizer in {tokenizer} reads "
             f"{list(tokenizers.image.config.image_size)}"
         )
+    for what, names, dim in (("action", store.action_names, tokenizers.action.dim),
+                             ("state", store.state_names, tokenizers.state.dim)):
+        if len(names) != dim:
+            raise UnifiedError(f"{data} records {len(names)} {what} values ({', '.join(names)}) but the {what} "
+                               f"tokenizer in {tokenizer} reads {dim}; fit tokenizers on this store (`unified "
+                               f"tokenizer fit --data {data}`)")
+    if store.imported and "policy_reason" in wanted:
+        raise UnifiedError(f"--tasks includes policy_reason, but {data} was imported "
+                           f"({store.info['imported_from'].get('format')}) and records no reasons; use --tasks "
+                           "policy,world")
     out = Path(out)
     with staged_dir(out, "shards", [data, tokenizer, operators], overwrite) as staging:
         table = _TextTable(tokenizers)
@@ -84,8 +94,11 @@ def tokenize(
             columns["episode"].append(np.full(n, index, np.int32))
             columns["step"].append(np.arange(n, dtype=np.int32))
             columns["instruction"].append(np.full(n, table.row(episode.instruction), np.int32))
-            columns["reason"].append(np.array([table.row(c.text) for c in episode.causation], np.int32))
-            columns["decision"].append(np.array([DECISIONS.index(c.decision) for c in episode.causation], np.int8))
+            columns["reason"].append(np.array([table.row(c.text) if c.text else -1 for c in episode.causation],
+                                              np.int32))  # -1: no reason recorded (an imported episode)
+            # -1: no decision recorded (an imported episode)
+            columns["decision"].append(np.array([DECISIONS.index(c.decision) if c.decision else -1
+                                                 for c in episode.causation], np.int8))
             episodes.append({"index": index, "scenario": episode.scenario, "steps": n,
                              "held_out": store.is_held_out(index)})
         operator_rows = _operators(operators, operator_hops, table) if operators is not None else {}
