@@ -131,6 +131,8 @@ def test_import_lerobot_makes_a_store_of_its_episodes(tmp_path):
     with pytest.raises(UnifiedError, match=r"--state 'pose': not a feature"):
         import_lerobot(FIXTURE, out=tmp_path / "other", state="pose", progress=False)
     assert not (tmp_path / "other").exists()
+    with pytest.raises(UnifiedError, match="a LeRobot dataset, not an episode store; import it once"):
+        EpisodeStore(FIXTURE)  # what every command that reads a store says when given the dataset itself
     with pytest.raises(UnifiedError, match="--size"):
         import_lerobot(FIXTURE, out=tmp_path / "other", size="64", progress=False)
 

@@ -408,6 +408,9 @@ class EpisodeStore:
             info = json.loads(self.info_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UnifiedError(f"{self.info_path}: corrupted (not valid JSON: {e})") from None
+        if isinstance(info, dict) and "codebase_version" in info and "features" in info:
+            raise UnifiedError(f"{self.root}: a LeRobot dataset, not an episode store; import it once with `unified "
+                               f"data import-lerobot {self.root} --out STORE` and give STORE here")
         if not isinstance(info, dict) or info.get("format") != FORMAT:
             raise UnifiedError(f"{self.info_path}: not an episode store's info (expected \"format\": \"{FORMAT}\")")
         if info.get("format_version") == 1:
