@@ -136,6 +136,9 @@ def test_an_operator_set_of_the_earlier_format_is_refused(tmp_path):
     info_path.write_text(json.dumps(json.loads(info_path.read_text()) | {"format_version": 1}))
     with pytest.raises(UnifiedError, match="format version 1 .*--overwrite"):
         operators(out=tmp_path / "test", hops="2", n=4, exclude=[tmp_path / "old"], progress=False)
+    with pytest.raises(UnifiedError, match="--out .*format version 1 .*pass --overwrite to make it again"):
+        operators(out=tmp_path / "old", hops="2", n=4, progress=False)
+    assert operators(out=tmp_path / "old", hops="2", n=4, overwrite=True, progress=False)["format_version"] == 2
 
 
 def test_a_test_set_excluding_the_training_set_shares_no_question(tmp_path):

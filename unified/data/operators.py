@@ -140,6 +140,11 @@ def operators(
         if all(existing.get(k) == v for k, v in wanted.items()):
             print(f"{out}: already holds these {existing['examples']} examples, kept", flush=True)
             return existing
+        if existing.get("format_version", 1) != FORMAT_VERSION and not overwrite:
+            raise UnifiedError(f"--out {out}: holds an operator data set of format version "
+                               f"{existing.get('format_version', 1)} (questions about the chain's two ends); pass "
+                               "--overwrite to make it again in this version's format, then fit the tokenizers and "
+                               "tokenize the shards that read it again (make demo into a new DEMO_DIR does all)")
     with staged_dir(out, "operators", overwrite=overwrite) as staging:
         info = _write(staging, hop_counts, scratchpad, n, seed, progress, excluded)
         info["excluding"] = sorted(str(p) for p in exclude)
