@@ -64,8 +64,8 @@ $(D)/joint/checkpoints/latest: $(D)/shards/meta.json
 clean:
 	rm -rf $(VENV) build *.egg-info runs
 
-# Length generalisation on the operator data set: one small model per scratchpad (none, full, inductive) and seed,
-# each trained on 2-4 hops through the DeepSpeed launcher and tested on 2-12 hops, on questions no training set holds.
+# Length generalisation on the operator data set: one small model per scratchpad (none, full, inductive) and seed
+# (seed by seed, so that an interrupted run already compares the three), each trained on 2-4 hops through the DeepSpeed launcher and tested on 2-12 hops, on questions no training set holds.
 # Reads the demo's tokenizers; writes $(O)/summary.json, summary.md and accuracy_by_hops.png. Rerunning skips what
 # is done.
 O := $(D)/operators
@@ -84,7 +84,7 @@ operators: $(VENV)/.installed
 	done
 	$(BIN)/unified data operators --out $(O)/test --hops 2-12 --n $(OPS_QUESTIONS) --seed 1 \
 		--exclude $(O)/none/data $(O)/full/data $(O)/inductive/data
-	for pad in none full inductive; do for seed in $(OPS_SEEDS); do \
+	for seed in $(OPS_SEEDS); do for pad in none full inductive; do \
 		test -f $(O)/$$pad/seed$$seed/checkpoints/latest || $(BIN)/unified train --recipe recipes/operators.yaml \
 			--ranks 2 run_dir=$(O)/$$pad/seed$$seed data=$(O)/$$pad/shards seed=$$seed \
 			steps=$(OPS_STEPS) save_every=$(OPS_STEPS) \

@@ -43,9 +43,13 @@ def solve(premises: list[str], question: str) -> tuple[str, int]:
 
 
 @settings(max_examples=200, deadline=None)
-@given(hops=st.integers(2, 12), seed=st.integers(0, 2**32 - 1), pad=st.sampled_from(["none", "full", "inductive"]))
-def test_answer_follows_from_premises(hops, seed, pad):
-    example = make_example(hops, pad, np.random.default_rng(seed))
+@given(hops=st.integers(2, 12), seed=st.integers(0, 2**32 - 1), pad=st.sampled_from(["none", "full", "inductive"]),
+       phrasing=st.sampled_from(["both", "greater-first"]))
+def test_answer_follows_from_premises(hops, seed, pad, phrasing):
+    example = make_example(hops, pad, np.random.default_rng(seed), phrasing=phrasing)
+    words = {re.match(r"\w+ is (\w+) than", p).group(1) for p in example["premises"]}
+    assert words == {example["relation"]} if phrasing == "greater-first" else words <= set(RELATIONS[
+        [more for more, _ in RELATIONS].index(example["relation"])])
     answer, distance = solve(example["premises"], example["question"])
     assert example["answer"] == answer
     assert distance == hops and len(example["premises"]) == 2 * hops

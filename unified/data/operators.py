@@ -32,6 +32,7 @@ NAMES = (
     "Tess", "Umar", "Vera", "Victor", "Wen", "Yara", "Yusuf", "Zoe", "Zane",
 )
 Scratchpad = Literal["none", "full", "inductive"]
+Phrasing = Literal["both", "greater-first"]
 MIN_HOPS = 2
 
 
@@ -61,16 +62,20 @@ def chain_length(hops: int) -> int:
 
 
 def make_example(
-    hops: int, scratchpad: Scratchpad, rng: np.random.Generator, index: int = 0, answer: str | None = None
+    hops: int, scratchpad: Scratchpad, rng: np.random.Generator, index: int = 0, answer: str | None = None,
+    phrasing: Phrasing = "both",
 ) -> dict:
-    """One example needing `hops` steps of transitive reasoning; `answer` ('yes'/'no') is drawn when None."""
+    """One example needing `hops` steps of transitive reasoning; `answer` ('yes'/'no') is drawn when None.
+    `phrasing`: each premise stated one way or the other ("A is taller than B." or "B is shorter than A."), or
+    always the greater name first ("A is taller than B.")."""
     if hops < MIN_HOPS:
         raise UnifiedError(f"an operator question needs at least {MIN_HOPS} hops, got {hops}")
     more, less = RELATIONS[int(rng.integers(len(RELATIONS)))]
     chain = [NAMES[i] for i in rng.choice(len(NAMES), size=chain_length(hops), replace=False)]
     premises = []
     for a, b in zip(chain, chain[1:]):
-        premises.append(f"{a} is {more} than {b}." if rng.random() < 0.5 else f"{b} is {less} than {a}.")
+        one_way = phrasing == "greater-first" or rng.random() < 0.5
+        premises.append(f"{a} is {more} than {b}." if one_way else f"{b} is {less} than {a}.")
     premises = [premises[i] for i in rng.permutation(len(premises))]
     if answer is None:
         answer = "yes" if rng.random() < 0.5 else "no"
@@ -114,7 +119,7 @@ def _reasoning(chain: list[str], more: str, x: str, y: str, scratchpad: Scratchp
 
 def operators(
     *, out: Path, hops: str = "2-6", scratchpad: Scratchpad = "none", n: int = 1000, seed: int = 0,
-    exclude: list[Path] = (), overwrite: bool = False, progress: bool = True,
+    phrasing: Phrasing = "both", exclude: list[Path] = (), overwrite: bool = False, progress: bool = True,
 ) -> dict:
     """Write `n` examples per hop count to `out/hops_{h}.jsonl` plus `out/meta/info.json`; returns the info.
 
@@ -130,13 +135,16 @@ def operators(
         raise UnifiedError(f"--seed must be 0 or more, got {seed}")
     if scratchpad not in ("none", "full", "inductive"):
         raise UnifiedError(f"--scratchpad: expected none, full or inductive, got {scratchpad!r}")
+    if phrasing not in ("both", "greater-first"):
+        raise UnifiedError(f"--phrasing: expected both or greater-first, got {phrasing!r}")
     hop_counts = parse_hops(hops)
     out = Path(out)
     excluded = _prompts(exclude)
     if check_dir(out, "operators") == "same":
         existing = json.loads((out / "meta" / "info.json").read_text())
         wanted = {"format_version": FORMAT_VERSION, "hops": hop_counts, "examples_per_hop": n,
-                  "scratchpad": scratchpad, "seed": seed, "excluding": sorted(str(p) for p in exclude)}
+                  "scratchpad": scratchpad, "seed": seed, "phrasing": phrasing,
+                  "excluding": sorted(str(p) for p in exclude)}
         if all(existing.get(k) == v for k, v in wanted.items()):
             print(f"{out}: already holds these {existing['examples']} examples, kept", flush=True)
             return existing
@@ -146,7 +154,7 @@ def operators(
                                "--overwrite to make it again in this version's format, then fit the tokenizers and "
                                "tokenize the shards that read it again (make demo into a new DEMO_DIR does all)")
     with staged_dir(out, "operators", overwrite=overwrite) as staging:
-        info = _write(staging, hop_counts, scratchpad, n, seed, progress, excluded)
+        info = _write(staging, hop_counts, scratchpad, n, seed, progress, excluded, phrasing)
         info["excluding"] = sorted(str(p) for p in exclude)
         (staging / "meta" / "info.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"{out}: {info['examples']} examples, hops {hops}, scratchpad {scratchpad}", flush=True)
@@ -190,7 +198,7 @@ def _prompts(data_sets: list[Path]) -> set[str]:
 
 
 def _write(out: Path, hop_counts: list[int], scratchpad: str, n: int, seed: int, progress: bool,
-           excluded: set[str] = frozenset()) -> dict:
+           excluded: set[str] = frozenset(), phrasing: Phrasing = "both") -> dict:
     (out / "meta").mkdir(parents=True, exist_ok=True)
     answers: dict[int, Counter] = {}
     redrawn: Counter = Counter()
@@ -202,12 +210,12 @@ def _write(out: Path, hop_counts: list[int], scratchpad: str, n: int, seed: int,
         balanced = rng.permutation(np.array(["yes", "no"] * (n // 2 + 1))[:n])
         with open(path, "w") as f:  # in the staging directory: the whole set appears at once
             for i in range(n):
-                example = make_example(h, scratchpad, rng, i, answer=str(balanced[i]))
+                example = make_example(h, scratchpad, rng, i, answer=str(balanced[i]), phrasing=phrasing)
                 for _ in range(1000):
                     if example["prompt"] not in excluded:
                         break
                     redrawn[h] += 1
-                    example = make_example(h, scratchpad, rng, i, answer=str(balanced[i]))
+                    example = make_example(h, scratchpad, rng, i, answer=str(balanced[i]), phrasing=phrasing)
                 else:
                     raise UnifiedError(f"--exclude: no {h}-hop question left that the excluded sets do not hold")
                 counts[example["answer"]] += 1
@@ -220,6 +228,7 @@ def _write(out: Path, hop_counts: list[int], scratchpad: str, n: int, seed: int,
         "examples_per_hop": n,
         "examples": n * len(hop_counts),
         "scratchpad": scratchpad,
+        "phrasing": phrasing,
         "seed": seed,
         "files": {str(h): f"hops_{h}.jsonl" for h in hop_counts},
         "yes_fraction": {str(h): answers[h]["yes"] / n for h in hop_counts},
