@@ -128,6 +128,7 @@ def output_cases(model_data, export, run):
         "baseline fit-state-mlp": lambda f, t: ["--data", store, "--out", f, "--steps", 2],
         "bench serve": lambda f, t: ["--model", export, "--data", store, "--json", t],
         "data export-lerobot": lambda f, t: ["--data", store, "--out", f],
+        "data import-lerobot": lambda f, t: [ROOT / "tests" / "fixtures" / "lerobot_v3", "--out", f],
     }
 
 
