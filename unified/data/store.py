@@ -122,33 +122,23 @@ class EpisodeStore:
             listed = ", ".join(sorted(p.name for p in root.iterdir())[:3])
             raise UnifiedError(f"{root}: holds {listed} and is not an episode store; choose an empty or new directory "
                                "(nothing was changed)")
-        (root / "meta").mkdir(parents=True, exist_ok=True)
-        (root / "episodes").mkdir(exist_ok=True)
+        return cls._initialise(root, suite, rule, fps=suite.policy_frequency, action_names=list(ACTION_NAMES),
+                               action_units=list(ACTION_UNITS), state_names=list(STATE_NAMES),
+                               state_units=list(STATE_UNITS), driver="expert", seed=seed)
+
+    @classmethod
+    def _initialise(cls, root: Path, suite: Suite, rule: HeldOutRule, **fields) -> EpisodeStore:
+        """Make the empty store's directories and meta/info.json: counts at zero, no statistics yet, the suite and
+        its split, and `fields` (fps, the action and state names and units, driver, seed, ...)."""
         from unified.config import to_dict
 
+        (root / "meta").mkdir(parents=True, exist_ok=True)
+        (root / "episodes").mkdir(exist_ok=True)
         h, w = suite.image_size
-        info = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "episodes": 0,
-            "steps": 0,
-            "fps": suite.policy_frequency,
-            "image_shape": [h, w, 3],
-            "image_encoding": "png",
-            "action_names": list(ACTION_NAMES),
-            "action_units": list(ACTION_UNITS),
-            "state_names": list(STATE_NAMES),
-            "state_units": list(STATE_UNITS),
-            "driver": "expert",
-            "seed": seed,
-            "suite": to_dict(suite),
-            "suite_hash": suite.hash,
-            "scenarios": {},
-            "split": rule.to_info(suite, []),
-            "action_stats": None,
-            "state_stats": None,
-        }
-        _write_json_atomic(info_path, info)
+        info = {"format": FORMAT, "format_version": FORMAT_VERSION, "episodes": 0, "steps": 0,
+                "image_shape": [h, w, 3], "image_encoding": "png", "suite": to_dict(suite), "suite_hash": suite.hash,
+                "scenarios": {}, "split": rule.to_info(suite, []), "action_stats": None, "state_stats": None, **fields}
+        _write_json_atomic(root / "meta" / "info.json", info)
         return cls(root)
 
     @classmethod
@@ -159,29 +149,17 @@ class EpisodeStore:
         says which: format, path, keys). Its one scenario, named `imported`, is no simulator's: the store trains
         and tokenizes as any other, with its held-out split (every `held_out_every`th episode), but cannot be
         driven in closed loop."""
-        from unified.config import to_dict
         from unified.sim.suite import Scenario
 
         root = Path(root)
         if root.exists() and any(root.iterdir()):
             raise UnifiedError(f"{root}: not empty; choose an empty or new directory (nothing was changed)")
-        rule = HeldOutRule(held_out_every)
         suite = Suite(scenarios={"imported": Scenario(env="imported", name="imported")}, name=name,
                       image_size=tuple(image_size), policy_frequency=max(1, round(fps)))
-        (root / "meta").mkdir(parents=True, exist_ok=True)
-        (root / "episodes").mkdir(exist_ok=True)
-        h, w = image_size
-        info = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "episodes": 0, "steps": 0, "fps": fps,
-            "image_shape": [h, w, 3], "image_encoding": "png",
-            "action_names": list(action_names), "action_units": [""] * len(action_names),
-            "state_names": list(state_names), "state_units": [""] * len(state_names),
-            "driver": source.get("format", "imported"), "seed": 0, "suite": to_dict(suite), "suite_hash": suite.hash,
-            "scenarios": {}, "split": rule.to_info(suite, []), "action_stats": None, "state_stats": None,
-            "imported_from": source,
-        }
-        _write_json_atomic(root / "meta" / "info.json", info)
-        return cls(root)
+        return cls._initialise(root, suite, HeldOutRule(held_out_every), fps=fps, action_names=list(action_names),
+                               action_units=[""] * len(action_names), state_names=list(state_names),
+                               state_units=[""] * len(state_names), driver=source.get("format", "imported"), seed=0,
+                               imported_from=source)
 
     def lock(self):
         """An exclusive lock on the store for one writer; raises if another process writes to it."""
