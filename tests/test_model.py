@@ -310,7 +310,7 @@ def test_a_small_model_overfits_a_handful_of_episodes(shards, tokenizers, data):
     built += [build(shards.sample("world", int(r)), shards.layout, image_weight=1.0) for r in world_rows]
     data_batches = [b.to_torch() for b in pack(built, 256, 8, shards.layout)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    for step in range(400):
+    for step in range(200):
         loss, _ = model(data_batches[step % len(data_batches)])
         optimizer.zero_grad()
         loss.backward()

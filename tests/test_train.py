@@ -226,8 +226,13 @@ def test_moving_average_of_the_weights(shards, whole_run, tmp_path):
     # A checkpoint saved without an average cannot silently start one from its trained weights.
     plain = tmp_path / "plain"
     shutil.copytree(whole_run, plain)
-    result = launch(2, plain, shards, "steps=12", "save_every=2", "sample_every=0", "ema_decay=0.9", resume=True)
-    assert result.returncode != 0 and "saved without a moving average" in result.stdout + result.stderr
+    # Refused by `unified train` before any rank starts (the ranks check the same for a bare `deepspeed` launch).
+    result = subprocess.run([str(BIN / "unified"), "train", "--recipe", str(DEBUG), "--ranks", "2", f"run_dir={plain}",
+                             f"data={shards}", "model.horizon=4", "data.seq_len=256", "steps=12", "save_every=2",
+                             "sample_every=0", "ema_decay=0.9", "--resume"],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2 and "saved without a moving average" in result.stderr, result.stderr
+    assert "--num_accelerators" not in result.stdout  # no launcher command printed: no rank started
 
 
 @pytest.mark.slow
@@ -333,10 +338,14 @@ def test_bf16_joint_recipe_saves_fp32_master_weights(shards, tmp_path):
     tiny = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.intermediate_size=128",
             "model.max_position_embeddings=256", "model.horizon=4", "data.seq_len=256", "data.batch_size=2",
             "steps=3", "save_every=3", "sample_every=0", "val_every=0", "precision=bf16", "zero_stage=3"]
+    buffers = lambda: set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))  # noqa: E731
+    before = buffers()
     result = subprocess.run(
         [str(BIN / "unified"), "train", "--recipe", str(ROOT / "recipes" / "joint.yaml"), "--ranks", "2",
          f"run_dir={run}", f"data={shards}", *tiny], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # A run that ends by itself removes the ranks' shared all-reduce buffers (a killed one: tests/test_reliability.py).
+    assert buffers() - before == set()
     assert len(losses(run)) == 3 and all(np.isfinite(losses(run)))
     saved = load_file(run / "checkpoints" / "step_0000003" / "model.safetensors")
     masters = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag="step_0000003")

@@ -157,6 +157,14 @@ def latest(run_dir: str | Path) -> Path | None:
     return None
 
 
+def check_moving_average(directory: Path, ema_decay: float) -> None:
+    """A run with ema_decay resumes only from a checkpoint that saved an average: starting one from the trained
+    weights would silently give an average of a different run."""
+    if ema_decay and not (Path(directory) / "training.safetensors").is_file():
+        raise UnifiedError(f"{directory}: saved without a moving average of the weights; resume it without "
+                           "ema_decay, or start the run again with it")
+
+
 def find(path: str | Path) -> Path:
     """A run directory (its latest checkpoint) or a step directory -> the step directory, verified."""
     path = Path(path)

@@ -134,7 +134,12 @@ def train(overrides: list[str] = (), *, recipe: Path, ranks: int = 1, resume: bo
 
     config = load_recipe(recipe, list(overrides))  # refuse a bad key here, before starting any rank
     run_dir = Path(config.run_dir)
-    check_run_dir(run_dir, resume, overwrite, run_inputs(config))
+    if check_run_dir(run_dir, resume, overwrite, run_inputs(config)) == "resume" and config.ema_decay:
+        from unified import checkpoint
+
+        found = checkpoint.latest(run_dir)
+        if found is not None:  # the ranks check it too; here it costs no start-up
+            checkpoint.check_moving_average(found, config.ema_decay)
     lock = RunLock(run_dir).acquire("is being trained")
     try:
         ranks_lock = RunLock(run_dir, ".ranks.lock").acquire("has training ranks of an earlier run still stopping")

@@ -459,9 +459,7 @@ def make_engine(me: Rank, model, point: ResumePoint):
 
         ema = ModelEmaV3(engine.module, decay=me.config.ema_decay, use_warmup=True, dtype=torch.float32)
         if point.checkpoint is not None:
-            if not (point.checkpoint / "training.safetensors").is_file():
-                raise UnifiedError(f"{point.checkpoint}: saved without a moving average of the weights; resume it "
-                                   "without ema_decay, or start the run again with it")
+            checkpoint.check_moving_average(point.checkpoint, me.config.ema_decay)
             ema.module.load_state_dict(checkpoint.load_weights(point.checkpoint))
     return engine, scheduler, ema, client
 
