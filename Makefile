@@ -20,8 +20,9 @@ $(VENV)/.installed: $(SOURCES)
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 
+# Two pytest workers, each running whole test files (the files that train share fixtures and fixed ports).
 test: lint
-	$(BIN)/python -m pytest -q --durations=10
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=10
 
 # The demo's expensive stages are file targets or resumable: rerunning `make demo` skips what is already there.
 D := $(DEMO_DIR)
