@@ -7,7 +7,7 @@ SOURCES := pyproject.toml $(sort $(shell find unified tokenizers eval -name '*.p
 DEMO_DIR ?= runs/demo
 WORKERS ?= 2
 
-.PHONY: test demo operators dagger ablation lint clean
+.PHONY: test demo operators dagger ablation action-tokens lint clean
 
 $(VENV)/.installed: $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -122,3 +122,9 @@ dagger: $(VENV)/.installed
 ablation: $(VENV)/.installed
 	@test -f $(D)/tokenizers/layout.json || { echo "make ablation reads the demo's data and tokenizers: run make demo first"; exit 1; }
 	$(BIN)/unified eval ablation --spec recipes/ablation.yaml --out $(D)/ablation
+
+# Action bins against FAST tokens (recipes/action_tokens.yaml): the demo's teacher and the same recipe with FAST
+# action tokens, driven action-only on the same seeds; the table in $(D)/action_tokens/ablation.md.
+action-tokens: $(VENV)/.installed
+	@test -f $(D)/joint/checkpoints/latest || { echo "make action-tokens compares with the demo's teacher: run make demo first"; exit 1; }
+	$(BIN)/unified eval ablation --spec recipes/action_tokens.yaml --out $(D)/action_tokens

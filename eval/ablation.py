@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unified.tokenizers.action import READOUTS
+from unified.tokenizers.action import FAST_DECODINGS, READOUTS
 
 from unified.config import apply_overrides, from_dict, load_yaml
 from unified.errors import UnifiedError
@@ -32,6 +32,10 @@ class Row:
     dagger_from: int | None = None  # fine-tune that row's model on a DAgger round it drove (its execution)
     compare_with: int | None = None  # the row its lever is added to (default: dagger_from, else the row above)
     readout: str = "mode"  # how the action tokens become values: mode, mean or median of each token's bins
+    # An existing run of this row's training (e.g. the demo's teacher, runs/demo/joint), exported and driven
+    # instead of training the same configuration again.
+    run: str | None = None
+    fast_decoding: str = "whole"  # a model that writes FAST tokens: whole chunks only, or free until </act>
 
 
 @dataclass
@@ -57,6 +61,9 @@ class AblationConfig:
         for k, row in enumerate(self.rows):
             if row.readout not in READOUTS:
                 raise UnifiedError(f"ablation rows[{k}].readout: {row.readout!r} is not one of {', '.join(READOUTS)}")
+            if row.fast_decoding not in FAST_DECODINGS:
+                raise UnifiedError(f"ablation rows[{k}].fast_decoding: {row.fast_decoding!r} is not one of "
+                                   f"{', '.join(FAST_DECODINGS)}")
             for ref in (row.same_model_as, row.dagger_from, row.compare_with):
                 if ref is not None and not 0 <= ref < k:
                     raise UnifiedError(f"ablation rows[{k}]: refers to row {ref}, which is not an earlier row")
@@ -85,6 +92,12 @@ def ablation(overrides: list[str] = (), *, spec: Path, out: Path) -> dict:
         where = out / "rows" / str(k)
         if row.same_model_as is not None:
             model, seconds = results[row.same_model_as]["model"], 0.0
+        elif row.run is not None:
+            from unified.export import export_once
+
+            if not (Path(row.run) / "checkpoints" / "latest").is_file():
+                raise UnifiedError(f"ablation rows[{k}].run: {row.run} holds no finished training run")
+            model, seconds = export_once(Path(row.run), where / "model"), _training_seconds(Path(row.run))
         else:
             model = _train_row(config, row, where, results)
             seconds = _training_seconds(where / "run")
@@ -94,7 +107,8 @@ def ablation(overrides: list[str] = (), *, spec: Path, out: Path) -> dict:
         against = next((r for r in (row.compare_with, row.dagger_from) if r is not None), k - 1)
         fingerprint = weights_fingerprint(model)
         for mode in config.modes:
-            evaluations = {label: Evaluation(str(model), path, mode, row.replan_every, row.ensemble, row.readout)
+            evaluations = {label: Evaluation(str(model), path, mode, row.replan_every, row.ensemble, row.readout,
+                                             fast_decoding=row.fast_decoding)
                            for label, path in config.suites.items()}
             reports = {}
             for label, e in evaluations.items():
@@ -111,6 +125,7 @@ def ablation(overrides: list[str] = (), *, spec: Path, out: Path) -> dict:
                 figures["suites"].setdefault(label, {})[mode] = entry = {
                     "success": o["success_rate"]["mean"], "ci95": o["success_rate"]["ci95"],
                     "collision": o["collision_rate"]["mean"], "latency_ms": o["decision_latency_ms"]["median"],
+                    "tokens": o.get("tokens_per_decision"), "malformed": o.get("malformed_decodes"),
                     "per_scenario": {n: v["success_rate"]["mean"] for n, v in report["scenarios"].items()}}
                 previous = out / "rows" / str(against) / f"{mode}_{label}.json"
                 if against >= 0 and previous.is_file():
@@ -131,6 +146,8 @@ def _training_seconds(run: Path) -> float:
 def _reusable(path: Path, e, episodes: int, fingerprint: str) -> dict | None:
     """The closed-loop report at `path` if it drove the weights of `fingerprint` the same way on the same suite and
     episode count; else None."""
+    from unified.eval.closed_loop import writes_fast
+
     from unified.sim.suite import load_suite
 
     if not path.is_file():
@@ -139,6 +156,8 @@ def _reusable(path: Path, e, episodes: int, fingerprint: str) -> dict | None:
     same = (report.get("fingerprint") == fingerprint and report.get("mode") == e.mode
             and report.get("replan_every") == e.replan_every and report.get("ensemble") == e.ensemble
             and report.get("readout", "mode") == e.readout
+            # A FAST model's reports written before the option have none: they decoded freely, not whole chunks.
+            and report.get("fast_decoding") == (e.fast_decoding if writes_fast(e.model) else None)
             and report.get("episodes_per_scenario") == episodes
             and report.get("suite_hash") == load_suite(e.suite).hash)
     if same:
@@ -207,7 +226,7 @@ def markdown(rows: list[dict], suites: list[str], episodes: int) -> str:
     shown = [s.replace("_", " ") for s in suites]
     header = (["#", "setting"] + [f"success {s}{both}" for s in shown] + [f"collision {s}" for s in shown]
               + [f"action-only vs the row it changes, {s}: difference [95%], McNemar p" for s in shown]
-              + [f"latency ms{both}", "training time"])
+              + [f"latency ms{both}", "action tokens a decision, malformed decodes (action-only)", "training time"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [str(r["row"]), r["name"]]
@@ -223,6 +242,8 @@ def markdown(rows: list[dict], suites: list[str], episodes: int) -> str:
         first = r["suites"][suites[0]]
         cells.append(f"{first['direct']['latency_ms']:.0f}"
                      + (f" / {first['reason']['latency_ms']:.0f}" if "reason" in first else ""))
+        tokens, bad = first["direct"].get("tokens"), first["direct"].get("malformed")
+        cells.append("-" if tokens is None or bad is None else f"{tokens:.1f}, {bad['decisions']} of {bad['of']}")
         cells.append(f"{r['train_seconds'] // 60}:{r['train_seconds'] % 60:02d}" if r["train_seconds"] else
                      "(an earlier row's model)")
         lines.append("| " + " | ".join(cells) + " |")

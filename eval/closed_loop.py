@@ -14,7 +14,7 @@ from tqdm import tqdm
 from unified.eval.model_driver import ENSEMBLE, REPLAN_EVERY
 from unified.eval.state_mlp import StateMLP, StateMLPDriver, is_state_mlp
 from unified.eval.stats import compare_paired, mean_interval, wilson_interval
-from unified.tokenizers.action import READOUT, READOUTS
+from unified.tokenizers.action import FAST_DECODING, READOUT, READOUTS
 
 from unified.errors import UnifiedError
 from unified.sim.drivers import DRIVERS
@@ -40,6 +40,7 @@ class Evaluation:
     readout: str = READOUT  # for a model acting by tokens: mode, mean or median of each action token's bins
     videos: int = 0  # the first N episodes of every scenario are written as rollout videos ...
     video_dir: str | None = None  # ... into this directory
+    fast_decoding: str = FAST_DECODING  # for a model that writes FAST tokens: whole chunks only, or free
 
     @property
     def learned(self) -> bool:
@@ -88,7 +89,7 @@ class _Worker:
                 cls.policies[evaluation.model] = PolicyClient(evaluation.model) if is_url(evaluation.model) else \
                     Policy.from_pretrained(evaluation.model, device=cls.device)
             driver = ModelDriver(cls.policies[evaluation.model], evaluation.mode, evaluation.replan_every,
-                                 evaluation.ensemble, evaluation.readout)
+                                 evaluation.ensemble, evaluation.readout, evaluation.fast_decoding)
         else:
             driver = DRIVERS[evaluation.model]()
         episode = run_episode(suite, scenario, driver, seed, index=index, render=video, env=cls.envs[key])
@@ -110,6 +111,8 @@ class _Worker:
             else episode.latencies_ms.tolist(),
             "tokens_per_decision": float(np.mean([d["tokens"] for d in decisions])) if decisions else 0.0,
             "reasoning": [d["reasoning"] for d in decisions[:3]] if decisions else [],
+            # Decisions whose action tokens did not make a whole chunk (`ActionResult.malformed`): what went wrong.
+            "malformed": [f"step {d['step']}: {d['malformed']}" for d in decisions or [] if d.get("malformed")],
             # Each explained decision: the decision it states (None: outside the grammar) and whether the car did it.
             "stated": [{"decision": d["stated"], "consistent": d.get("consistent")}
                        for d in decisions or [] if "stated" in d],
@@ -158,6 +161,8 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
         "p95": float(np.percentile(latencies, 95)) if len(latencies) else 0.0,
         "decisions": int(len(latencies)),
     }
+    malformed = [f"{r['scenario']} episode {r['index']}, {m}" for r in records for m in r.get("malformed", [])]
+    out["malformed_decodes"] = {"decisions": len(malformed), "of": int(len(latencies)), "examples": malformed[:5]}
     return out
 
 
@@ -182,7 +187,8 @@ def closed_loop(
     *, model: str, scenarios: Path, episodes: int = 20, workers: int = 1, seed: int = EVAL_SEED,
     json: Path | None = None, mode: Literal["reason", "direct", "continuous"] = "reason",
     replan_every: int | None = REPLAN_EVERY, ensemble: float | None = ENSEMBLE, no_ensemble: bool = False,
-    readout: Literal["mode", "mean", "median"] = READOUT, train_store: list[Path] = (),
+    readout: Literal["mode", "mean", "median"] = READOUT, fast_decoding: Literal["whole", "free"] = FAST_DECODING,
+    train_store: list[Path] = (),
     device: Literal["auto", "cpu", "cuda"] = "auto", videos: int = 0, video_dir: Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -193,7 +199,9 @@ def closed_loop(
     executed to its end), blending the chunks that cover a step with weights exp(-ensemble * i), oldest first
     (default 0.5); `no_ensemble` executes the newest plan alone (with `replan_every 1`: its first action at every
     step, receding-horizon control). `readout` turns a model's action tokens into values: the chosen bin's centre
-    (mode, the default), or the mean or median of the bin centres under each token's distribution.
+    (mode, the default), or the mean or median of the bin centres under each token's distribution. A model that
+    writes FAST tokens decodes whole chunks only (`fast_decoding whole`, the default) or freely until it writes
+    `</act>` (`free`); either way the report counts the decisions whose tokens made no whole chunk.
     `train_store` (one or more episode stores a model trained on): refuse evaluation episodes that share a
     simulator seed with their training episodes, and report those whose traffic is a near-replay of one.
     `device`: where a model runs (auto: cuda when a GPU is present; every worker holds its own copy).
@@ -212,7 +220,7 @@ def closed_loop(
         video_dir = Path(video_dir) if video_dir is not None else Path(json).parent / f"{Path(json).stem}_videos"
         check_video_dir(video_dir)
     evaluation = Evaluation(model, str(scenarios), mode, replan_every, None if no_ensemble else ensemble, readout,
-                            videos, str(video_dir) if videos else None)
+                            videos, str(video_dir) if videos else None, fast_decoding)
     report = evaluate([evaluation], episodes, workers, seed, progress, device)[evaluation]
     if train_store:
         report["overlap"] = overlap_of(report, list(train_store), progress)
@@ -305,6 +313,7 @@ def evaluate(evaluations: list[Evaluation], episodes: int, workers: int = 1, see
             "replan_every": e.replan_every if e.learned else None,
             "ensemble": e.ensemble if e.learned else None,
             "readout": e.readout if e.learned else None,
+            "fast_decoding": e.fast_decoding if writes_fast(e.model) else None,
             "fingerprint": _fingerprint(e.model) if e.learned else None,
             "suite": suite.name,
             "suite_path": e.suite,
@@ -323,6 +332,20 @@ def evaluate(evaluations: list[Evaluation], episodes: int, workers: int = 1, see
 
 
 EPISODE_FIELDS = ("scenario", "index", "seed", "success", "collision", "offroad", "end", "steps", "progress_m")
+
+
+def writes_fast(model: str) -> bool:
+    """Whether `model` (an export, or a policy server) writes its actions as FAST tokens."""
+    from unified.serve import PolicyClient, is_url
+
+    if model in DRIVERS or is_state_mlp(model):
+        return False
+    if is_url(model):
+        client = PolicyClient(model)
+        client.close()
+        return client.info["config"].get("action_tokens") == "fast"
+    info = Path(model) / "unified.json"
+    return info.is_file() and jsonlib.loads(info.read_text())["model"].get("action_tokens") == "fast"
 
 
 def _fingerprint(model: str) -> str:
@@ -387,6 +410,10 @@ def format_table(report: dict[str, Any]) -> str:
             f"{name:<{width}}{m['episodes']:>9}{rate('success_rate'):>18}{rate('collision_rate'):>18}"
             f"{m['mean_progress']['mean']:>12.1f}{m['mean_speed']['mean']:>11.1f}"
         )
+    bad = report["overall"].get("malformed_decodes")
+    if bad and bad["decisions"]:
+        rows.append(f"malformed action decodes: {bad['decisions']} of {bad['of']} decisions drove a partial chunk "
+                    f"(e.g. {bad['examples'][0]})")
     c = report["overall"].get("reasoning_consistency")
     if c:
         lo, hi = c["consistent"]["ci95"]

@@ -18,7 +18,7 @@ import time
 from typing import Literal
 
 import numpy as np
-from unified.tokenizers.action import READOUT
+from unified.tokenizers.action import FAST_DECODING, READOUT
 
 from unified.sim.drivers import Intent, passive_intent
 from unified.sim.env import render_frame
@@ -66,8 +66,11 @@ class ModelDriver:
     needs_frames = True  # a policy reads the rendered frame; a state-only planner does not
 
     def __init__(self, policy, mode: Mode = "reason", replan_every: int | None = REPLAN_EVERY,
-                 ensemble: float | None = ENSEMBLE, readout: str = READOUT):
+                 ensemble: float | None = ENSEMBLE, readout: str = READOUT, fast_decoding: str = FAST_DECODING):
         self.policy, self.mode, self.ensemble, self.readout = policy, mode, ensemble, readout
+        # Passed only when it is not the default, so that a policy without the option (a state-MLP baseline) is asked
+        # as before.
+        self.options = {} if fast_decoding == FAST_DECODING else {"fast_decoding": fast_decoding}
         self.replan_every = replan_every or policy.config.horizon
         self.decisions: list[dict] = []
         self.windows: list[dict] = []  # reasoning decisions whose consistency window is still open
@@ -89,9 +92,10 @@ class ModelDriver:
         state = ego_state(env.unwrapped.vehicle, self.route)
         result = self.policy.act(np.stack(self.frames), self.instruction, state=state,
                                  reason=self.mode == "reason", continuous=self.mode == "continuous",
-                                 readout=self.readout)
+                                 readout=self.readout, **self.options)
         decision = {"step": self.step, "latency_ms": 1000 * (time.perf_counter() - start),
-                    "tokens": result.tokens_generated, "reasoning": result.reasoning}
+                    "tokens": result.tokens_generated, "reasoning": result.reasoning,
+                    "malformed": getattr(result, "malformed", None)}
         self.decisions.append(decision)
         if result.reasoning is not None:
             from unified.eval.reasoning import parse

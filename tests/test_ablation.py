@@ -24,6 +24,18 @@ def test_the_shipped_ablation_maps_onto_its_config():
     assert config.rows[-1].readout == "median" and config.rows[-1].same_model_as is not None
     with pytest.raises(UnifiedError, match=r"rows\[0\].readout: 'argmax' is not one of mode, mean, median"):
         from_dict(AblationConfig, {"rows": [{"name": "a", "readout": "argmax"}]}, "x")
+    with pytest.raises(UnifiedError, match=r"rows\[0\].fast_decoding: 'loose' is not one of whole, free"):
+        from_dict(AblationConfig, {"rows": [{"name": "a", "fast_decoding": "loose"}]}, "x")
+
+
+def test_the_action_tokens_comparison_drives_the_demo_teacher_against_its_fast_twin():
+    config = from_dict(AblationConfig, load_yaml(ROOT / "recipes" / "action_tokens.yaml"), "action_tokens.yaml")
+    bins, fast, free, finer = config.rows
+    assert bins.run == "runs/demo/joint" and not bins.train and fast.train == ["model.action_tokens=fast"]
+    assert (fast.fast_decoding, free.fast_decoding, free.same_model_as) == ("whole", "free", 1)
+    assert "--fast-scale" in finer.tokenizer_options and finer.compare_with == 1 and finer.train == fast.train
+    assert (bins.replan_every, bins.ensemble) == (fast.replan_every, fast.ensemble) and config.modes == ["direct"]
+    assert config.base == [] and config.shards == "runs/demo/shards"  # the demo's recipe, data and tokens
 
 
 def test_the_table_shows_both_modes_and_the_training_time():
@@ -31,13 +43,16 @@ def test_the_table_shows_both_modes_and_the_training_time():
     row = {"row": 0, "name": "base", "train_seconds": 125,
            "suites": {"in_distribution": {"direct": figures, "reason": figures | {"success": 0.25, "latency_ms": 90}}}}
     table = markdown([row, row | {"row": 1, "train_seconds": 0}], ["in_distribution"], 20)
-    assert "| 0 | base | 0.50 [0.30, 0.70] / 0.25 | 0.10 | - | 20 / 90 | 2:05 |" in table
+    assert "| 0 | base | 0.50 [0.30, 0.70] / 0.25 | 0.10 | - | 20 / 90 | - | 2:05 |" in table
     assert "(an earlier row's model)" in table
     vs = {"row": 0, "pairs": 20, "difference": 0.05, "ci95": [-0.1, 0.2], "p": 0.5}
     direct_only = {"row": 1, "name": "more", "train_seconds": 60,
-                   "suites": {"in_distribution": {"direct": figures | {"per_scenario": {"merge": 0.75}, "vs": vs}}}}
+                   "suites": {"in_distribution": {"direct": figures | {"per_scenario": {"merge": 0.75}, "vs": vs,
+                                                                       "tokens": 4.75, "malformed": {
+                                                                           "decisions": 3, "of": 120}}}}}
     table = markdown([direct_only], ["in_distribution"], 20)
-    assert "| 1 | more | 0.50 [0.30, 0.70] | 0.10 | row 0: +0.05 [-0.10, +0.20], p = 0.50 | 20 | 1:00 |" in table
+    assert ("| 1 | more | 0.50 [0.30, 0.70] | 0.10 | row 0: +0.05 [-0.10, +0.20], p = 0.50 | 20 | 4.8, 3 of 120 | "
+            "1:00 |") in table
     assert "reasoning" not in table
     assert "| 1 | 0.75 |" in table  # action-only success per scenario
 

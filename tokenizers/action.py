@@ -24,6 +24,12 @@ from unified.errors import UnifiedError
 # three models driven there; README, "Sixth round"), so it is an option.
 READOUTS = ("mode", "mean", "median")
 READOUT = "mode"
+# How a policy that writes FAST tokens decodes a chunk (`unified.policy.Policy.act`): "whole" allows at every step only
+# the tokens that still fit the chunk's H * D DCT coefficients and stops when they are all written, so every chunk is
+# whole; "free" lets the model choose among all FAST tokens until it writes `</act>`, as it was trained, and counts
+# the chunks that come out short or long (`ActionResult.malformed`).
+FAST_DECODINGS = ("whole", "free")
+FAST_DECODING = "whole"
 
 
 def _check_chunks(actions, dim: int, where: str) -> np.ndarray:
@@ -273,17 +279,34 @@ class FastActionTokenizer:
         bpe = self._require_bpe()
         return [e.ids for e in bpe.encode_batch(self._text(self._coefficients(actions)))]
 
-    def decode(self, ids: list[list[int]]) -> np.ndarray:
-        """B lists of ids -> (B, H, D) actions. A sequence of the wrong length (a model's mistake) is padded
-        with zero coefficients or cut, so that decoding always yields a chunk."""
+    def _values(self, sequence) -> np.ndarray:
         bpe = self._require_bpe()
-        size = bpe.get_vocab_size()
+        sequence = _check_ids(np.asarray(sequence, np.int64), bpe.get_vocab_size(), "FAST action tokenizer")
+        text = "".join(bpe.id_to_token(int(i)) for i in sequence)
+        return np.array([ord(c) - self.OFFSET + self.MIN_COEFFICIENT for c in text], np.float64)
+
+    def token_lengths(self) -> np.ndarray:
+        """(bpe_vocab_size,) how many DCT coefficients each token stands for (at least 1): what a decoder that
+        writes only whole chunks counts (`unified.generation.Decoder.generate_counted`)."""
+        bpe = self._require_bpe()
+        return np.array([len(bpe.id_to_token(i)) for i in range(bpe.get_vocab_size())], np.int64)
+
+    def problem(self, sequence) -> str | None:
+        """None when `sequence` (ids) decodes to exactly H * D coefficients, a whole chunk; else what is wrong
+        with it, in words. A model's malformed output is reported with this, never decoded silently."""
+        count, expected = len(self._values(sequence)), self.dim * self.horizon
+        if count == expected:
+            return None
+        return f"{count} of the chunk's {expected} DCT coefficients" if count < expected else \
+            f"{count} DCT coefficients, {count - expected} more than the chunk's {expected}"
+
+    def decode(self, ids: list[list[int]]) -> np.ndarray:
+        """B lists of ids -> (B, H, D) actions. A sequence of the wrong length (a model's mistake, which
+        `problem` names) is padded with zero coefficients (no detail at the missing frequencies) or cut, so that
+        decoding always yields a chunk; callers that decode a model's output check `problem` first."""
         out = np.zeros((len(ids), self.dim * self.horizon), np.float64)
         for row, sequence in enumerate(ids):
-            sequence = _check_ids(np.asarray(sequence, np.int64), size, "FAST action tokenizer")
-            text = "".join(bpe.id_to_token(int(i)) for i in sequence)
-            values = np.array([ord(c) - self.OFFSET + self.MIN_COEFFICIENT for c in text], np.float64)
-            values = values[: self.dim * self.horizon]
+            values = self._values(sequence)[: self.dim * self.horizon]
             out[row, : len(values)] = values
         coefficients = out.reshape(len(ids), self.horizon, self.dim) / self.scale
         return self.normalizer.unnormalize(np.clip(idct(coefficients, axis=1, norm="ortho"), -1, 1))

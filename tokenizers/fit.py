@@ -30,18 +30,31 @@ class Tokenizers:
     image: ImageTokenizer
     text: TextTokenizer | PretrainedTextTokenizer
     action: BinActionTokenizer
-    action_fast: FastActionTokenizer | None  # None in an action-only export (the model emits bins)
+    action_fast: FastActionTokenizer | None  # None in an action-only export of a model that emits bins
     state: BinActionTokenizer
-    layout: TokenLayout
+    layout: TokenLayout  # the tokenizers' own: without a fast segment (see `layout_for`)
 
-    def save_pretrained(self, directory: str | Path, action_only: bool = False) -> None:
-        """`action_only` keeps what a deployed policy uses: no image decoder, no FAST tokenizer."""
+    def layout_for(self, action_tokens: str) -> TokenLayout:
+        """The layout of a model whose actions are `action_tokens` ("bins": the tokenizers' own; "fast": with the
+        FAST tokenizer's vocabulary appended as the `fast` segment)."""
+        if action_tokens == "bins":
+            return self.layout
+        if action_tokens != "fast":
+            raise UnifiedError(f"model.action_tokens: expected bins or fast, got {action_tokens!r}")
+        if self.action_fast is None:
+            raise UnifiedError("model.action_tokens: fast, but these tokenizers have no FAST action tokenizer "
+                               "(action_fast/); fit them with `unified tokenizer fit`")
+        return self.layout.with_fast(self.action_fast.bpe_vocab_size)
+
+    def save_pretrained(self, directory: str | Path, action_only: bool = False, keep_fast: bool = False) -> None:
+        """`action_only` keeps what a deployed policy uses: no image decoder, and no FAST tokenizer unless
+        `keep_fast` (a model that emits FAST tokens)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.image.save_pretrained(directory / "image", encoder_only=action_only)
         self.text.save_pretrained(directory / "text")
         self.action.save_pretrained(directory / "action")
-        if self.action_fast is not None and not action_only:
+        if self.action_fast is not None and (keep_fast or not action_only):
             self.action_fast.save_pretrained(directory / "action_fast")
         self.state.save_pretrained(directory / "state")
         self.layout.save(directory / "layout.json")

@@ -152,7 +152,7 @@ def distill_targets(teacher, shards, batch: Batch, temperature: float = 1.0, cen
     The teacher reads `reasoning[row]` (its own, see `teacher_reasoning`) before the chunk, or the recorded
     sentence when `reasoning` is None."""
     layout = shards.layout
-    action = layout.segment("action")
+    action = teacher.action_segment  # the action bins, or the FAST tokens: the same segment as the student's
     sequences = []
     for ids in batch.sample_ids:
         for sample_id in ids:
@@ -198,11 +198,18 @@ class Teacher:
             raise UnifiedError("distillation trains an action-only student: set data.tasks to {policy: 1.0}")
         self.settings, self.shards, self.device = config.distill, shards, device
         self.model, tokenizers, _ = load_model(config.distill.teacher, device=str(device))
+        if self.model.config.action_tokens != config.model.action_tokens:
+            raise UnifiedError(f"distill.teacher {config.distill.teacher}: writes its actions as "
+                               f"{self.model.config.action_tokens}, the student as {config.model.action_tokens} "
+                               "(model.action_tokens): the soft targets are over the same tokens")
         if self.model.layout != shards.layout:
             raise UnifiedError(f"distill.teacher {config.distill.teacher}: its layout differs from the data's")
         self.model.requires_grad_(False)
         # The continuous head, if any, learns the teacher's expected chunk (or the recorded one).
         head_from_teacher = config.model.action_head and config.distill.head_target == "teacher"
+        if head_from_teacher and config.model.action_tokens == "fast":
+            raise UnifiedError("distill.head_target: teacher reads the teacher's expected chunk from its bins; a FAST "
+                               "teacher has none: use distill.head_target: ground_truth")
         self.centres = torch.from_numpy(tokenizers.action.centres()) if head_from_teacher else None
         self.reasoning = None
         if config.distill.teacher_reasoning == "generated":

@@ -23,7 +23,8 @@ def load_training_checkpoint(path: Path):
     tokenizers = Tokenizers.from_pretrained(run_dir / "tokenizers")
     config = from_dict(ModelConfig, info["model"], f"{step_dir / 'checkpoint.json'}: model")
     config.init_from = None
-    model = UnifiedModel(config, tokenizers.layout, state_size=state_values(tokenizers.state.dim, config))
+    model = UnifiedModel(config, tokenizers.layout_for(config.action_tokens),
+                         state_size=state_values(tokenizers.state.dim, config))
     missing, unexpected = model.load_state_dict(checkpoints.load_weights(step_dir), strict=False)
     if missing or unexpected:
         raise UnifiedError(f"{step_dir / 'model.safetensors'}: does not match the model config in checkpoint.json "
@@ -78,6 +79,7 @@ def export(*, checkpoint: Path, out: Path, action_only: bool = False, overwrite:
     print(f"exported {checkpoint} -> {out} ({model.num_parameters / 1e6:.2f} M parameters)")
     print("kept: " + ", ".join(kept))
     if action_only:
-        print("dropped: image decoder (a policy only encodes frames), FAST tokenizer (the model emits bins); "
-              "the text tokenizer stays because instructions are text")
+        fast = "" if model.config.action_tokens == "fast" else ", FAST tokenizer (the model emits bins)"
+        print(f"dropped: image decoder (a policy only encodes frames){fast}; the text tokenizer stays because "
+              "instructions are text")
     return kept

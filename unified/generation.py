@@ -25,6 +25,7 @@ class Decoder:
         self.last_logits: torch.Tensor | None = None
         self.rng = rng or np.random.default_rng(0)
         self.generated = 0  # tokens chosen by the model
+        self.stopped = False  # whether the last `generate` with a stop token met it (rather than its budget)
         self.passes = 0  # forward passes
 
     def crop(self, length: int) -> None:
@@ -78,15 +79,33 @@ class Decoder:
             allowed[stop] = True
         out: list[int] = []
         limit = count if count is not None else max_tokens
+        self.stopped = False
         for _ in range(limit):
             token = self._choose(self.last_logits, allowed, greedy, temperature)
             self.generated += 1
             self.feed([token])
             if stop is not None and token == stop:
+                self.stopped = True
                 return out
             out.append(token)
         if stop is not None:  # out of budget: close the span as training did
             self.feed([stop])
+        return out
+
+    def generate_counted(self, allowed: np.ndarray, lengths: np.ndarray, total: int, greedy: bool = True,
+                         temperature: float = 1.0) -> list[int]:
+        """Generate tokens from `allowed` ((V,) bool) until their `lengths` ((V,) int, each allowed token's at least
+        1) add up to exactly `total`: at every step only the tokens that still fit are allowed, so the output is
+        always whole (a FAST chunk of exactly H * D coefficients). The last token is not fed."""
+        out: list[int] = []
+        remaining = total
+        while remaining > 0:
+            token = self._choose(self.last_logits, allowed & (lengths <= remaining), greedy, temperature)
+            self.generated += 1
+            out.append(token)
+            remaining -= int(lengths[token])
+            if remaining > 0:
+                self.feed([token])
         return out
 
     def generate_blocks(self, marker: int, allowed: np.ndarray, blocks: int, per_block: int, greedy: bool = True,

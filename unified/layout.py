@@ -1,4 +1,6 @@
-"""The one vocabulary: `[specials | text | image codes | action | state bins]` and the markers between spans.
+"""The one vocabulary: `[specials | text | image codes | action | state bins]` and the markers between spans, and, for
+a model whose actions are FAST tokens (`model.action_tokens: fast`), a `fast` segment after them: appended, so that
+every other id keeps its value and a bins model's layout is the same with or without a FAST tokenizer fitted.
 
 Every other part asks the layout where a modality's ids live; nobody adds offsets by hand. Saved as JSON
 beside every tokenizer directory and checkpoint.
@@ -25,6 +27,7 @@ SPECIALS = (
     "<step>",  # ends a step of an inductive scratchpad (the operator questions' reasoning)
 )
 MODALITIES = ("special", "text", "image", "action", "state")
+OPTIONAL = ("fast",)  # segments a layout may add after the others
 
 
 @dataclass(frozen=True)
@@ -43,8 +46,10 @@ class TokenLayout:
 
     def __init__(self, segments: list[Segment], specials: tuple[str, ...] = SPECIALS):
         names = [s.name for s in segments]
-        if sorted(names) != sorted(MODALITIES):
-            raise UnifiedError(f"token layout: needs exactly the segments {', '.join(MODALITIES)}, got {names}")
+        required = [n for n in names if n not in OPTIONAL]
+        if sorted(required) != sorted(MODALITIES) or len(set(names)) != len(names):
+            raise UnifiedError(f"token layout: needs exactly the segments {', '.join(MODALITIES)} (and optionally "
+                               f"{', '.join(OPTIONAL)}), got {names}")
         ordered = sorted(segments, key=lambda s: s.start)
         for s in ordered:
             if s.size < 0 or s.start < 0:
@@ -76,6 +81,17 @@ class TokenLayout:
             start += sizes[name]
         return cls(segments, tuple(specials))
 
+    def with_fast(self, size: int) -> TokenLayout:
+        """This layout with a `fast` segment of `size` ids appended (the FAST action tokenizer's vocabulary)."""
+        if "fast" in self.segments:
+            if self.segments["fast"].size != size:
+                raise UnifiedError(f"token layout: has a fast segment of {self.segments['fast'].size} ids, not {size}")
+            return self
+        return TokenLayout([*self.segments.values(), Segment("fast", self.vocab_size, size)], self.specials)
+
+    def has(self, modality: str) -> bool:
+        return modality in self.segments
+
     # -- ids --------------------------------------------------------------------------------------------
 
     def special(self, token: str) -> int:
@@ -88,7 +104,7 @@ class TokenLayout:
 
     def segment(self, modality: str) -> Segment:
         if modality not in self.segments:
-            raise UnifiedError(f"token layout: no modality {modality!r}; there are {', '.join(MODALITIES)}")
+            raise UnifiedError(f"token layout: no modality {modality!r}; there are {', '.join(self.segments)}")
         return self.segments[modality]
 
     def to_global(self, modality: str, ids) -> np.ndarray:

@@ -16,6 +16,8 @@ from unified.errors import UnifiedError
 from unified.layout import TokenLayout
 from unified.sequences import IGNORE, TASKS
 
+ACTION_TOKENS = ("bins", "fast")
+
 
 @dataclass
 class ModelConfig:
@@ -53,8 +55,17 @@ class ModelConfig:
     # every query through a small MLP), as a VLA's action expert reads proprioception beside the backbone's features.
     action_head_state: bool = False
     action_dim: int = 2
+    # How an action chunk is written: "bins" (one token per dimension per step, all steps decoded together) or
+    # "fast" (the FAST tokenizer's DCT + BPE tokens, a variable number per chunk, decoded until `</act>`).
+    action_tokens: str = "bins"
 
     def __post_init__(self):
+        if self.action_tokens not in ACTION_TOKENS:
+            raise UnifiedError(f"model.action_tokens: expected one of {', '.join(ACTION_TOKENS)}, got "
+                               f"{self.action_tokens!r}")
+        if self.action_tokens == "fast" and self.action_label_sigma > 0:
+            raise UnifiedError("model.action_label_sigma spreads targets over neighbouring bins; FAST tokens have no "
+                               "neighbours: leave it 0 with model.action_tokens: fast")
         if self.action_head_state and not self.action_head:
             raise UnifiedError("model.action_head_state: true needs model.action_head: true (it is that head's input)")
         unknown = sorted(set(self.task_weights) - set(TASKS))
@@ -194,6 +205,9 @@ class UnifiedModel(nn.Module):
                 f"the backbone has a vocabulary of {self.backbone.config.vocab_size}, the token layout "
                 f"{layout.vocab_size}: the checkpoint and the tokenizers do not belong together"
             )
+        if config.action_tokens == "fast" and not layout.has("fast"):
+            raise UnifiedError("model.action_tokens: fast needs a token layout with a fast segment "
+                               "(`Tokenizers.layout_for('fast')`)")
         self.register_buffer("image_ids", torch.from_numpy(layout.mask("image")), persistent=False)
         self.action_head = None
         if config.action_head:
@@ -202,6 +216,11 @@ class UnifiedModel(nn.Module):
             self.action_head = ActionHead(self.backbone.config.hidden_size, config.horizon, config.action_dim,
                                           config.action_head_layers, self.backbone.config.num_attention_heads,
                                           state_size if config.action_head_state else 0)
+
+    @property
+    def action_segment(self):
+        """The ids this model writes actions with: the action bins, or the FAST tokens."""
+        return self.layout.segment("fast" if self.config.action_tokens == "fast" else "action")
 
     def spread_action_targets(self, bins: int) -> None:
         """Build the soft targets of `action_label_sigma` for action tokenizers of `bins` bins per dimension: row i is
@@ -280,7 +299,7 @@ class UnifiedModel(nn.Module):
         metrics = {}
         if "soft_logprobs" in batch:
             ce_weight, kl_weight, temperature = (float(v) for v in batch["distill"])
-            index, action = batch["soft_index"], self.layout.segment("action")
+            index, action = batch["soft_index"], self.action_segment
             student = F.log_softmax(logits[index[:, 0], index[:, 1], action.start:action.stop] / temperature, -1)
             kl = F.kl_div(student, batch["soft_logprobs"], log_target=True, reduction="batchmean")
             loss = ce_weight * loss + kl_weight * kl

@@ -51,13 +51,15 @@ def save_model(
 
         save_file({k: v.contiguous() for k, v in model.action_head.state_dict().items()},
                   directory / "action_head.safetensors")
-    tokenizers.save_pretrained(directory / "tokenizers", action_only=action_only)
+    fast = model.config.action_tokens == "fast"
+    tokenizers.save_pretrained(directory / "tokenizers", action_only=action_only, keep_fast=fast)
     model.layout.save(directory / "layout.json")
     kept = ["backbone (all logits)", *(["continuous action head"] if model.action_head is not None else []),
             "token layout", "image encoder", "text tokenizer (instructions)",
+            *(["FAST action tokenizer (its actions)"] if fast else []),
             "action bins", "state bins", "normalisation stats"]
     if not action_only:
-        kept += ["image decoder (world model)", "FAST action tokenizer"]
+        kept += ["image decoder (world model)", *([] if fast else ["FAST action tokenizer"])]
     stats = {
         "action": {"names": list(tokenizers.action.names), "q01": list(tokenizers.action.q01),
                    "q99": list(tokenizers.action.q99)},
@@ -159,8 +161,9 @@ def load_model(directory: str | Path, device: str = "cpu",
     config.init_from = None  # the weights are here now
     layout = TokenLayout.load(directory / "layout.json")
     tokenizers = Tokenizers.from_pretrained(directory / "tokenizers")
-    if tokenizers.layout != layout:
-        raise UnifiedError(f"{directory}: layout.json does not match the tokenizers' layout")
+    if tokenizers.layout_for(config.action_tokens) != layout:
+        raise UnifiedError(f"{directory}: layout.json does not match the tokenizers' layout (for "
+                           f"model.action_tokens {config.action_tokens})")
     backbone = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="sdpa")
     model = UnifiedModel(config, layout, backbone=backbone, state_size=state_values(tokenizers.state.dim, config))
     if model.action_head is not None:

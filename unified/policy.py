@@ -15,7 +15,7 @@ from unified.generation import Decoder
 from unified.model import UnifiedModel, state_values
 from unified.model_dir import Verify, load_model
 from unified.sequences import action_chunk
-from unified.tokenizers.action import READOUT, READOUTS
+from unified.tokenizers.action import FAST_DECODING, FAST_DECODINGS, READOUT, READOUTS
 from unified.tokenizers.fit import Tokenizers
 
 
@@ -25,6 +25,10 @@ class ActionResult:
     reasoning: str | None  # the generated explanation, None when asked to act directly
     tokens_generated: int
     latency_ms: float
+    # A model's action tokens that do not make a whole chunk (FAST: no `</act>` within the budget, or a number of
+    # DCT coefficients other than H * D), in words; None when the chunk is whole. The actions are then the partial
+    # decode (missing coefficients zero), and evaluations count these decisions: never silently.
+    malformed: str | None = None
 
 
 def _frames(frames, history: int, shape: tuple[int, int]) -> np.ndarray:
@@ -62,6 +66,16 @@ class Policy:
     def __init__(self, model: UnifiedModel, tokenizers: Tokenizers):
         self.model, self.tokenizers, self.layout = model.eval(), tokenizers, model.layout
         self.config = model.config
+        self.fast = model.config.action_tokens == "fast"
+        if self.fast and tokenizers.action_fast is None:
+            raise UnifiedError("this model writes its actions as FAST tokens but its tokenizers have no FAST "
+                               "tokenizer (action_fast/)")
+
+    @property
+    def fast_budget(self) -> int:
+        """The most FAST tokens a chunk may take before `</act>`: one more than a whole chunk can need (each token
+        stands for at least one of its H * D coefficients), so that an over-long chunk is seen as one."""
+        return self.config.horizon * self.tokenizers.action.dim + 1
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str = "cpu", verify: Verify = "size") -> Policy:
@@ -105,8 +119,8 @@ class Policy:
     def check_context(self, prompt: list[int], reason: bool) -> None:
         """Refuse a prompt that, with the reasoning and the chunk still to come, would not fit the model's context:
         past its trained positions a model's output is undefined, so it is an error rather than silent garbage."""
-        to_come = (self.config.max_reason_tokens + 2 if reason else 0) + \
-            self.config.horizon * (self.tokenizers.action.dim + 1) + 1
+        chunk = self.fast_budget + 2 if self.fast else self.config.horizon * (self.tokenizers.action.dim + 1) + 1
+        to_come = (self.config.max_reason_tokens + 2 if reason else 0) + chunk
         limit = self.model.backbone.config.max_position_embeddings
         if len(prompt) + to_come > limit:
             raise UnifiedError(
@@ -120,7 +134,8 @@ class Policy:
         return 1 + self.config.history * per_frame + state
 
     def act(self, frames, instruction: str, state=None, reason: bool = True, greedy: bool = True,
-            temperature: float = 1.0, seed: int = 0, continuous: bool = False, readout: str = READOUT) -> ActionResult:
+            temperature: float = 1.0, seed: int = 0, continuous: bool = False, readout: str = READOUT,
+            fast_decoding: str = FAST_DECODING) -> ActionResult:
         """frames (T, H, W, 3) uint8, newest last -> ActionResult with (H, 2) actions.
 
         The action tokens of all H steps are written together, in as many forward passes as an action has
@@ -128,11 +143,18 @@ class Policy:
         bins into a value: "mode" the centre of the chosen bin (greedy: the most likely), "mean" the
         probability-weighted mean of the bin centres, "median" the centre of the bin where the cumulative
         probability passes one half (each later token is still conditioned on the chosen earlier ones).
-        "mode" is the default.
+        "mode" is the default. A model that writes FAST tokens decodes a chunk token by token instead, `fast_decoding`
+        "whole" (only tokens that still fit the chunk's H * D coefficients; always a whole chunk) or "free" (until
+        the model writes `</act>`; a chunk that is not whole is returned with `malformed` saying why).
         `continuous` reads the actions from the continuous head instead: one forward pass over the prompt (and
         the reasoning, if any)."""
         if readout not in READOUTS:
             raise UnifiedError(f"readout: {readout!r} is not one of {', '.join(READOUTS)}")
+        if fast_decoding not in FAST_DECODINGS:
+            raise UnifiedError(f"fast_decoding: {fast_decoding!r} is not one of {', '.join(FAST_DECODINGS)}")
+        if self.fast and readout != "mode" and not continuous:
+            raise UnifiedError(f"readout {readout}: reads a distribution over bins; this model writes FAST tokens, "
+                               "read as they are decoded (readout mode)")
         start = time.perf_counter()
         layout, act = self.layout, self.layout.special("<act>")
         prompt = self.prompt(frames, instruction, state)
@@ -152,6 +174,8 @@ class Policy:
         if continuous:
             actions = self._continuous(decoder.ids + [act], state)
             return ActionResult(actions, reasoning, decoder.generated, 1000 * (time.perf_counter() - start))
+        if self.fast:
+            return self._fast_chunk(decoder, reasoning, greedy, temperature, start, fast_decoding)
         action_ids = decoder.generate_blocks(act, self.action_masks(), self.config.horizon,
                                              self.tokenizers.action.dim, greedy=greedy, temperature=temperature,
                                              keep_probs=readout != "mode")
@@ -161,6 +185,30 @@ class Policy:
             actions = self.read_out(decoder.block_probs, readout)
         return ActionResult(actions.astype(np.float32), reasoning, decoder.generated,
                             1000 * (time.perf_counter() - start))
+
+    def _fast_chunk(self, decoder: Decoder, reasoning, greedy: bool, temperature: float, start: float,
+                    decoding: str) -> ActionResult:
+        """`<act>`, then FAST tokens: exactly a chunk's coefficients ("whole"), or until `</act>` (at most
+        `fast_budget`; "free"), decoded; a chunk that is not whole is returned with `malformed` saying why."""
+        layout, fast = self.layout, self.tokenizers.action_fast
+        decoder.feed([layout.special("<act>")])
+        if decoding == "whole":
+            if getattr(self, "_fast_lengths", None) is None:  # coefficients per global id, 0 outside the segment
+                self._fast_lengths = np.zeros(layout.vocab_size, np.int64)
+                span = layout.segment("fast")
+                self._fast_lengths[span.start:span.stop] = fast.token_lengths()
+            ids = decoder.generate_counted(layout.mask("fast"), self._fast_lengths,
+                                           self.config.horizon * fast.dim, greedy, temperature)
+            stopped = True
+        else:
+            ids = decoder.generate(layout.mask("fast"), stop=layout.special("</act>"), max_tokens=self.fast_budget,
+                                   greedy=greedy, temperature=temperature)
+            stopped = decoder.stopped
+        local = layout.to_local("fast", ids)
+        problem = fast.problem(local) if stopped else f"no </act> within {self.fast_budget} FAST tokens"
+        actions = fast.decode([local])[0]
+        return ActionResult(actions.astype(np.float32), reasoning, decoder.generated,
+                            1000 * (time.perf_counter() - start), problem)
 
     def read_out(self, probs: np.ndarray, readout: str) -> np.ndarray:
         """probs (H, D, V): each action token's distribution over the vocabulary -> (H, D) actions, the mean or the
@@ -224,9 +272,14 @@ class WorldModel:
             for c in codes[-self.config.history:]:
                 ids += [layout.special("<img>"), *layout.to_global("image", c).tolist(), layout.special("</img>")]
             decoder.feed(ids)
-            action_ids = layout.to_global("action", tok.action.encode(actions[k * h:(k + 1) * h][None])[0])
-            chunk, blocks = action_chunk(action_ids.reshape(h, -1), layout)
-            decoder.feed(chunk, blocks)
+            chunk_actions = actions[k * h:(k + 1) * h][None]
+            if self.config.action_tokens == "fast":
+                fast_ids = layout.to_global("fast", tok.action_fast.encode(chunk_actions)[0])
+                decoder.feed([layout.special("<act>"), *fast_ids.tolist()])
+            else:
+                action_ids = layout.to_global("action", tok.action.encode(chunk_actions)[0])
+                chunk, blocks = action_chunk(action_ids.reshape(h, -1), layout)
+                decoder.feed(chunk, blocks)
             decoder.feed([layout.special("</act>"), layout.special("<img>")])
             new = decoder.generate(layout.mask("image"), count=tok.image.config.tokens_per_image, greedy=greedy)
             codes.append(layout.to_local("image", new))

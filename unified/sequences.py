@@ -6,7 +6,8 @@
     text          : <bos> question <reason> steps </reason> answer <eos>
     text, inductive: <bos> question <reason> s1 <step> | s1 <step> s2 <step> | s2 <step> s3 ... | sK-1 <step> sK
                     </reason> answer <eos>   (each | starts a group; see `build_text`)
-    CHUNK         : <act> a_t <act> a_t+1 ... <act> a_t+H-1 </act>
+    CHUNK         : <act> a_t <act> a_t+1 ... <act> a_t+H-1 </act>          (model.action_tokens: bins)
+                    <act> f_1 f_2 ... f_n </act>                           (fast: the chunk's n FAST tokens)
 
 All ids are global (see `TokenLayout`). `targets[i]` is the token position i must predict (ids[i + 1]) where
 that token lies in a target span, else IGNORE; `weights[i]` is its loss weight. `action_block[i]` numbers the
@@ -50,6 +51,7 @@ class Sample:
     step_list: list[np.ndarray] | None = None  # the scratchpad's steps, each (n,) text ids: its inductive form
     action_values: np.ndarray | None = None  # (H, D) the chunk normalised to [-1, 1], for a continuous head
     state_values: np.ndarray | None = None  # (S,) the ego state normalised to [-1, 1], for a head that reads it
+    fast_actions: np.ndarray | None = None  # (n,) the chunk's FAST ids: written instead of `actions` when given
     id: str = ""  # where it came from, e.g. "episode 12 step 40", for error reports
 
 
@@ -153,9 +155,16 @@ def action_chunk(actions: np.ndarray, layout: TokenLayout) -> tuple[np.ndarray, 
     return ids, np.repeat(np.arange(h), d + 1)
 
 
-def _action_chunk(w: _Writer, actions: np.ndarray, target: bool) -> None:
-    """CHUNK: each step's marker is never a target; its D action tokens are when `target`."""
-    actions = np.atleast_2d(actions)
+def _action_chunk(w: _Writer, sample: Sample, target: bool) -> None:
+    """CHUNK: each step's marker is never a target; its D action tokens are when `target`. A FAST chunk is one
+    span after its marker, in causal order (no blocks), closed by `</act>`, which a decoder stops at."""
+    if sample.fast_actions is not None:
+        fast = np.asarray(sample.fast_actions, np.int64)
+        w.add(np.concatenate([[w.layout.special("<act>")], fast]), target=np.r_[False, np.full(len(fast), target)],
+              name="actions")
+        w.special("</act>", target=target)
+        return
+    actions = np.atleast_2d(sample.actions)
     ids, blocks = action_chunk(actions, w.layout)
     is_target = np.tile([False] + [target] * actions.shape[1], len(actions))
     w.add(ids, target=is_target, name="actions", block=blocks)
@@ -172,7 +181,7 @@ def build_policy(sample: Sample, layout: TokenLayout, reason: bool, image_weight
         w.special("<reason>")
         w.add(sample.reason, target=True, name="reason")
         w.special("</reason>", target=True)
-    _action_chunk(w, sample.actions, target=True)
+    _action_chunk(w, sample, target=True)
     built = w.finish("policy_reason" if reason else "policy", sample.id, image_weight, task_weight)
     built.action_values, built.state_values = sample.action_values, sample.state_values
     return built
@@ -187,7 +196,7 @@ def build_world(sample: Sample, layout: TokenLayout, image_weight: float = 0.04,
         w.special("<img>")
         w.add(frame, name=f"frame{k}")
         w.special("</img>")
-    _action_chunk(w, sample.actions, target=False)
+    _action_chunk(w, sample, target=False)
     w.special("<img>")
     w.add(sample.next_frame, target=True, name="next_frame")
     w.special("</img>", target=True)

@@ -8,9 +8,10 @@ Protocol (JSON over HTTP/1.1, keep-alive; arrays as {"shape", "dtype", "data": b
                    "action_names", "readouts"}
     POST /act  <- {"frames": array (T, H, W, 3) uint8, newest last, "instruction": str, "state": [float] | null,
                    "reason": bool, "readout": "mode" | "mean" | "median", "continuous": bool, "greedy": bool,
-                   "temperature": float, "seed": int}
+                   "temperature": float, "seed": int, "fast_decoding": "whole" | "free" (a FAST model's)}
                -> {"actions": array (H, 2) float32, "reasoning": str | null, "tokens_generated": int,
-                   "latency_ms": the model's own time}
+                   "latency_ms": the model's own time, "malformed": null, or why the action tokens did not make
+                   a whole chunk (see `ActionResult.malformed`)}
     an error -> status 400 (a bad request: its cause names the field) or 500, {"error": message}
 
 Requests are served on threads, one model call at a time (the model is shared; a lock orders the calls), so
@@ -38,7 +39,8 @@ from unified.policy import ActionResult
 from unified.tokenizers.action import READOUTS
 
 MAX_REQUEST_BYTES = 64 << 20  # a request bigger than this is refused before it is read
-ACT_FIELDS = {"frames", "instruction", "state", "reason", "readout", "continuous", "greedy", "temperature", "seed"}
+ACT_FIELDS = {"frames", "instruction", "state", "reason", "readout", "continuous", "greedy", "temperature", "seed",
+              "fast_decoding"}
 
 
 def is_url(model: str | Path) -> bool:
@@ -97,7 +99,7 @@ class PolicyServer(ThreadingHTTPServer):
         frames = decode_array(request["frames"], "frames").copy()  # writable, as torch wants it
         kwargs = {}
         for key, kind in (("reason", bool), ("continuous", bool), ("greedy", bool), ("readout", str),
-                          ("temperature", (int, float)), ("seed", int)):
+                          ("fast_decoding", str), ("temperature", (int, float)), ("seed", int)):
             if key in request:
                 if not isinstance(request[key], kind) or (kind is not bool and isinstance(request[key], bool)):
                     raise UnifiedError(f"{key}: expected {getattr(kind, '__name__', 'a number')}, got "
@@ -106,7 +108,8 @@ class PolicyServer(ThreadingHTTPServer):
         with self.lock:
             result = self.policy.act(frames, request["instruction"], state=request.get("state"), **kwargs)
         return {"actions": encode_array(np.asarray(result.actions, np.float32)), "reasoning": result.reasoning,
-                "tokens_generated": int(result.tokens_generated), "latency_ms": float(result.latency_ms)}
+                "tokens_generated": int(result.tokens_generated), "latency_ms": float(result.latency_ms),
+                "malformed": result.malformed}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -206,17 +209,19 @@ class PolicyClient:
         return reply
 
     def act(self, frames, instruction: str, state=None, reason: bool = True, greedy: bool = True,
-            temperature: float = 1.0, seed: int = 0, continuous: bool = False, readout: str = "mode") -> ActionResult:
+            temperature: float = 1.0, seed: int = 0, continuous: bool = False, readout: str = "mode",
+            fast_decoding: str = "whole") -> ActionResult:
         start = time.perf_counter()
         frames = np.asarray(frames)
         request = {"frames": encode_array(frames), "instruction": instruction,
                    "state": None if state is None else [float(v) for v in np.asarray(state, np.float64).ravel()],
                    "reason": bool(reason), "readout": readout, "continuous": bool(continuous),
-                   "greedy": bool(greedy), "temperature": float(temperature), "seed": int(seed)}
+                   "greedy": bool(greedy), "temperature": float(temperature), "seed": int(seed),
+                   "fast_decoding": fast_decoding}
         reply = self._request("POST", "/act", request)
         self.server_ms.append(reply["latency_ms"])
         return ActionResult(decode_array(reply["actions"], "actions").copy(), reply["reasoning"],
-                            reply["tokens_generated"], 1000 * (time.perf_counter() - start))
+                            reply["tokens_generated"], 1000 * (time.perf_counter() - start), reply.get("malformed"))
 
     def close(self) -> None:
         if self.connection is not None:

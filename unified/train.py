@@ -332,6 +332,10 @@ def check_shards(config, shards) -> None:
                            f"the model needs {config.model.horizon}, {config.model.history}")
     # The data decides how many values an action has (2 for the simulator's stores, any number for an imported one).
     config.model.action_dim = int(shards.meta.get("action_dim", config.model.action_dim))
+    if config.model.action_tokens != "bins":  # chunks in FAST tokens: the shards encode them, the layout grows
+        from unified.tokenizers.fit import Tokenizers
+
+        shards.use_actions(config.model.action_tokens, Tokenizers.from_pretrained(Path(shards.meta["tokenizer"])))
     if config.model.action_head and shards.action_normalizer is None:
         raise UnifiedError(f"{where}/meta.json: no action_range (the shards predate the continuous head's "
                            "targets); tokenize the store again with `unified data tokenize`")

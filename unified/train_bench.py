@@ -123,7 +123,7 @@ def bench_train(overrides: list[str] = (), *, recipe: Path, steps: int = 10, war
     from unified.data.shards import TokenShards
     from unified.model import UnifiedModel, state_values
     from unified.outputs import check_file, write_report
-    from unified.train import deepspeed_dir, mixture, prepare_data
+    from unified.train import check_shards, deepspeed_dir, mixture, prepare_data
     from unified.train_config import deepspeed_config, load_recipe, uses_bf16, uses_flex
 
     if not Path(recipe).is_file():
@@ -143,6 +143,7 @@ def bench_train(overrides: list[str] = (), *, recipe: Path, steps: int = 10, war
     _single_process_group(gpu)
     with tempfile.TemporaryDirectory(prefix="unified-bench-") as scratch:
         shards = TokenShards(prepare_data(config, Path(scratch), progress=progress))
+        check_shards(config, shards)
         torch.manual_seed(config.seed)
         model = UnifiedModel(config.model, shards.layout, state_size=state_values(shards.meta["state_dim"],
                                                                                     config.model))

@@ -40,12 +40,13 @@ class TokenShards:
         self.meta = json.loads(meta_path.read_text())
         if self.meta.get("format") != FORMAT or self.meta.get("format_version") != FORMAT_VERSION:
             raise UnifiedError(f"{meta_path}: not token shards of format version {FORMAT_VERSION}")
-        self.layout = TokenLayout.load(self.root / "layout.json")
+        self.layout = self.token_layout = TokenLayout.load(self.root / "layout.json")  # layout: the model's
         self.horizon, self.history = self.meta["horizon"], self.meta["history"]
         self.arrays = {p.stem: np.load(p, mmap_mode="r") for p in self.root.glob("*.npy")}
         starts = np.cumsum([0] + [e["steps"] for e in self.meta["episodes"]])
         self.episode_start = {e["index"]: int(s) for e, s in zip(self.meta["episodes"], starts)}
         self._index: dict[tuple[str, str], np.ndarray] = {}
+        self.fast = None  # the FAST tokenizer when the chunks are written in FAST tokens (`use_actions`)
         from unified.tokenizers.normalization import QuantileNormalizer
 
         # None for shards written before the range was recorded: they give no continuous-head targets.
@@ -53,6 +54,26 @@ class TokenShards:
                                   if "action_range" in self.meta else None)
         self.state_normalizer = (QuantileNormalizer.from_stats(self.meta["state_range"], f"{meta_path}: state_range")
                                  if "state_range" in self.meta and "state_values" in self.arrays else None)
+
+    def use_actions(self, action_tokens: str, tokenizers) -> None:
+        """Write action chunks as `action_tokens` ("bins", as tokenized; or "fast": each chunk's recorded actions
+        encoded by the FAST tokenizer of `tokenizers`, the ones these shards were tokenized with). `layout` becomes
+        the model's (`Tokenizers.layout_for`)."""
+        if tokenizers.layout != self.token_layout:
+            raise UnifiedError(f"{self.root}: these shards were not tokenized with the tokenizers given "
+                               "(their layouts differ)")
+        layout = tokenizers.layout_for(action_tokens)
+        if action_tokens == "fast":
+            if tokenizers.action_fast.horizon != self.horizon:
+                raise UnifiedError(f"{self.root}: chunks of {self.horizon} steps, but the FAST tokenizer was fitted "
+                                   f"for {tokenizers.action_fast.horizon} (`unified tokenizer fit --horizon`)")
+            if "action_values" not in self.arrays:
+                raise UnifiedError(f"{self.root}: no action_values (the recorded actions) to encode in FAST tokens; "
+                                   "run `unified data tokenize` again")
+            self.fast = tokenizers.action_fast
+        else:
+            self.fast = None
+        self.layout = layout
 
     def _text(self, row: int) -> np.ndarray:
         offsets = self.arrays["text_offsets"]
@@ -107,6 +128,9 @@ class TokenShards:
             actions=np.asarray(a["action"][row:row + self.horizon], np.int64),
             id=f"episode {int(a['episode'][row])} step {int(a['step'][row])}",
         )
+        if self.fast is not None:
+            values = np.asarray(a["action_values"][row:row + self.horizon], np.float64)
+            sample.fast_actions = self.layout.to_global("fast", self.fast.encode(values[None])[0])
         if task in ("policy", "policy_reason"):
             sample.instruction = self._text(int(a["instruction"][row]))
             sample.state = np.asarray(a["state"][row][:state_dims], np.int64) if with_state else None
