@@ -226,7 +226,8 @@ def markdown(rows: list[dict], suites: list[str], episodes: int) -> str:
     shown = [s.replace("_", " ") for s in suites]
     header = (["#", "setting"] + [f"success {s}{both}" for s in shown] + [f"collision {s}" for s in shown]
               + [f"action-only vs the row it changes, {s}: difference [95%], McNemar p" for s in shown]
-              + [f"latency ms{both}", "action tokens a decision, malformed decodes (action-only)", "training time"])
+              + [f"latency ms{both}", f"action tokens a decision, malformed decodes (action-only, {shown[0]})",
+                 "training time"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [str(r["row"]), r["name"]]

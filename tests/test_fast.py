@@ -88,7 +88,7 @@ def test_a_fast_policy_learns_whole_chunks_and_reports_a_broken_one(model_data, 
     np.testing.assert_array_equal(layout.to_local("fast", chunk[1:]), tokenizers.action_fast.encode(values[None])[0])
 
     torch.manual_seed(0)
-    config = ModelConfig(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256,
+    config = ModelConfig(hidden_size=96, num_layers=2, num_heads=4, intermediate_size=192,
                          max_position_embeddings=256, horizon=H, action_tokens="fast")
     untrained = Policy(UnifiedModel(config, layout), tokenizers)
     model = UnifiedModel(config, layout)
