@@ -38,6 +38,8 @@ def token_accuracy(world, frames: np.ndarray, actions: np.ndarray, next_frames: 
         codes = layout.to_global("image", tok.image.encode(np.concatenate([f, n[None]])))
         sample = Sample("world", frames=codes[:-1], next_frame=codes[-1],
                         actions=layout.to_global("action", tok.action.encode(a[None])[0]).reshape(len(a), -1))
+        if world.config.action_tokens == "fast":  # the chunk in the tokens this model reads
+            sample.fast_actions = layout.to_global("fast", tok.action_fast.encode(a[None])[0])
         built.append(build(sample, layout))
     seq_len = max(len(b) for b in built)
     accuracies = [next_frame_accuracy(world.model, batch.to_torch()) for batch in pack(built, seq_len, 8, layout)]

@@ -121,7 +121,17 @@ def test_a_fast_policy_learns_whole_chunks_and_reports_a_broken_one(model_data, 
     assert all(r.tokens_generated <= policy.fast_budget + 1 for r in results)
     with pytest.raises(UnifiedError, match="this model writes FAST tokens"):
         policy.act(episode.frames[0], episode.instruction, state=episode.states[0], reason=False, readout="mean")
-    assert WorldModel(model, tokenizers).imagine(episode.frames[0], episode.actions[:2 * H]).shape == (2, 32, 32, 3)
+    world = WorldModel(model, tokenizers)
+    assert world.imagine(episode.frames[0], episode.actions[:2 * H]).shape == (2, 32, 32, 3)
+    # `eval world-model`'s teacher-forced accuracy builds its world samples with the chunk in FAST tokens too.
+    from unified.eval.world_model import token_accuracy
+
+    first = store.read_episode(0)
+    steps = np.arange(0, 12, 3)
+    accuracy = token_accuracy(world, first.frames[steps][:, None], np.stack([first.actions[t:t + H] for t in steps]),
+                              first.frames[steps + H])
+    print(f"teacher-forced next-frame accuracy on a trained episode: {accuracy:.3f}")
+    assert accuracy > 0.8, accuracy
     # An untrained model decoding freely makes no whole chunk: it says so, and the chunk is still (H, 2) finite
     # values. Decoding whole chunks, the same model's chunk is whole: its tokens stand for exactly H * 2 coefficients.
     broken = untrained.act(episode.frames[0], episode.instruction, state=episode.states[0], reason=False,
