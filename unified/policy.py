@@ -67,6 +67,7 @@ class Policy:
         self.model, self.tokenizers, self.layout = model.eval(), tokenizers, model.layout
         self.config = model.config
         self.fast = model.config.action_tokens == "fast"
+        self._fast_lengths: np.ndarray | None = None  # DCT coefficients per global id, 0 outside the FAST segment
         if self.fast and tokenizers.action_fast is None:
             raise UnifiedError("this model writes its actions as FAST tokens but its tokenizers have no FAST "
                                "tokenizer (action_fast/)")
@@ -193,7 +194,7 @@ class Policy:
         layout, fast = self.layout, self.tokenizers.action_fast
         decoder.feed([layout.special("<act>")])
         if decoding == "whole":
-            if getattr(self, "_fast_lengths", None) is None:  # coefficients per global id, 0 outside the segment
+            if self._fast_lengths is None:
                 self._fast_lengths = np.zeros(layout.vocab_size, np.int64)
                 span = layout.segment("fast")
                 self._fast_lengths[span.start:span.stop] = fast.token_lengths()
