@@ -1,13 +1,20 @@
 """Shared fixtures: a tiny suite (32x32 frames, few vehicles, a handful of steps) that runs in seconds."""
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import settings
 
 # The CI machine is shared and noisy: property tests check behaviour, never time.
 settings.register_profile("unified", deadline=None)
 settings.load_profile("unified")
+
+# `make test` runs two pytest workers on 2 cores: one thread each for their in-process work, so that the two do not
+# fight over the cores (the processes they start, DeepSpeed ranks and simulator workers, set their own).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 TINY_SUITE = """\
 name: tiny
