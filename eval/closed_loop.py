@@ -334,16 +334,23 @@ def evaluate(evaluations: list[Evaluation], episodes: int, workers: int = 1, see
 EPISODE_FIELDS = ("scenario", "index", "seed", "success", "collision", "offroad", "end", "steps", "progress_m")
 
 
+def _server_info(url: str) -> dict:
+    """What a policy server says of the model it serves (its /info)."""
+    from unified.serve import PolicyClient
+
+    client = PolicyClient(url)
+    client.close()
+    return client.info
+
+
 def writes_fast(model: str) -> bool:
     """Whether `model` (an export, or a policy server) writes its actions as FAST tokens."""
-    from unified.serve import PolicyClient, is_url
+    from unified.serve import is_url
 
     if model in DRIVERS or is_state_mlp(model):
         return False
     if is_url(model):
-        client = PolicyClient(model)
-        client.close()
-        return client.info["config"].get("action_tokens") == "fast"
+        return _server_info(model)["config"].get("action_tokens") == "fast"
     info = Path(model) / "unified.json"
     return info.is_file() and jsonlib.loads(info.read_text())["model"].get("action_tokens") == "fast"
 
@@ -351,12 +358,10 @@ def writes_fast(model: str) -> bool:
 def _fingerprint(model: str) -> str:
     """The weights' fingerprint, after checking every file of the export against its manifest's checksums (the
     workers then load it with the quick size check); a state MLP's: the checksum of its weights file."""
-    from unified.serve import PolicyClient, is_url
+    from unified.serve import is_url
 
     if is_url(model):  # the server verified its export when it loaded it, and says whose weights it serves
-        client = PolicyClient(model)
-        client.close()
-        return client.info["fingerprint"]
+        return _server_info(model)["fingerprint"]
     if is_state_mlp(model):
         import hashlib
 

@@ -92,3 +92,29 @@ def model_data(tmp_path_factory) -> Path:
     tokenize(data=root / "store", tokenizer=root / "tok", out=root / "shards", horizon=MODEL_HORIZON,
              operators=root / "operators", operator_hops="2-3", progress=False)
     return root
+
+
+def _overfit(model, shards, episodes, steps: int = 200):
+    """Train `model` with a plain loop (AdamW, lr 3e-3) on the policy and world samples of `episodes` of `shards`,
+    packed 8 rows of 256; returned in eval mode."""
+    import torch
+
+    from unified.packing import pack
+    from unified.sequences import build
+
+    samples = [build(shards.sample(task, int(r)), shards.layout, image_weight=1.0) for task in ("policy", "world")
+               for r in shards.index(task) if int(shards.arrays["episode"][r]) in episodes]
+    batches = [b.to_torch() for b in pack(samples, 256, 8, shards.layout)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for step in range(steps):
+        loss, _ = model(batches[step % len(batches)])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.fixture
+def overfit():
+    """The plain training loop of the tests that check what a small trained model writes (`_overfit`)."""
+    return _overfit

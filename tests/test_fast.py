@@ -18,7 +18,7 @@ from unified.data.store import EpisodeStore
 from unified.errors import UnifiedError
 from unified.layout import TokenLayout
 from unified.model import ModelConfig, UnifiedModel
-from unified.packing import collate, pack
+from unified.packing import collate
 from unified.policy import Policy, WorldModel
 from unified.sequences import IGNORE, build
 
@@ -73,7 +73,7 @@ def test_a_chunk_that_is_not_whole_is_named(model_data, tokenizers):
 
 
 @pytest.mark.slow
-def test_a_fast_policy_learns_whole_chunks_and_reports_a_broken_one(model_data, tokenizers, fast_shards):
+def test_a_fast_policy_learns_whole_chunks_and_reports_a_broken_one(model_data, tokenizers, fast_shards, overfit):
     layout = fast_shards.layout
     row = int(fast_shards.index("policy")[3])
     built = build(fast_shards.sample("policy", row), layout)
@@ -93,17 +93,7 @@ def test_a_fast_policy_learns_whole_chunks_and_reports_a_broken_one(model_data, 
     untrained = Policy(UnifiedModel(config, layout), tokenizers)
     model = UnifiedModel(config, layout)
     episodes = [0, 1]
-    rows = {task: [int(r) for r in fast_shards.index(task) if int(fast_shards.arrays["episode"][r]) in episodes]
-            for task in ("policy", "world")}
-    samples = [build(fast_shards.sample(task, r), layout, image_weight=1.0) for task in rows for r in rows[task]]
-    data = [b.to_torch() for b in pack(samples, 256, 8, layout)]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    for step in range(200):
-        loss, _ = model(data[step % len(data)])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
+    overfit(model, fast_shards, episodes)
     store, policy = EpisodeStore(model_data / "store"), Policy(model, tokenizers)
     exact, results = [], []
     for e in episodes:
@@ -147,7 +137,8 @@ def test_a_fast_policy_learns_whole_chunks_and_reports_a_broken_one(model_data, 
     # Distillation over the FAST tokens: one soft target per FAST target of the student's batch, over the segment.
     from unified.distill import distill_targets
 
-    student = [build(fast_shards.sample("policy", r), layout) for r in rows["policy"][:4]]
+    rows = [int(r) for r in fast_shards.index("policy") if int(fast_shards.arrays["episode"][r]) in episodes][:4]
+    student = [build(fast_shards.sample("policy", r), layout) for r in rows]
     batch = collate([[s] for s in student], max(len(s) for s in student), layout)
     soft = distill_targets(model, fast_shards, batch)
     fast_targets = sum(int(np.sum(layout.mask("fast")[s.targets[s.targets != IGNORE]])) for s in student)

@@ -296,7 +296,7 @@ def psnr(x: np.ndarray, truth: np.ndarray) -> float:
 
 
 @pytest.mark.slow
-def test_a_small_model_overfits_a_handful_of_episodes(shards, tokenizers, data):
+def test_a_small_model_overfits_a_handful_of_episodes(shards, tokenizers, data, overfit):
     """A plain loop (the DeepSpeed recipes are another issue): greedy actions in the expert's bins, and
     an imagined next frame closer to the truth than copying the current frame."""
     from unified.data.store import EpisodeStore
@@ -304,18 +304,7 @@ def test_a_small_model_overfits_a_handful_of_episodes(shards, tokenizers, data):
     torch.manual_seed(0)
     model = tiny_model(shards.layout, hidden_size=128, intermediate_size=256, num_heads=4)
     episodes = [0, 1]
-    rows = [r for r in shards.index("policy") if int(shards.arrays["episode"][r]) in episodes]
-    world_rows = [r for r in shards.index("world") if int(shards.arrays["episode"][r]) in episodes]
-    built = [build(shards.sample("policy", int(r)), shards.layout) for r in rows]
-    built += [build(shards.sample("world", int(r)), shards.layout, image_weight=1.0) for r in world_rows]
-    data_batches = [b.to_torch() for b in pack(built, 256, 8, shards.layout)]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    for step in range(200):
-        loss, _ = model(data_batches[step % len(data_batches)])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
+    overfit(model, shards, episodes)
     store = EpisodeStore(data / "store")
     policy, world = Policy(model, tokenizers), WorldModel(model, tokenizers)
     width = tokenizers.action.bin_width
