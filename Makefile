@@ -73,17 +73,20 @@ O := $(D)/operators
 OPS_SEEDS ?= 0 1 2
 OPS_QUESTIONS ?= 200
 OPS_STEPS ?= 300
+OPS_TRAIN ?= 5000
+OPS_PHRASING ?= both
+OPS_FORM = --steps walk --premises 24 --phrasing $(OPS_PHRASING)
 INDUCTIVE := model.inductive_scratchpad=true attention=sdpa
 operators: $(VENV)/.installed
 	@test -f $(D)/tokenizers/layout.json || { echo "make operators reads the demo's data and tokenizers: run make demo first"; exit 1; }
 	@grep -q '"<step>"' $(D)/tokenizers/layout.json || { echo "make operators: $(D)/tokenizers predate the <step> marker the inductive scratchpad needs; run make demo into a new directory (make demo DEMO_DIR=runs/demo2, then make operators DEMO_DIR=runs/demo2)"; exit 1; }
 	for pad in none full inductive; do \
-		$(BIN)/unified data operators --out $(O)/$$pad/data --hops 2-4 --scratchpad $$pad --n 5000 || exit 1; \
+		$(BIN)/unified data operators --out $(O)/$$pad/data --hops 2-4 --scratchpad $$pad --n $(OPS_TRAIN) $(OPS_FORM) || exit 1; \
 		test -f $(O)/$$pad/shards/meta.json || $(BIN)/unified data tokenize --data $(D)/data/train \
 			--tokenizer $(D)/tokenizers --out $(O)/$$pad/shards --operators $(O)/$$pad/data --operator-hops 2-4 \
 			--tasks text || exit 1; \
 	done
-	$(BIN)/unified data operators --out $(O)/test --hops 2-12 --n $(OPS_QUESTIONS) --seed 1 \
+	$(BIN)/unified data operators --out $(O)/test --hops 2-12 --n $(OPS_QUESTIONS) --seed 1 --scratchpad full $(OPS_FORM) \
 		--exclude $(O)/none/data $(O)/full/data $(O)/inductive/data
 	for seed in $(OPS_SEEDS); do for pad in none full inductive; do \
 		test -f $(O)/$$pad/seed$$seed/checkpoints/latest || $(BIN)/unified train --recipe recipes/operators.yaml \

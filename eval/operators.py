@@ -152,13 +152,30 @@ def generate_inductive(decoder, prefix: int, max_steps: int, max_step_tokens: in
     return steps, reply
 
 
+def steps_right(written: str, expected: str) -> float:
+    """The fraction of the steps of the scratchpad `expected` that `written` has right, in order, before its first
+    step that differs (1.0: every step, though `written` may go on after them)."""
+    from unified.data.tokenize import split_steps
+
+    want, got = split_steps(expected), split_steps(written)
+    right = 0
+    for a, b in zip(got, want):
+        if a != b:
+            break
+        right += 1
+    return right / len(want)
+
+
 def operators_eval(*, model: Path, data: Path, hops: str | None = None, n: int = 100, batch: int = 100,
                    json: Path | None = None, progress: bool = True) -> dict:
     """Answer the first `n` questions of each hop count in `hops` (default: every file of `data`) with `model`,
-    `batch` questions at a time (`answer_batch`), and report the accuracy per hop count."""
+    `batch` questions at a time (`answer_batch`), and report the accuracy per hop count. When the data holds
+    scratchpads (made with `--scratchpad full` or `inductive`), also how much of each the model wrote right: the
+    fraction of questions whose scratchpad is exactly the data's, and the mean fraction of the data's steps
+    written right before the first wrong one (where a walk goes astray)."""
     import torch
 
-    from unified.data.operators import parse_hops
+    from unified.data.operators import as_words, parse_hops, read_info
     from unified.model_dir import load_model
     from unified.outputs import check_file, write_report
 
@@ -167,8 +184,9 @@ def operators_eval(*, model: Path, data: Path, hops: str | None = None, n: int =
     if json is not None:
         check_file(json, "operators", [model, data])
     examples = read_examples(data, parse_hops(hops) if hops else None, n)
+    form = read_info(data).get("steps", "interval")  # the questions are encoded as training encoded them
     loaded, tokenizers, _ = load_model(model)
-    accuracy, tokens, shown = {}, {}, []
+    accuracy, tokens, shown, exact, leading = {}, {}, [], {}, {}
     with torch.inference_mode():
         for h, rows in examples.items():
             correct = []
@@ -176,19 +194,29 @@ def operators_eval(*, model: Path, data: Path, hops: str | None = None, n: int =
             for start in range(0, len(rows), batch):
                 chunk = rows[start:start + batch]
                 for example, (scratchpad, reply, generated) in zip(
-                        chunk, answer_batch(loaded, tokenizers, [e["prompt"] for e in chunk], h)):
+                        chunk, answer_batch(loaded, tokenizers, [as_words(e["prompt"], form) for e in chunk], h)):
                     correct.append(reply.strip() == example["answer"])
+                    if example.get("scratchpad"):
+                        right = steps_right(scratchpad, example["scratchpad"])
+                        exact.setdefault(h, []).append(right == 1.0 and " ".join(scratchpad.split()) ==
+                                                       example["scratchpad"])
+                        leading.setdefault(h, []).append(right)
                     tokens.setdefault(h, []).append(generated)
                     if sum(s["hops"] == h for s in shown) < 2:
                         shown.append({"hops": h, "prompt": example["prompt"], "expected": example["target"],
-                                      "generated": (scratchpad + " " + reply).strip()})
+                                      "generated": " ".join(f"{scratchpad} {reply}".split())})
                 bar.update(len(chunk))
             bar.close()
             accuracy[h] = float(np.mean(correct))
-            print(f"{h} hops: accuracy {accuracy[h]:.1%} over {len(rows)} questions", flush=True)
+            pad = (f"; scratchpad exact {np.mean(exact[h]):.1%}, steps right before the first wrong one "
+                   f"{np.mean(leading[h]):.1%}" if h in exact else "")
+            print(f"{h} hops: accuracy {accuracy[h]:.1%} over {len(rows)} questions{pad}", flush=True)
     report = {"model": str(model), "data": str(data), "questions_per_hop": n,
               "accuracy_by_hops": {str(h): a for h, a in accuracy.items()},
               "tokens_by_hops": {str(h): float(np.mean(t)) for h, t in tokens.items()}, "examples": shown}
+    if exact:
+        report["scratchpad_exact_by_hops"] = {str(h): float(np.mean(v)) for h, v in exact.items()}
+        report["steps_right_by_hops"] = {str(h): float(np.mean(v)) for h, v in leading.items()}
     if json is not None:
         write_report(Path(json), report, "operators")
     return report

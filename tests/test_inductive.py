@@ -163,3 +163,35 @@ def test_batched_questions_are_answered_as_one_at_a_time(tokenizers, tmp_path, i
         assert answer_batch(model, tokenizers, prompts, h) == alone
         ended |= {tokens for _, _, tokens in alone}
     assert len(ended) >= 3  # scratchpads closed at once, after a few tokens, out of budget: the paths differ
+
+
+@pytest.mark.parametrize("steps", ["interval", "walk"])
+def test_walk_form_names_are_one_token_wherever_they_stand(model_data, tmp_path, steps):
+    """The walk form's question and steps are encoded with a leading space, so that a name opening the prompt or a
+    step is the token it is everywhere else; the interval form keeps the encoding the demo's models were trained
+    with. `eval operators` encodes the questions the same way (`as_words`)."""
+    import json
+
+    from unified.data.operators import as_words, operators
+    from unified.data.shards import TokenShards
+    from unified.data.tokenize import split_steps, tokenize
+
+    operators(out=tmp_path / "ops", hops="2", n=2, scratchpad="inductive", steps=steps, premises=6, progress=False)
+    tokenize(data=model_data / "store", tokenizer=model_data / "tok", out=tmp_path / "shards", horizon=4,
+             operators=tmp_path / "ops", operator_hops="2", tasks="text", progress=False)
+    shards, tok = TokenShards(tmp_path / "shards"), Tokenizers.from_pretrained(model_data / "tok")
+    first = json.loads((tmp_path / "ops" / "hops_2.jsonl").read_text().splitlines()[0])
+    sample = shards.sample("text", 0, inductive=True)
+    local = lambda ids: list(shards.layout.to_local("text", ids))  # noqa: E731
+    lead = " " if steps == "walk" else ""
+    assert as_words("Ada", steps) == lead + "Ada"
+    assert local(sample.question) == list(tok.text.encode([lead + first["prompt"]])[0])
+    assert [local(s) for s in sample.step_list] == [list(ids) for ids in tok.text.encode(
+        [lead + step for step in split_steps(first["scratchpad"])])]
+    if steps == "walk":  # the name step 1 reaches opens step 2 as the very same tokens (of n=2, one is a yes)
+        rows = [json.loads(line) for line in (tmp_path / "ops" / "hops_2.jsonl").read_text().splitlines()]
+        yes = [r["answer"] for r in rows].index("yes")
+        walk = [local(s) for s in shards.sample("text", yes, inductive=True).step_list]
+        reached = split_steps(rows[yes]["scratchpad"])[0].split()[-1].rstrip(".")
+        name = list(tok.text.encode([" " + reached])[0])
+        assert walk[0][-len(name) - 1:-1] == name and walk[1][:len(name)] == name

@@ -60,6 +60,11 @@ def test_operators_eval_by_hops_and_the_plot(exported, tmp_path):
     save_model(inductive, tokenizers, tmp_path / "inductive")
     stepwise = operators_eval(model=tmp_path / "inductive", data=tmp_path / "ops", n=2, progress=False)
     assert set(stepwise["accuracy_by_hops"]) == {"2", "3"} and all(t > 0 for t in stepwise["tokens_by_hops"].values())
+    assert "steps_right_by_hops" not in stepwise  # the data holds no scratchpad to compare with
+    operators(out=tmp_path / "pads", hops="2", n=2, seed=5, scratchpad="full", progress=False)
+    stepwise = operators_eval(model=tmp_path / "inductive", data=tmp_path / "pads", n=2, progress=False)
+    assert stepwise["scratchpad_exact_by_hops"] == {"2": 0.0}  # an untrained model
+    assert 0.0 <= stepwise["steps_right_by_hops"]["2"] < 1.0
     (tmp_path / "b.json").write_text(json.dumps({"accuracy_by_hops": {"2": 1.0, "4": 0.5}}))
     table = plot_operators([tmp_path / "a.json", tmp_path / "b.json"], out=tmp_path / "ops.png",
                            labels=["tiny", "other"])
@@ -68,6 +73,17 @@ def test_operators_eval_by_hops_and_the_plot(exported, tmp_path):
     assert (tmp_path / "ops.png").stat().st_size > 0
     with pytest.raises(UnifiedError, match="2 labels for 1 reports"):
         plot_operators([tmp_path / "a.json"], out=tmp_path / "x.png", labels=["a", "b"])
+
+
+def test_steps_right_counts_the_steps_before_the_first_wrong_one():
+    from unified.eval.operators import steps_right
+
+    expected = "Ada > Bob. Bob > Eva. So Ada is taller than Eva."
+    assert steps_right(expected, expected) == 1.0
+    assert steps_right("Ada > Bob. Bob > Zoe. So Ada is taller than Eva.", expected) == pytest.approx(1 / 3)
+    assert steps_right("Ada > Eva. Bob > Eva. So Ada is taller than Eva.", expected) == 0.0
+    assert steps_right("", expected) == 0.0
+    assert steps_right(expected + " Eva > Zoe.", expected) == 1.0  # written on past the data's steps
 
 
 def test_expert_gains_are_the_derivatives_of_highway_envs_steering_law():

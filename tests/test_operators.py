@@ -44,15 +44,22 @@ def solve(premises: list[str], question: str) -> tuple[str, int]:
 
 @settings(max_examples=200, deadline=None)
 @given(hops=st.integers(2, 12), seed=st.integers(0, 2**32 - 1), pad=st.sampled_from(["none", "full", "inductive"]),
-       phrasing=st.sampled_from(["both", "greater-first"]))
-def test_answer_follows_from_premises(hops, seed, pad, phrasing):
-    example = make_example(hops, pad, np.random.default_rng(seed), phrasing=phrasing)
+       phrasing=st.sampled_from(["both", "greater-first"]), steps=st.sampled_from(["interval", "walk"]),
+       padded=st.booleans())
+def test_answer_follows_from_premises(hops, seed, pad, phrasing, steps, padded):
+    premises = 24 if padded else 0
+    example = make_example(hops, pad, np.random.default_rng(seed), phrasing=phrasing, steps=steps, premises=premises)
     words = {re.match(r"\w+ is (\w+) than", p).group(1) for p in example["premises"]}
     assert words == {example["relation"]} if phrasing == "greater-first" else words <= set(RELATIONS[
         [more for more, _ in RELATIONS].index(example["relation"])])
     answer, distance = solve(example["premises"], example["question"])
     assert example["answer"] == answer
-    assert distance == hops and len(example["premises"]) == 2 * hops
+    assert distance == hops and len(example["premises"]) == (24 if padded else 2 * hops)
+    if padded:  # the same question, chain and scratchpad as without the second chain; every question as long
+        plain = make_example(hops, pad, np.random.default_rng(seed), phrasing=phrasing, steps=steps)
+        assert {k: plain[k] for k in ("question", "scratchpad", "answer")} == {
+            k: example[k] for k in ("question", "scratchpad", "answer")}
+        assert set(plain["premises"]) <= set(example["premises"]) and len(example["prompt"].split()) == 5 * 24 + 5
     # Both names are inside the chain: each has a greater and a smaller neighbour, so no premise alone says which
     # end of the chain a name is near.
     x, relation, y = re.match(r"Is (\w+) (\w+) than (\w+)\?", example["question"]).groups()
@@ -60,8 +67,9 @@ def test_answer_follows_from_premises(hops, seed, pad, phrasing):
     for name in (x, y):
         assert sum(a == name for a, b in pairs) == 1 and sum(b == name for a, b in pairs) == 1
     assert example["target"].endswith(answer)
-    if pad != "none":
-        assert example["scratchpad"].count(".") >= hops  # one step per hop
+    if pad != "none":  # a step per hop (the walk: per link walked, all of them for a yes), and the verdict
+        sentences = example["scratchpad"].count(".")
+        assert sentences == hops + 1 if steps == "interval" or answer == "yes" else 2 <= sentences <= hops
 
 
 def test_files_split_by_hops_balanced_and_shuffled(tmp_path):
@@ -88,6 +96,13 @@ def test_same_seed_same_data(tmp_path):
 def test_bad_hops(bad):
     with pytest.raises(UnifiedError, match="--hops"):
         parse_hops(bad)
+
+
+@pytest.mark.parametrize("premises", [-1, 10, 59])
+def test_bad_premises(tmp_path, premises):
+    with pytest.raises(UnifiedError, match="--premises"):
+        operators(out=tmp_path, hops="2-6", premises=premises, progress=False)
+    assert not any(tmp_path.iterdir())
 
 
 def _relations(premises: list[str], relation: str) -> set[tuple[str, str]]:
@@ -132,6 +147,39 @@ def test_every_inductive_step_follows_from_the_previous_one_and_the_premises_at_
     assert verdict == (f"So {x} is {relation} than {y}." if below == y else f"So {x} is not {relation} than {y}.")
     assert example["answer"] == ("yes" if below == y else "no")
     assert make_example(hops, "full", np.random.default_rng(seed))["scratchpad"] == example["scratchpad"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(hops=st.integers(2, 12), seed=st.integers(0, 2**32 - 1), phrasing=st.sampled_from(["both", "greater-first"]))
+def test_every_walk_step_follows_from_the_previous_one_and_one_premise(hops, seed, phrasing):
+    """The inductive scratchpad is local: step 1 from the premise naming the question's first name as the greater,
+    every later step from the name the previous step reached and the premise going on from it, the verdict from the
+    last step and the question (the walk reached the question's second name, or a name with nothing below it). No
+    step needs the whole chain; a yes takes exactly `hops` steps, a no fewer (the walk goes down from the smaller
+    name and meets the bottom of the chain)."""
+    example = make_example(hops, "inductive", np.random.default_rng(seed), phrasing=phrasing, steps="walk")
+    x, relation, y = re.match(r"Is (\w+) (\w+) than (\w+)\?", example["question"]).groups()
+    pairs = _relations(example["premises"], relation)
+
+    def next_below(name):
+        found = [b for a, b in pairs if a == name]
+        assert len(found) <= 1
+        return found[0] if found else None
+
+    *steps, verdict = example["scratchpad"].split(". ")
+    reached = x
+    for k, step in enumerate(steps, 1):
+        first, name = re.fullmatch(r"(\w+) > (\w+)\.?", step).groups()
+        assert first == reached and name == next_below(reached)
+        reached = name
+        assert (name == y) == (k == len(steps) and example["answer"] == "yes")
+    if example["answer"] == "yes":
+        assert len(steps) == hops and verdict == f"So {x} is {relation} than {y}."
+    else:
+        assert 1 <= len(steps) < hops and next_below(reached) is None
+        assert verdict == f"So {x} is not {relation} than {y}."
+    full = make_example(hops, "full", np.random.default_rng(seed), phrasing=phrasing, steps="walk")
+    assert full["scratchpad"] == example["scratchpad"] and full["prompt"] == example["prompt"]
 
 
 def test_an_operator_set_of_the_earlier_format_is_refused(tmp_path):

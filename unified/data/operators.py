@@ -1,11 +1,16 @@
 """`unified data operators`: synthetic multi-hop transitive comparisons for measuring length generalisation.
 
-Each example hides a chain of 2H + 1 names, p0 > p1 > ... > p2H, behind 2H shuffled premises, each stated as
+Each example hides a chain of 2H + 1 names, p0 > p1 > ... > p2H, behind its 2H premises, each stated as
 "A is taller than B" or, equivalently, "B is shorter than A", and asks about two names H links apart, both inside
 the chain: p_u and p_{u+H} for a random u in 1..H-1, in either order (so yes and no are balanced). Neither name is
 an end of the chain, so no premise or short walk from the question's names tells which is the greater: the
 answer needs the H links between them. (An earlier version asked about the chain's two ends; the first name's one
 premise then decided the answer at any hop count, a shortcut that made the task no test of length.)
+`premises` pads every question to that many premises with a second chain of other names, so that a 12-hop
+question is as long as a 2-hop one: what grows with the hop count is then the reasoning alone, not the input (a
+model trained on short questions would otherwise meet, beyond the hop counts it knows, premises further back than
+any it learned to look to). `steps` chooses what a scratchpad step does: widen an interval around the first name
+one link each way (two lookups a step) or walk down one link (one lookup).
 Files are split by hop count so that a model can train on few hops and be tested on more.
 """
 
@@ -22,7 +27,7 @@ from tqdm import tqdm
 from unified.errors import UnifiedError
 
 FORMAT = "unified-operators"
-FORMAT_VERSION = 2  # 2: questions about names inside the chain, interval scratchpad
+FORMAT_VERSION = 2  # 2: questions about names inside the chain
 RELATIONS = (("taller", "shorter"), ("older", "younger"), ("faster", "slower"), ("heavier", "lighter"))
 NAMES = (
     "Ada", "Alan", "Alice", "Amir", "Ana", "Anton", "Aria", "Ben", "Bianca", "Bob", "Carla", "Chen", "Chloe",
@@ -33,6 +38,7 @@ NAMES = (
 )
 Scratchpad = Literal["none", "full", "inductive"]
 Phrasing = Literal["both", "greater-first"]
+Steps = Literal["interval", "walk"]
 MIN_HOPS = 2
 
 
@@ -63,49 +69,59 @@ def chain_length(hops: int) -> int:
 
 def make_example(
     hops: int, scratchpad: Scratchpad, rng: np.random.Generator, index: int = 0, answer: str | None = None,
-    phrasing: Phrasing = "both",
+    phrasing: Phrasing = "both", steps: Steps = "interval", premises: int = 0,
 ) -> dict:
     """One example needing `hops` steps of transitive reasoning; `answer` ('yes'/'no') is drawn when None.
     `phrasing`: each premise stated one way or the other ("A is taller than B." or "B is shorter than A."), or
-    always the greater name first ("A is taller than B.")."""
+    always the greater name first ("A is taller than B."). `steps`: the scratchpad's form (`_interval`, `_walk`).
+    `premises`: 0 for the chain's 2 x hops; more adds a second chain of other names to make up that many (drawn after
+    everything else, so the question, its chain and its scratchpad are those of the example without it)."""
     if hops < MIN_HOPS:
         raise UnifiedError(f"an operator question needs at least {MIN_HOPS} hops, got {hops}")
+    if premises and not 2 * hops <= premises <= len(NAMES) - 2:
+        raise UnifiedError(f"--premises: a {hops}-hop question has {2 * hops} premises of its own, and there are "
+                           f"names for at most {len(NAMES) - 2}; got {premises}")
     more, less = RELATIONS[int(rng.integers(len(RELATIONS)))]
     chain = [NAMES[i] for i in rng.choice(len(NAMES), size=chain_length(hops), replace=False)]
-    premises = []
-    for a, b in zip(chain, chain[1:]):
-        one_way = phrasing == "greater-first" or rng.random() < 0.5
-        premises.append(f"{a} is {more} than {b}." if one_way else f"{b} is {less} than {a}.")
-    premises = [premises[i] for i in rng.permutation(len(premises))]
+    stated = [_premise(a, b, more, less, phrasing, rng) for a, b in zip(chain, chain[1:])]
+    stated = [stated[i] for i in rng.permutation(len(stated))]
     if answer is None:
         answer = "yes" if rng.random() < 0.5 else "no"
     upper = int(rng.integers(1, hops))  # names above the question's greater one: 1..H-1, so H-1..1 below the other
     high, low = chain[upper], chain[upper + hops]
     x, y = (high, low) if answer == "yes" else (low, high)
+    if premises > len(stated):
+        others = [name for name in NAMES if name not in chain]
+        second = [others[i] for i in rng.choice(len(others), size=premises - len(stated) + 1, replace=False)]
+        stated += [_premise(a, b, more, less, phrasing, rng) for a, b in zip(second, second[1:])]
+        stated = [stated[i] for i in rng.permutation(len(stated))]
     question = f"Is {x} {more} than {y}?"
-    steps = _reasoning(chain, more, x, y, scratchpad)
+    text = "" if scratchpad == "none" else (_walk if steps == "walk" else _interval)(chain, more, x, y)
     return {
         "id": f"h{hops}-{index:06d}",
         "hops": hops,
         "relation": more,
-        "premises": premises,
+        "premises": stated,
         "question": question,
-        "prompt": " ".join(premises) + " " + question,
-        "scratchpad": steps,
+        "prompt": " ".join(stated) + " " + question,
+        "scratchpad": text,
         "answer": answer,
-        "target": (steps + " " if steps else "") + answer,
+        "target": (text + " " if text else "") + answer,
     }
 
 
-def _reasoning(chain: list[str], more: str, x: str, y: str, scratchpad: Scratchpad) -> str:
+def _premise(a: str, b: str, more: str, less: str, phrasing: Phrasing, rng: np.random.Generator) -> str:
+    """"a is <more> than b.", or (phrasing both, at random) the same said the other way round."""
+    one_way = phrasing == "greater-first" or rng.random() < 0.5
+    return f"{a} is {more} than {b}." if one_way else f"{b} is {less} than {a}."
+
+
+def _interval(chain: list[str], more: str, x: str, y: str) -> str:
     """Step-by-step text widening an interval around the question's first name `x` one link each way per step,
     "b < x < a." (b below x, a above it, in the question's relation), until one end reaches `y`; then the verdict.
     An end that reaches the top or bottom of the chain stays there. Every step needs the question and the previous
     step only: the first finds the two premises naming `x`'s neighbours, each later one the premise going on from
-    each end, the verdict whether `y` is the lower or the upper end. 'full' and 'inductive' write the same text;
-    they differ in what the model attends to while writing it (every earlier step, or only the previous one)."""
-    if scratchpad == "none":
-        return ""
+    each end, the verdict whether `y` is the lower or the upper end."""
     i = chain.index(x)
     lines = []
     for k in range(1, len(chain)):
@@ -117,11 +133,41 @@ def _reasoning(chain: list[str], more: str, x: str, y: str, scratchpad: Scratchp
     return " ".join(lines) + " " + verdict
 
 
+def _walk(chain: list[str], more: str, x: str, y: str) -> str:
+    """Step-by-step text walking down the chain from the question's first name `x`, one link a step: "m > n." goes
+    from the name m the walk has reached to the next one below it, n (in the question's relation), until the walk
+    reaches `y` (then x is the greater) or the bottom of the chain (then it is not); then the verdict. Every step
+    needs the question and the previous step only: the first finds the premise naming `x`'s smaller neighbour,
+    each later one the premise going on from the name the previous step reached, the verdict whether that name is
+    `y` or one with nothing below it. A yes takes `hops` steps, a no fewer."""
+    below = chain[chain.index(x) + 1:]
+    lines, reached = [], x
+    for name in below:
+        lines.append(f"{reached} > {name}.")
+        reached = name
+        if name == y:
+            break
+    verdict = f"So {x} is {more} than {y}." if y in below else f"So {x} is not {more} than {y}."
+    return " ".join(lines) + " " + verdict
+
+
+def as_words(text: str, steps: str) -> str:
+    """An operator question or step as the text tokenizer is given it, in a data set of scratchpad form `steps`: in
+    the walk form with a leading space, so that a name at the start of the prompt or of a step is the token it is
+    everywhere else (the tokenizer writes a word at the very start of a text as another token, "Rosa" against
+    "_Rosa", which a model must then learn to match with the first, name by name, before any lookup can work); the
+    interval form keeps the encoding its models, the demo's teacher among them, were trained with."""
+    return " " + text if steps == "walk" else text
+
+
 def operators(
     *, out: Path, hops: str = "2-6", scratchpad: Scratchpad = "none", n: int = 1000, seed: int = 0,
-    phrasing: Phrasing = "both", exclude: list[Path] = (), overwrite: bool = False, progress: bool = True,
+    phrasing: Phrasing = "both", steps: Steps = "interval", premises: int = 0, exclude: list[Path] = (),
+    overwrite: bool = False, progress: bool = True,
 ) -> dict:
     """Write `n` examples per hop count to `out/hops_{h}.jsonl` plus `out/meta/info.json`; returns the info.
+    `steps` and `premises`: the scratchpad's form and the premises of every question (0: the chain's own), as in
+    `make_example`.
 
     No example repeats a question (premises and question) of the operator data sets in `exclude`: one that
     would is drawn again, so a test set made with `--exclude TRAIN` holds no question a model trained on TRAIN saw.
@@ -137,15 +183,21 @@ def operators(
         raise UnifiedError(f"--scratchpad: expected none, full or inductive, got {scratchpad!r}")
     if phrasing not in ("both", "greater-first"):
         raise UnifiedError(f"--phrasing: expected both or greater-first, got {phrasing!r}")
+    if steps not in ("interval", "walk"):
+        raise UnifiedError(f"--steps: expected interval or walk, got {steps!r}")
     hop_counts = parse_hops(hops)
+    if premises and not 2 * max(hop_counts) <= premises <= len(NAMES) - 2:
+        raise UnifiedError(f"--premises: at least the {2 * max(hop_counts)} premises of a {max(hop_counts)}-hop "
+                           f"question, at most {len(NAMES) - 2} (there are names for no more), or 0; got {premises}")
     out = Path(out)
     excluded = _prompts(exclude)
     if check_dir(out, "operators") == "same":
         existing = json.loads((out / "meta" / "info.json").read_text())
         wanted = {"format_version": FORMAT_VERSION, "hops": hop_counts, "examples_per_hop": n,
-                  "scratchpad": scratchpad, "seed": seed, "phrasing": phrasing,
-                  "excluding": sorted(str(p) for p in exclude)}
-        if all(existing.get(k) == v for k, v in wanted.items()):
+                  "scratchpad": scratchpad, "seed": seed, "phrasing": phrasing, "steps": steps,
+                  "premises": premises, "excluding": sorted(str(p) for p in exclude)}
+        defaults = {"steps": "interval", "premises": 0}  # sets written before these options had them so
+        if all(existing.get(k, defaults.get(k)) == v for k, v in wanted.items()):
             print(f"{out}: already holds these {existing['examples']} examples, kept", flush=True)
             return existing
         if existing.get("format_version", 1) != FORMAT_VERSION and not overwrite:
@@ -154,7 +206,7 @@ def operators(
                                "--overwrite to make it again in this version's format, then fit the tokenizers and "
                                "tokenize the shards that read it again (make demo into a new DEMO_DIR does all)")
     with staged_dir(out, "operators", overwrite=overwrite) as staging:
-        info = _write(staging, hop_counts, scratchpad, n, seed, progress, excluded, phrasing)
+        info = _write(staging, hop_counts, scratchpad, n, seed, progress, excluded, phrasing, steps, premises)
         info["excluding"] = sorted(str(p) for p in exclude)
         (staging / "meta" / "info.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"{out}: {info['examples']} examples, hops {hops}, scratchpad {scratchpad}", flush=True)
@@ -198,7 +250,8 @@ def _prompts(data_sets: list[Path]) -> set[str]:
 
 
 def _write(out: Path, hop_counts: list[int], scratchpad: str, n: int, seed: int, progress: bool,
-           excluded: set[str] = frozenset(), phrasing: Phrasing = "both") -> dict:
+           excluded: set[str] = frozenset(), phrasing: Phrasing = "both", steps: Steps = "interval",
+           premises: int = 0) -> dict:
     (out / "meta").mkdir(parents=True, exist_ok=True)
     answers: dict[int, Counter] = {}
     redrawn: Counter = Counter()
@@ -210,12 +263,14 @@ def _write(out: Path, hop_counts: list[int], scratchpad: str, n: int, seed: int,
         balanced = rng.permutation(np.array(["yes", "no"] * (n // 2 + 1))[:n])
         with open(path, "w") as f:  # in the staging directory: the whole set appears at once
             for i in range(n):
-                example = make_example(h, scratchpad, rng, i, answer=str(balanced[i]), phrasing=phrasing)
+                example = make_example(h, scratchpad, rng, i, answer=str(balanced[i]), phrasing=phrasing,
+                                       steps=steps, premises=premises)
                 for _ in range(1000):
                     if example["prompt"] not in excluded:
                         break
                     redrawn[h] += 1
-                    example = make_example(h, scratchpad, rng, i, answer=str(balanced[i]), phrasing=phrasing)
+                    example = make_example(h, scratchpad, rng, i, answer=str(balanced[i]), phrasing=phrasing,
+                                       steps=steps, premises=premises)
                 else:
                     raise UnifiedError(f"--exclude: no {h}-hop question left that the excluded sets do not hold")
                 counts[example["answer"]] += 1
@@ -229,6 +284,8 @@ def _write(out: Path, hop_counts: list[int], scratchpad: str, n: int, seed: int,
         "examples": n * len(hop_counts),
         "scratchpad": scratchpad,
         "phrasing": phrasing,
+        "steps": steps,
+        "premises": premises,
         "seed": seed,
         "files": {str(h): f"hops_{h}.jsonl" for h in hop_counts},
         "yes_fraction": {str(h): answers[h]["yes"] / n for h in hop_counts},

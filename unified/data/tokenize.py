@@ -146,16 +146,16 @@ def tokenize(
 
 
 def split_steps(scratchpad: str) -> list[str]:
-    """A scratchpad's steps: its sentences ("Alice > Kenji. Alice > Zoe. So ..." -> three)."""
+    """A scratchpad's steps: its sentences ("Alice > Kenji. Kenji > Zoe. So ..." -> three)."""
     import re
 
     return [s for s in re.split(r"(?<=[.!?])\s+", scratchpad.strip()) if s]
 
 
 def _operators(directory: Path, hops: str, table: _TextTable) -> dict[str, list]:
-    from unified.data.operators import parse_hops, read_info
+    from unified.data.operators import as_words, parse_hops, read_info
 
-    read_info(directory, "--operators ")
+    form = read_info(directory, "--operators ").get("steps", "interval")
     rows: dict[str, list] = {"question": [], "steps": [], "answer": [], "hops": [], "step_rows": []}
     for h in parse_hops(hops):
         path = Path(directory) / f"hops_{h}.jsonl"
@@ -164,10 +164,11 @@ def _operators(directory: Path, hops: str, table: _TextTable) -> dict[str, list]
         for line_number, line in enumerate(path.read_text().splitlines(), 1):
             try:
                 example = json.loads(line)
-                rows["question"].append(table.row(example["prompt"]))
-                rows["steps"].append(table.row(example["scratchpad"]) if example["scratchpad"] else -1)
+                rows["question"].append(table.row(as_words(example["prompt"], form)))
+                rows["steps"].append(table.row(as_words(example["scratchpad"], form)) if example["scratchpad"] else -1)
                 # Each step (sentence) apart too, for the inductive form of the scratchpad.
-                rows["step_rows"].append([table.row(step) for step in split_steps(example["scratchpad"])])
+                rows["step_rows"].append([table.row(as_words(step, form))
+                                          for step in split_steps(example["scratchpad"])])
                 rows["answer"].append(table.row(example["answer"]))
                 rows["hops"].append(int(example["hops"]))
             except (json.JSONDecodeError, KeyError, ValueError) as e:
