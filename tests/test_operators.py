@@ -98,11 +98,27 @@ def test_bad_hops(bad):
         parse_hops(bad)
 
 
-@pytest.mark.parametrize("premises", [-1, 10, 59])
-def test_bad_premises(tmp_path, premises):
-    with pytest.raises(UnifiedError, match="--premises"):
-        operators(out=tmp_path, hops="2-6", premises=premises, progress=False)
+@pytest.mark.parametrize("premises, least", [(-1, 0), (10, 0), (59, 0), (24, 25), (0, 4)])
+def test_bad_premises(tmp_path, premises, least):
+    with pytest.raises(UnifiedError, match="--premises" if least == 0 else "--min-premises"):
+        operators(out=tmp_path, hops="2-6", premises=premises, min_premises=least, progress=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_premises_drawn_from_a_range(tmp_path):
+    """--min-premises M --premises N: each question has from max(M, its chain's own) to N premises, the counts
+    spread over the range, every answer still following from the premises."""
+    info = operators(out=tmp_path / "mixed", hops="2-4", n=200, premises=24, min_premises=6, steps="walk",
+                     scratchpad="full", progress=False)
+    assert (info["premises"], info["min_premises"]) == (24, 6)
+    plain = operators(out=tmp_path / "plain", hops="2-4", n=200, steps="walk", scratchpad="full", progress=False)
+    assert plain["min_premises"] == 0
+    for h in (2, 3, 4):
+        mixed_rows = [json.loads(line) for line in (tmp_path / "mixed" / f"hops_{h}.jsonl").read_text().splitlines()]
+        counts = {len(r["premises"]) for r in mixed_rows}
+        assert min(counts) >= max(6, 2 * h) and max(counts) <= 24 and len(counts) >= 10
+        for r in mixed_rows:
+            assert solve(r["premises"], r["question"])[0] == r["answer"]
 
 
 def _relations(premises: list[str], relation: str) -> set[tuple[str, str]]:

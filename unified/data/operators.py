@@ -69,13 +69,14 @@ def chain_length(hops: int) -> int:
 
 def make_example(
     hops: int, scratchpad: Scratchpad, rng: np.random.Generator, index: int = 0, answer: str | None = None,
-    phrasing: Phrasing = "both", steps: Steps = "interval", premises: int = 0,
+    phrasing: Phrasing = "both", steps: Steps = "interval", premises: int = 0, min_premises: int = 0,
 ) -> dict:
     """One example needing `hops` steps of transitive reasoning; `answer` ('yes'/'no') is drawn when None.
     `phrasing`: each premise stated one way or the other ("A is taller than B." or "B is shorter than A."), or
     always the greater name first ("A is taller than B."). `steps`: the scratchpad's form (`_interval`, `_walk`).
     `premises`: 0 for the chain's 2 x hops; more adds a second chain of other names to make up that many (drawn after
-    everything else, so the question, its chain and its scratchpad are those of the example without it)."""
+    everything else, so the question, its chain and its scratchpad are those of the example without it);
+    `min_premises` > 0 draws the number uniformly from max(min_premises, 2 x hops) to `premises`."""
     if hops < MIN_HOPS:
         raise UnifiedError(f"an operator question needs at least {MIN_HOPS} hops, got {hops}")
     if premises and not 2 * hops <= premises <= len(NAMES) - 2:
@@ -90,6 +91,8 @@ def make_example(
     upper = int(rng.integers(1, hops))  # names above the question's greater one: 1..H-1, so H-1..1 below the other
     high, low = chain[upper], chain[upper + hops]
     x, y = (high, low) if answer == "yes" else (low, high)
+    if min_premises and premises:
+        premises = int(rng.integers(max(min_premises, len(stated)), premises + 1))
     if premises > len(stated):
         others = [name for name in NAMES if name not in chain]
         second = [others[i] for i in rng.choice(len(others), size=premises - len(stated) + 1, replace=False)]
@@ -162,12 +165,13 @@ def as_words(text: str, steps: str) -> str:
 
 def operators(
     *, out: Path, hops: str = "2-6", scratchpad: Scratchpad = "none", n: int = 1000, seed: int = 0,
-    phrasing: Phrasing = "both", steps: Steps = "interval", premises: int = 0, exclude: list[Path] = (),
-    overwrite: bool = False, progress: bool = True,
+    phrasing: Phrasing = "both", steps: Steps = "interval", premises: int = 0, min_premises: int = 0,
+    exclude: list[Path] = (), overwrite: bool = False, progress: bool = True,
 ) -> dict:
     """Write `n` examples per hop count to `out/hops_{h}.jsonl` plus `out/meta/info.json`; returns the info.
     `steps` and `premises`: the scratchpad's form and the premises of every question (0: the chain's own), as in
-    `make_example`.
+    `make_example`; with `min_premises`, the number is drawn per question from min_premises (or the chain's own,
+    if more) to `premises`.
 
     No example repeats a question (premises and question) of the operator data sets in `exclude`: one that
     would is drawn again, so a test set made with `--exclude TRAIN` holds no question a model trained on TRAIN saw.
@@ -189,14 +193,17 @@ def operators(
     if premises and not 2 * max(hop_counts) <= premises <= len(NAMES) - 2:
         raise UnifiedError(f"--premises: at least the {2 * max(hop_counts)} premises of a {max(hop_counts)}-hop "
                            f"question, at most {len(NAMES) - 2} (there are names for no more), or 0; got {premises}")
+    if min_premises and not (premises and 1 <= min_premises <= premises):
+        raise UnifiedError(f"--min-premises: with --premises N, from 1 to N (each question then has a number of "
+                           f"premises drawn from it to N); got {min_premises} with --premises {premises}")
     out = Path(out)
     excluded = _prompts(exclude)
     if check_dir(out, "operators") == "same":
         existing = json.loads((out / "meta" / "info.json").read_text())
         wanted = {"format_version": FORMAT_VERSION, "hops": hop_counts, "examples_per_hop": n,
                   "scratchpad": scratchpad, "seed": seed, "phrasing": phrasing, "steps": steps,
-                  "premises": premises, "excluding": sorted(str(p) for p in exclude)}
-        defaults = {"steps": "interval", "premises": 0}  # sets written before these options had them so
+                  "premises": premises, "min_premises": min_premises, "excluding": sorted(str(p) for p in exclude)}
+        defaults = {"steps": "interval", "premises": 0, "min_premises": 0}  # as sets written before these options read
         if all(existing.get(k, defaults.get(k)) == v for k, v in wanted.items()):
             print(f"{out}: already holds these {existing['examples']} examples, kept", flush=True)
             return existing
@@ -206,7 +213,8 @@ def operators(
                                "--overwrite to make it again in this version's format, then fit the tokenizers and "
                                "tokenize the shards that read it again (make demo into a new DEMO_DIR does all)")
     with staged_dir(out, "operators", overwrite=overwrite) as staging:
-        info = _write(staging, hop_counts, scratchpad, n, seed, progress, excluded, phrasing, steps, premises)
+        info = _write(staging, hop_counts, scratchpad, n, seed, progress, excluded, phrasing, steps, premises,
+                      min_premises)
         info["excluding"] = sorted(str(p) for p in exclude)
         (staging / "meta" / "info.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"{out}: {info['examples']} examples, hops {hops}, scratchpad {scratchpad}", flush=True)
@@ -251,7 +259,7 @@ def _prompts(data_sets: list[Path]) -> set[str]:
 
 def _write(out: Path, hop_counts: list[int], scratchpad: str, n: int, seed: int, progress: bool,
            excluded: set[str] = frozenset(), phrasing: Phrasing = "both", steps: Steps = "interval",
-           premises: int = 0) -> dict:
+           premises: int = 0, min_premises: int = 0) -> dict:
     (out / "meta").mkdir(parents=True, exist_ok=True)
     answers: dict[int, Counter] = {}
     redrawn: Counter = Counter()
@@ -264,13 +272,13 @@ def _write(out: Path, hop_counts: list[int], scratchpad: str, n: int, seed: int,
         with open(path, "w") as f:  # in the staging directory: the whole set appears at once
             for i in range(n):
                 example = make_example(h, scratchpad, rng, i, answer=str(balanced[i]), phrasing=phrasing,
-                                       steps=steps, premises=premises)
+                                       steps=steps, premises=premises, min_premises=min_premises)
                 for _ in range(1000):
                     if example["prompt"] not in excluded:
                         break
                     redrawn[h] += 1
                     example = make_example(h, scratchpad, rng, i, answer=str(balanced[i]), phrasing=phrasing,
-                                       steps=steps, premises=premises)
+                                       steps=steps, premises=premises, min_premises=min_premises)
                 else:
                     raise UnifiedError(f"--exclude: no {h}-hop question left that the excluded sets do not hold")
                 counts[example["answer"]] += 1
@@ -286,6 +294,7 @@ def _write(out: Path, hop_counts: list[int], scratchpad: str, n: int, seed: int,
         "phrasing": phrasing,
         "steps": steps,
         "premises": premises,
+        "min_premises": min_premises,
         "seed": seed,
         "files": {str(h): f"hops_{h}.jsonl" for h in hop_counts},
         "yes_fraction": {str(h): answers[h]["yes"] / n for h in hop_counts},
