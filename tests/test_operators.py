@@ -130,6 +130,13 @@ def _relations(premises: list[str], relation: str) -> set[tuple[str, str]]:
     return pairs
 
 
+def _next(pairs: set[tuple[str, str]], name: str, below: bool = True) -> str | None:
+    """The name right below (or above) `name` in the (greater, smaller) `pairs`; None at the end of its chain."""
+    found = [b if below else a for a, b in pairs if (a if below else b) == name]
+    assert len(found) <= 1
+    return found[0] if found else None
+
+
 @settings(max_examples=200, deadline=None)
 @given(hops=st.integers(2, 12), seed=st.integers(0, 2**32 - 1))
 def test_every_inductive_step_follows_from_the_previous_one_and_the_premises_at_its_ends(hops, seed):
@@ -140,16 +147,8 @@ def test_every_inductive_step_follows_from_the_previous_one_and_the_premises_at_
     example = make_example(hops, "inductive", np.random.default_rng(seed))
     x, relation, y = re.match(r"Is (\w+) (\w+) than (\w+)\?", example["question"]).groups()
     pairs = _relations(example["premises"], relation)
-
-    def next_below(name):
-        found = [b for a, b in pairs if a == name]
-        assert len(found) <= 1
-        return found[0] if found else name
-
-    def next_above(name):
-        found = [a for a, b in pairs if b == name]
-        assert len(found) <= 1
-        return found[0] if found else name
+    next_below = lambda name: _next(pairs, name) or name  # noqa: E731 (an end with none stays)
+    next_above = lambda name: _next(pairs, name, below=False) or name  # noqa: E731
 
     *steps, verdict = example["scratchpad"].split(". ")
     assert len(steps) == hops
@@ -176,11 +175,7 @@ def test_every_walk_step_follows_from_the_previous_one_and_one_premise(hops, see
     example = make_example(hops, "inductive", np.random.default_rng(seed), phrasing=phrasing, steps="walk")
     x, relation, y = re.match(r"Is (\w+) (\w+) than (\w+)\?", example["question"]).groups()
     pairs = _relations(example["premises"], relation)
-
-    def next_below(name):
-        found = [b for a, b in pairs if a == name]
-        assert len(found) <= 1
-        return found[0] if found else None
+    next_below = lambda name: _next(pairs, name)  # noqa: E731
 
     *steps, verdict = example["scratchpad"].split(". ")
     reached = x
