@@ -72,6 +72,43 @@ def test_answer_follows_from_premises(hops, seed, pad, phrasing, steps, padded):
         assert sentences == hops + 1 if steps == "interval" or answer == "yes" else 2 <= sentences <= hops
 
 
+@settings(max_examples=100, deadline=None)
+@given(hops=st.integers(2, 12), seed=st.integers(0, 2**32 - 1), phrasing=st.sampled_from(["both", "greater-first"]),
+       steps=st.sampled_from(["interval", "walk"]), padded=st.booleans())
+def test_premises_as_symbols_state_the_same_premises(hops, seed, phrasing, steps, padded):
+    """--premise-form symbols: the same example, each premise "A is taller than B." written "A > B." and "B is
+    shorter than A." written "B < A."; the question, scratchpad and answer unchanged."""
+    options = dict(phrasing=phrasing, steps=steps, premises=24 if padded else 0)
+    words = make_example(hops, "full", np.random.default_rng(seed), **options)
+    symbols = make_example(hops, "full", np.random.default_rng(seed), premise_form="symbols", **options)
+    more = words["relation"]
+    as_symbols = [re.sub(r"(\w+) is (\w+) than (\w+)\.", lambda m: f"{m[1]} {'>' if m[2] == more else '<'} {m[3]}.", p)
+                  for p in words["premises"]]
+    assert symbols["premises"] == as_symbols
+    assert all(re.fullmatch(r"\w+ [<>] \w+\.", p) for p in symbols["premises"])
+    assert symbols["prompt"] == " ".join(as_symbols) + " " + words["question"]
+    assert {k: symbols[k] for k in ("question", "scratchpad", "answer", "relation")} == {
+        k: words[k] for k in ("question", "scratchpad", "answer", "relation")}
+    if phrasing == "greater-first":
+        assert all(" > " in p for p in symbols["premises"])
+
+
+def test_bad_premise_form(tmp_path):
+    with pytest.raises(UnifiedError, match="--premise-form: expected words or symbols"):
+        operators(out=tmp_path, hops="2-3", premise_form="arrows", progress=False)
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_premise_form_is_recorded_and_a_set_of_the_other_form_is_not_taken_for_it(tmp_path):
+    info = operators(out=tmp_path, hops="2-3", n=10, steps="walk", premise_form="symbols", progress=False)
+    assert json.loads((tmp_path / "meta/info.json").read_text())["premise_form"] == info["premise_form"] == "symbols"
+    assert operators(out=tmp_path, hops="2-3", n=10, steps="walk", premise_form="symbols", progress=False) == info
+    with pytest.raises(UnifiedError, match="--overwrite"):
+        operators(out=tmp_path, hops="2-3", n=10, steps="walk", progress=False)
+    words = operators(out=tmp_path, hops="2-3", n=10, steps="walk", overwrite=True, progress=False)
+    assert words["premise_form"] == "words" and " is " in (tmp_path / "hops_2.jsonl").read_text()
+
+
 def test_files_split_by_hops_balanced_and_shuffled(tmp_path):
     info = operators(out=tmp_path, hops="2-4", scratchpad="full", n=50, progress=False)
     assert info["hops"] == [2, 3, 4] and info["examples"] == 150

@@ -10,7 +10,9 @@ premise then decided the answer at any hop count, a shortcut that made the task 
 question is as long as a 2-hop one: what grows with the hop count is then the reasoning alone, not the input (a
 model trained on short questions would otherwise meet, beyond the hop counts it knows, premises further back than
 any it learned to look to). `steps` chooses what a scratchpad step does: widen an interval around the first name
-one link each way (two lookups a step) or walk down one link (one lookup).
+one link each way (two lookups a step) or walk down one link (one lookup). `premise_form` symbols states the
+premises as the walk's steps do ("A > B.", "A is more <relation> than B"; or "B < A."), so that a premise is four
+tokens whose two names always stand two apart, in place of a sentence whose length varies with its relation.
 Files are split by hop count so that a model can train on few hops and be tested on more.
 """
 
@@ -39,6 +41,7 @@ NAMES = (
 Scratchpad = Literal["none", "full", "inductive"]
 Phrasing = Literal["both", "greater-first"]
 Steps = Literal["interval", "walk"]
+PremiseForm = Literal["words", "symbols"]
 MIN_HOPS = 2
 
 
@@ -70,13 +73,15 @@ def chain_length(hops: int) -> int:
 def make_example(
     hops: int, scratchpad: Scratchpad, rng: np.random.Generator, index: int = 0, answer: str | None = None,
     phrasing: Phrasing = "both", steps: Steps = "interval", premises: int = 0, min_premises: int = 0,
+    premise_form: PremiseForm = "words",
 ) -> dict:
     """One example needing `hops` steps of transitive reasoning; `answer` ('yes'/'no') is drawn when None.
     `phrasing`: each premise stated one way or the other ("A is taller than B." or "B is shorter than A."), or
     always the greater name first ("A is taller than B."). `steps`: the scratchpad's form (`_interval`, `_walk`).
     `premises`: 0 for the chain's 2 x hops; more adds a second chain of other names to make up that many (drawn after
     everything else, so the question, its chain and its scratchpad are those of the example without it);
-    `min_premises` > 0 draws the number uniformly from max(min_premises, 2 x hops) to `premises`."""
+    `min_premises` > 0 draws the number uniformly from max(min_premises, 2 x hops) to `premises`.
+    `premise_form`: premises as sentences ("A is taller than B.") or as symbols ("A > B."; `_premise`)."""
     if hops < MIN_HOPS:
         raise UnifiedError(f"an operator question needs at least {MIN_HOPS} hops, got {hops}")
     if premises and not 2 * hops <= premises <= len(NAMES) - 2:
@@ -84,7 +89,7 @@ def make_example(
                            f"names for at most {len(NAMES) - 2}; got {premises}")
     more, less = RELATIONS[int(rng.integers(len(RELATIONS)))]
     chain = [NAMES[i] for i in rng.choice(len(NAMES), size=chain_length(hops), replace=False)]
-    stated = [_premise(a, b, more, less, phrasing, rng) for a, b in zip(chain, chain[1:])]
+    stated = [_premise(a, b, more, less, phrasing, rng, premise_form) for a, b in zip(chain, chain[1:])]
     stated = [stated[i] for i in rng.permutation(len(stated))]
     if answer is None:
         answer = "yes" if rng.random() < 0.5 else "no"
@@ -96,7 +101,7 @@ def make_example(
     if premises > len(stated):
         others = [name for name in NAMES if name not in chain]
         second = [others[i] for i in rng.choice(len(others), size=premises - len(stated) + 1, replace=False)]
-        stated += [_premise(a, b, more, less, phrasing, rng) for a, b in zip(second, second[1:])]
+        stated += [_premise(a, b, more, less, phrasing, rng, premise_form) for a, b in zip(second, second[1:])]
         stated = [stated[i] for i in rng.permutation(len(stated))]
     question = f"Is {x} {more} than {y}?"
     text = "" if scratchpad == "none" else (_walk if steps == "walk" else _interval)(chain, more, x, y)
@@ -113,9 +118,13 @@ def make_example(
     }
 
 
-def _premise(a: str, b: str, more: str, less: str, phrasing: Phrasing, rng: np.random.Generator) -> str:
-    """"a is <more> than b.", or (phrasing both, at random) the same said the other way round."""
+def _premise(a: str, b: str, more: str, less: str, phrasing: Phrasing, rng: np.random.Generator,
+             form: PremiseForm = "words") -> str:
+    """"a is <more> than b." (symbols: "a > b."), or (phrasing both, at random) the same said the other way round,
+    "b is <less> than a." ("b < a.")."""
     one_way = phrasing == "greater-first" or rng.random() < 0.5
+    if form == "symbols":
+        return f"{a} > {b}." if one_way else f"{b} < {a}."
     return f"{a} is {more} than {b}." if one_way else f"{b} is {less} than {a}."
 
 
@@ -166,12 +175,12 @@ def as_words(text: str, steps: str) -> str:
 def operators(
     *, out: Path, hops: str = "2-6", scratchpad: Scratchpad = "none", n: int = 1000, seed: int = 0,
     phrasing: Phrasing = "both", steps: Steps = "interval", premises: int = 0, min_premises: int = 0,
-    exclude: list[Path] = (), overwrite: bool = False, progress: bool = True,
+    premise_form: PremiseForm = "words", exclude: list[Path] = (), overwrite: bool = False, progress: bool = True,
 ) -> dict:
     """Write `n` examples per hop count to `out/hops_{h}.jsonl` plus `out/meta/info.json`; returns the info.
     `steps` and `premises`: the scratchpad's form and the premises of every question (0: the chain's own), as in
     `make_example`; with `min_premises`, the number is drawn per question from min_premises (or the chain's own,
-    if more) to `premises`.
+    if more) to `premises`; `premise_form`: premises as sentences (words) or as "A > B." (symbols).
 
     No example repeats a question (premises and question) of the operator data sets in `exclude`: one that
     would is drawn again, so a test set made with `--exclude TRAIN` holds no question a model trained on TRAIN saw.
@@ -189,6 +198,8 @@ def operators(
         raise UnifiedError(f"--phrasing: expected both or greater-first, got {phrasing!r}")
     if steps not in ("interval", "walk"):
         raise UnifiedError(f"--steps: expected interval or walk, got {steps!r}")
+    if premise_form not in ("words", "symbols"):
+        raise UnifiedError(f"--premise-form: expected words or symbols, got {premise_form!r}")
     hop_counts = parse_hops(hops)
     if premises and not 2 * max(hop_counts) <= premises <= len(NAMES) - 2:
         raise UnifiedError(f"--premises: at least the {2 * max(hop_counts)} premises of a {max(hop_counts)}-hop "
@@ -202,8 +213,10 @@ def operators(
         existing = json.loads((out / "meta" / "info.json").read_text())
         wanted = {"format_version": FORMAT_VERSION, "hops": hop_counts, "examples_per_hop": n,
                   "scratchpad": scratchpad, "seed": seed, "phrasing": phrasing, "steps": steps,
-                  "premises": premises, "min_premises": min_premises, "excluding": sorted(str(p) for p in exclude)}
-        defaults = {"steps": "interval", "premises": 0, "min_premises": 0}  # as sets written before these options read
+                  "premises": premises, "min_premises": min_premises, "premise_form": premise_form,
+                  "excluding": sorted(str(p) for p in exclude)}
+        # as sets written before these options read:
+        defaults = {"steps": "interval", "premises": 0, "min_premises": 0, "premise_form": "words"}
         if all(existing.get(k, defaults.get(k)) == v for k, v in wanted.items()):
             print(f"{out}: already holds these {existing['examples']} examples, kept", flush=True)
             return existing
@@ -214,7 +227,7 @@ def operators(
                                "tokenize the shards that read it again (make demo into a new DEMO_DIR does all)")
     with staged_dir(out, "operators", overwrite=overwrite) as staging:
         info = _write(staging, hop_counts, scratchpad, n, seed, progress, excluded, phrasing, steps, premises,
-                      min_premises)
+                      min_premises, premise_form)
         info["excluding"] = sorted(str(p) for p in exclude)
         (staging / "meta" / "info.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"{out}: {info['examples']} examples, hops {hops}, scratchpad {scratchpad}", flush=True)
@@ -259,7 +272,7 @@ def _prompts(data_sets: list[Path]) -> set[str]:
 
 def _write(out: Path, hop_counts: list[int], scratchpad: str, n: int, seed: int, progress: bool,
            excluded: set[str] = frozenset(), phrasing: Phrasing = "both", steps: Steps = "interval",
-           premises: int = 0, min_premises: int = 0) -> dict:
+           premises: int = 0, min_premises: int = 0, premise_form: PremiseForm = "words") -> dict:
     (out / "meta").mkdir(parents=True, exist_ok=True)
     answers: dict[int, Counter] = {}
     redrawn: Counter = Counter()
@@ -272,13 +285,15 @@ def _write(out: Path, hop_counts: list[int], scratchpad: str, n: int, seed: int,
         with open(path, "w") as f:  # in the staging directory: the whole set appears at once
             for i in range(n):
                 example = make_example(h, scratchpad, rng, i, answer=str(balanced[i]), phrasing=phrasing,
-                                       steps=steps, premises=premises, min_premises=min_premises)
+                                       steps=steps, premises=premises, min_premises=min_premises,
+                                       premise_form=premise_form)
                 for _ in range(1000):
                     if example["prompt"] not in excluded:
                         break
                     redrawn[h] += 1
                     example = make_example(h, scratchpad, rng, i, answer=str(balanced[i]), phrasing=phrasing,
-                                       steps=steps, premises=premises, min_premises=min_premises)
+                                       steps=steps, premises=premises, min_premises=min_premises,
+                                       premise_form=premise_form)
                 else:
                     raise UnifiedError(f"--exclude: no {h}-hop question left that the excluded sets do not hold")
                 counts[example["answer"]] += 1
@@ -295,6 +310,7 @@ def _write(out: Path, hop_counts: list[int], scratchpad: str, n: int, seed: int,
         "steps": steps,
         "premises": premises,
         "min_premises": min_premises,
+        "premise_form": premise_form,
         "seed": seed,
         "files": {str(h): f"hops_{h}.jsonl" for h in hop_counts},
         "yes_fraction": {str(h): answers[h]["yes"] / n for h in hop_counts},
