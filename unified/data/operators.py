@@ -11,8 +11,8 @@ question is as long as a 2-hop one: what grows with the hop count is then the re
 model trained on short questions would otherwise meet, beyond the hop counts it knows, premises further back than
 any it learned to look to). `steps` chooses what a scratchpad step does: widen an interval around the first name
 one link each way (two lookups a step) or walk down one link (one lookup). `premise_form` symbols states the
-premises as the walk's steps do ("A > B.", "A is more <relation> than B"; or "B < A."), so that a premise is four
-tokens whose two names always stand two apart, in place of a sentence whose length varies with its relation.
+premises as the walk's steps do ("A > B.", "A is more <relation> than B"; or "B < A."): shorter than a sentence,
+and the premise a walk's step needs reads exactly as that step.
 Files are split by hop count so that a model can train on few hops and be tested on more.
 """
 
