@@ -107,6 +107,27 @@ def test_generation_crops_its_cache_and_sees_what_training_saw(tokenizers):
     assert 1 <= len(steps) <= 3 and all(len(s) <= 4 for s in steps) and len(reply) <= 4
 
 
+@pytest.mark.parametrize("inductive", [False, True])
+def test_question_weight_makes_the_question_a_target_at_its_weight(tokenizers, inductive):
+    """data.question_weight: 0 leaves the question unpredicted (the rows are as before); w > 0 predicts every
+    question token after the first from the one before it, at w times the task's weight, and changes nothing else."""
+    layout = tokenizers.layout
+    sample = example(layout, np.random.default_rng(1))
+    if not inductive:
+        sample.steps, sample.step_list = np.concatenate(sample.step_list), None
+    plain, weighted = build(sample, layout, task_weights={"text": 2.0}), build(
+        sample, layout, task_weights={"text": 2.0}, question_weight=0.25)
+    start, stop = plain.spans["question"]
+    asked = np.arange(start - 1, stop - 1)  # position i predicts token i + 1: <bos> predicts the question's first
+    assert (plain.targets[asked] == IGNORE).all() and (plain.weights[asked] == 0).all()
+    assert list(weighted.targets[asked]) == list(plain.ids[start:stop])
+    assert np.allclose(weighted.weights[asked], 0.5)
+    rest = np.setdiff1d(np.arange(len(plain)), asked)
+    assert (weighted.ids == plain.ids).all() and (weighted.targets[rest] == plain.targets[rest]).all()
+    assert np.allclose(weighted.weights[rest], plain.weights[rest])
+    assert set(plain.weights[plain.targets != IGNORE]) == {2.0}
+
+
 def test_operator_shards_keep_the_steps_apart(model_data, tmp_path):
     from unified.batches import MixtureBatches
     from unified.data.operators import operators

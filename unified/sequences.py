@@ -80,6 +80,7 @@ class _Writer:
         self.layout = layout
         self.ids: list[np.ndarray] = []
         self.is_target: list[np.ndarray] = []
+        self.factor: list[np.ndarray] = []  # each token's loss weight, relative to its task's
         self.block: list[np.ndarray] = []
         self.group: list[np.ndarray] = []
         self.positions: list[np.ndarray] = []
@@ -89,14 +90,16 @@ class _Writer:
         self.next_position = 0
 
     def add(self, tokens, target=False, name: str | None = None, block: np.ndarray | None = None,
-            group: int = -1, position: int | None = None) -> None:
-        """Append `tokens`; `target` is one flag for all of them or one per token. `group` (inductive form) and
-        `position` (the first token's position id; by default the next one) are for the inductive scratchpad."""
+            group: int = -1, position: int | None = None, weight: float = 1.0) -> None:
+        """Append `tokens`; `target` is one flag for all of them or one per token, `weight` their loss weight
+        relative to the task's. `group` (inductive form) and `position` (the first token's position id; by default
+        the next one) are for the inductive scratchpad."""
         tokens = np.atleast_1d(np.asarray(tokens, np.int64))
         if name:
             self.spans[name] = (self.length, self.length + len(tokens))
         self.ids.append(tokens)
         self.is_target.append(np.broadcast_to(np.asarray(target, bool), tokens.shape))
+        self.factor.append(np.full(len(tokens), weight, np.float32))
         self.block.append(np.full(len(tokens), -1, np.int16) if block is None else block.astype(np.int16))
         self.group.append(np.full(len(tokens), group, np.int16))
         self.grouped = self.grouped or group >= 0
@@ -114,7 +117,9 @@ class _Writer:
         targets = np.full(len(ids), IGNORE, np.int64)
         # Position i predicts token i + 1.
         targets[:-1] = np.where(is_target[1:], ids[1:], IGNORE)
-        weights = np.where(targets != IGNORE, task_weight, 0.0).astype(np.float32)
+        factor = np.concatenate(self.factor)
+        weights = np.zeros(len(ids), np.float32)
+        weights[:-1] = np.where(targets[:-1] != IGNORE, task_weight * factor[1:], 0.0)
         image = self.layout.mask("image")
         predicts_image = (targets != IGNORE) & image[np.clip(targets, 0, None)]
         weights[predicts_image] *= image_weight
@@ -203,15 +208,17 @@ def build_world(sample: Sample, layout: TokenLayout, image_weight: float = 0.04,
     return w.finish("world", sample.id, image_weight, task_weight)
 
 
-def build_text(sample: Sample, layout: TokenLayout, image_weight: float = 0.04, task_weight: float = 1.0) -> Built:
+def build_text(sample: Sample, layout: TokenLayout, image_weight: float = 0.04, task_weight: float = 1.0,
+               question_weight: float = 0.0) -> Built:
     """The text task: question, then the scratchpad (possibly empty) and the answer as targets; in the inductive
-    form when the sample carries its steps (`step_list`)."""
+    form when the sample carries its steps (`step_list`). `question_weight` > 0 makes the question's tokens targets
+    too, at that weight relative to the rest."""
     _need(sample, "question", "answer")
     if sample.step_list:
-        return _build_inductive(sample, layout, image_weight, task_weight)
+        return _build_inductive(sample, layout, image_weight, task_weight, question_weight)
     w = _Writer(layout)
     w.special("<bos>")
-    w.add(sample.question, name="question")
+    w.add(sample.question, name="question", target=question_weight > 0, weight=question_weight)
     w.special("<reason>")
     steps = sample.steps if sample.steps is not None else np.zeros(0, np.int64)
     w.add(steps, target=True, name="steps")
@@ -221,13 +228,14 @@ def build_text(sample: Sample, layout: TokenLayout, image_weight: float = 0.04, 
     return w.finish("text", sample.id, image_weight, task_weight)
 
 
-def _build_inductive(sample: Sample, layout: TokenLayout, image_weight: float, task_weight: float) -> Built:
+def _build_inductive(sample: Sample, layout: TokenLayout, image_weight: float, task_weight: float,
+                     question_weight: float = 0.0) -> Built:
     """Group 0: `<bos> question <reason>` at positions 0..P-1. Group k: a copy of step k - 1 and its `<step>` (for
     k >= 2, not a target) at positions P.., then step k and its `<step>` (targets) right after it; the last group ends
     with `</reason> answer <eos>` instead of a `<step>`."""
     w = _Writer(layout)
     w.special("<bos>")
-    w.add(sample.question, name="question", group=0)
+    w.add(sample.question, name="question", group=0, target=question_weight > 0, weight=question_weight)
     w.add([layout.special("<reason>")], group=0)
     prefix = w.length
     step = layout.special("<step>")
@@ -249,8 +257,9 @@ def _build_inductive(sample: Sample, layout: TokenLayout, image_weight: float, t
     return w.finish("text", sample.id, image_weight, task_weight)
 
 
-def build(sample: Sample, layout: TokenLayout, image_weight: float = 0.04, task_weights: dict | None = None) -> Built:
-    """Dispatch on `sample.task`."""
+def build(sample: Sample, layout: TokenLayout, image_weight: float = 0.04, task_weights: dict | None = None,
+          question_weight: float = 0.0) -> Built:
+    """Dispatch on `sample.task`; `question_weight`: the text task's question as a target (`build_text`)."""
     weight = (task_weights or {}).get(sample.task, 1.0)
     if sample.task == "policy_reason":
         return build_policy(sample, layout, True, image_weight, weight)
@@ -259,7 +268,7 @@ def build(sample: Sample, layout: TokenLayout, image_weight: float = 0.04, task_
     if sample.task == "world":
         return build_world(sample, layout, image_weight, weight)
     if sample.task == "text":
-        return build_text(sample, layout, image_weight, weight)
+        return build_text(sample, layout, image_weight, weight, question_weight)
     raise UnifiedError(f"sample {sample.id!r}: unknown task {sample.task!r}; tasks are {', '.join(TASKS)}")
 
 

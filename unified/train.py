@@ -73,7 +73,8 @@ def mixture(config, shards, split: str = "train", gpu: bool = False):
                           config.model.image_loss_weight, config.model.task_weights,
                           config.data.with_state and config.model.use_state, config.model.state_dims,
                           split=split, dense_mask=not uses_flex(config, gpu),
-                          inductive=config.model.inductive_scratchpad, **extra)
+                          inductive=config.model.inductive_scratchpad, question_weight=config.data.question_weight,
+                          **extra)
 
 
 def prepare_data(config, run_dir: Path, progress: bool) -> Path:

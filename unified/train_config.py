@@ -45,6 +45,10 @@ class DataConfig:
     # The share of policy samples (with and without reasoning) whose prompt leaves out the frame(s): the state and the
     # instruction alone must then give the action, so the policy cannot lean only on recognising the picture.
     image_dropout: float = 0.0
+    # The operator questions' premises and question as targets too, at this loss weight relative to the scratchpad
+    # and answer (0: only those are trained). Predicting the premises trains the model to match a name with where it
+    # appeared before, the match a scratchpad's lookup needs.
+    question_weight: float = 0.0
     # Batches built ahead by this many DataLoader worker processes (0: on the training process, between steps),
     # `prefetch` steps each; the batches are the same either way.
     workers: int = 0
@@ -146,6 +150,8 @@ class TrainConfig:
         if not 0 <= self.data.image_dropout <= 1:
             raise UnifiedError(f"data.image_dropout is a share of the policy samples, in [0, 1]; got "
                                f"{self.data.image_dropout}")
+        if self.data.question_weight < 0:
+            raise UnifiedError(f"data.question_weight is a loss weight, 0 or more; got {self.data.question_weight}")
         if self.on_nan == "skip" and self.optim.grad_accum > 1:
             raise UnifiedError("on_nan: skip needs optim.grad_accum 1: a skipped micro step would leave DeepSpeed's "
                                "accumulation boundary out of step with the run's; use on_nan: stop")
