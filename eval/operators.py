@@ -184,7 +184,7 @@ def operators_eval(*, model: Path, data: Path, hops: str | None = None, n: int =
     if json is not None:
         check_file(json, "operators", [model, data])
     examples = read_examples(data, parse_hops(hops) if hops else None, n)
-    form = read_info(data).get("steps", "interval")  # the questions are encoded as training encoded them
+    form = read_info(data)["steps"]  # the questions are encoded as training encoded them
     loaded, tokenizers, _ = load_model(model)
     accuracy, tokens, shown, exact, leading = {}, {}, [], {}, {}
     with torch.inference_mode():
@@ -198,8 +198,7 @@ def operators_eval(*, model: Path, data: Path, hops: str | None = None, n: int =
                     correct.append(reply.strip() == example["answer"])
                     if example.get("scratchpad"):
                         right = steps_right(scratchpad, example["scratchpad"])
-                        exact.setdefault(h, []).append(right == 1.0 and " ".join(scratchpad.split()) ==
-                                                       example["scratchpad"])
+                        exact.setdefault(h, []).append(" ".join(scratchpad.split()) == example["scratchpad"])
                         leading.setdefault(h, []).append(right)
                     tokens.setdefault(h, []).append(generated)
                     if sum(s["hops"] == h for s in shown) < 2:

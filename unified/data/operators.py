@@ -43,6 +43,9 @@ Phrasing = Literal["both", "greater-first"]
 Steps = Literal["interval", "walk"]
 PremiseForm = Literal["words", "symbols"]
 MIN_HOPS = 2
+# The drawing options of `make_example` beyond the hop count and scratchpad, with the values that sets written
+# before an option existed hold (read so by `read_info` and by the same-set check of `operators`).
+OPTION_DEFAULTS = {"phrasing": "both", "steps": "interval", "premises": 0, "min_premises": 0, "premise_form": "words"}
 
 
 def parse_hops(hops: str) -> list[int]:
@@ -209,15 +212,13 @@ def operators(
                            f"premises drawn from it to N); got {min_premises} with --premises {premises}")
     out = Path(out)
     excluded = _prompts(exclude)
+    options = {"phrasing": phrasing, "steps": steps, "premises": premises, "min_premises": min_premises,
+               "premise_form": premise_form}
     if check_dir(out, "operators") == "same":
         existing = json.loads((out / "meta" / "info.json").read_text())
         wanted = {"format_version": FORMAT_VERSION, "hops": hop_counts, "examples_per_hop": n,
-                  "scratchpad": scratchpad, "seed": seed, "phrasing": phrasing, "steps": steps,
-                  "premises": premises, "min_premises": min_premises, "premise_form": premise_form,
-                  "excluding": sorted(str(p) for p in exclude)}
-        # as sets written before these options read:
-        defaults = {"steps": "interval", "premises": 0, "min_premises": 0, "premise_form": "words"}
-        if all(existing.get(k, defaults.get(k)) == v for k, v in wanted.items()):
+                  "scratchpad": scratchpad, "seed": seed, **options, "excluding": sorted(str(p) for p in exclude)}
+        if all(existing.get(k, OPTION_DEFAULTS.get(k)) == v for k, v in wanted.items()):
             print(f"{out}: already holds these {existing['examples']} examples, kept", flush=True)
             return existing
         if existing.get("format_version", 1) != FORMAT_VERSION and not overwrite:
@@ -226,8 +227,7 @@ def operators(
                                "--overwrite to make it again in this version's format, then fit the tokenizers and "
                                "tokenize the shards that read it again (make demo into a new DEMO_DIR does all)")
     with staged_dir(out, "operators", overwrite=overwrite) as staging:
-        info = _write(staging, hop_counts, scratchpad, n, seed, progress, excluded, phrasing, steps, premises,
-                      min_premises, premise_form)
+        info = _write(staging, hop_counts, scratchpad, n, seed, progress, excluded, options)
         info["excluding"] = sorted(str(p) for p in exclude)
         (staging / "meta" / "info.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"{out}: {info['examples']} examples, hops {hops}, scratchpad {scratchpad}", flush=True)
@@ -235,7 +235,8 @@ def operators(
 
 
 def read_info(directory: Path, what: str = "") -> dict:
-    """The meta/info.json of the operator data set at `directory`; a clear error when it is none, or one an earlier
+    """The meta/info.json of the operator data set at `directory`, an option it does not record read as its default
+    (`OPTION_DEFAULTS`: it was written before the option existed); a clear error when it is none, or one an earlier
     version of this command wrote (its questions asked about the chain's ends). `what` prefixes the error (an
     option's name)."""
     path = Path(directory) / "meta" / "info.json"
@@ -252,7 +253,7 @@ def read_info(directory: Path, what: str = "") -> dict:
         raise UnifiedError(f"{what}{directory}: an operator data set of format version {info.get('format_version', 1)}"
                            f" (questions about the chain's two ends), this version reads {FORMAT_VERSION}; make it "
                            "again with `unified data operators ... --overwrite`")
-    return info
+    return OPTION_DEFAULTS | info
 
 
 def _prompts(data_sets: list[Path]) -> set[str]:
@@ -271,8 +272,10 @@ def _prompts(data_sets: list[Path]) -> set[str]:
 
 
 def _write(out: Path, hop_counts: list[int], scratchpad: str, n: int, seed: int, progress: bool,
-           excluded: set[str] = frozenset(), phrasing: Phrasing = "both", steps: Steps = "interval",
-           premises: int = 0, min_premises: int = 0, premise_form: PremiseForm = "words") -> dict:
+           excluded: set[str] = frozenset(), options: dict | None = None) -> dict:
+    """`n` examples per hop count, each drawn again while `excluded` holds its prompt; `options` are
+    `make_example`'s drawing options (`OPTION_DEFAULTS` where left out), recorded in the returned info."""
+    options = OPTION_DEFAULTS | (options or {})
     (out / "meta").mkdir(parents=True, exist_ok=True)
     answers: dict[int, Counter] = {}
     redrawn: Counter = Counter()
@@ -284,16 +287,12 @@ def _write(out: Path, hop_counts: list[int], scratchpad: str, n: int, seed: int,
         balanced = rng.permutation(np.array(["yes", "no"] * (n // 2 + 1))[:n])
         with open(path, "w") as f:  # in the staging directory: the whole set appears at once
             for i in range(n):
-                example = make_example(h, scratchpad, rng, i, answer=str(balanced[i]), phrasing=phrasing,
-                                       steps=steps, premises=premises, min_premises=min_premises,
-                                       premise_form=premise_form)
+                example = make_example(h, scratchpad, rng, i, answer=str(balanced[i]), **options)
                 for _ in range(1000):
                     if example["prompt"] not in excluded:
                         break
                     redrawn[h] += 1
-                    example = make_example(h, scratchpad, rng, i, answer=str(balanced[i]), phrasing=phrasing,
-                                       steps=steps, premises=premises, min_premises=min_premises,
-                                       premise_form=premise_form)
+                    example = make_example(h, scratchpad, rng, i, answer=str(balanced[i]), **options)
                 else:
                     raise UnifiedError(f"--exclude: no {h}-hop question left that the excluded sets do not hold")
                 counts[example["answer"]] += 1
@@ -306,11 +305,7 @@ def _write(out: Path, hop_counts: list[int], scratchpad: str, n: int, seed: int,
         "examples_per_hop": n,
         "examples": n * len(hop_counts),
         "scratchpad": scratchpad,
-        "phrasing": phrasing,
-        "steps": steps,
-        "premises": premises,
-        "min_premises": min_premises,
-        "premise_form": premise_form,
+        **options,
         "seed": seed,
         "files": {str(h): f"hops_{h}.jsonl" for h in hop_counts},
         "yes_fraction": {str(h): answers[h]["yes"] / n for h in hop_counts},

@@ -155,7 +155,7 @@ def split_steps(scratchpad: str) -> list[str]:
 def _operators(directory: Path, hops: str, table: _TextTable) -> dict[str, list]:
     from unified.data.operators import as_words, parse_hops, read_info
 
-    form = read_info(directory, "--operators ").get("steps", "interval")
+    form = read_info(directory, "--operators ")["steps"]
     rows: dict[str, list] = {"question": [], "steps": [], "answer": [], "hops": [], "step_rows": []}
     for h in parse_hops(hops):
         path = Path(directory) / f"hops_{h}.jsonl"
