@@ -431,3 +431,37 @@ def test_ordinal_init_lays_each_dimensions_bins_on_a_line(shards):
     assert far > 10 * near  # neighbouring bins start close, the ends of the range far apart
     with pytest.raises(UnifiedError, match="not made of blocks"):
         ordinal_init(model, "state", state.size + 1)
+
+
+def test_fixed_state_embedding_trains_everything_but_the_state_rows(shards):
+    """model.fixed_state_embedding: the same function as the learned rows (the same logits for the same weights),
+    but training never moves the rows of the state bins, while it moves the other rows that occur in the batch."""
+    from unified.train_config import TrainConfig
+
+    fixed, learned = tiny_model(shards.layout, fixed_state_embedding=True), tiny_model(shards.layout)
+    learned.load_state_dict(fixed.state_dict())
+    tensors = batches(shards, ["policy", "world"], rows=6)[0].to_torch()
+    args = tensors["input_ids"], tensors["attention_mask"], tensors["position_ids"]
+    torch.testing.assert_close(fixed.logits(*args)[0], learned.logits(*args)[0])
+    state, ids = shards.layout.segment("state"), tensors["input_ids"]
+    assert ((ids >= state.start) & (ids < state.stop)).any()  # the batch reads state tokens
+    state_rows = torch.zeros(shards.layout.vocab_size, dtype=torch.bool)
+    state_rows[state.start:state.stop] = True
+    grads, moved = [], []
+    for model in (fixed, learned):
+        before = model.backbone.get_input_embeddings().weight.detach().clone()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+        for step in range(3):
+            loss, _ = model(tensors)
+            optimizer.zero_grad()
+            loss.backward()
+            if step == 0:
+                grads.append(model.backbone.get_input_embeddings().weight.grad.clone())
+            optimizer.step()
+        moved.append((model.backbone.get_input_embeddings().weight.detach() - before).abs().amax(-1) > 0)
+    # The first step: the same gradient on every other row, none on the state rows (which the learned model moves).
+    torch.testing.assert_close(grads[0][~state_rows], grads[1][~state_rows])
+    assert grads[0][state_rows].abs().amax() == 0 < grads[1][state_rows].abs().amax()
+    assert not moved[0][state_rows].any() and moved[1][state_rows].any() and moved[0][~state_rows].any()
+    with pytest.raises(UnifiedError, match="needs ordinal_init"):
+        TrainConfig(model=ModelConfig(fixed_state_embedding=True), ordinal_init=False)

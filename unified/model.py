@@ -42,6 +42,12 @@ class ModelConfig:
     horizon: int = 10  # action chunk length H
     use_state: bool = True  # put the ego state tokens in the policy prompt
     state_dims: int | None = None  # the first N state values only (3: the ego's own, no nearby vehicles); None: all
+    # No gradient reaches the state bins' input embeddings: they stay where `ordinal_init` put them (one line per
+    # state dimension, bin i at base + c_i * direction; weight decay shrinks them all alike), and training moves
+    # the layers that read them, so the model reads a state value through one fixed direction shared by all its
+    # bins and what it learns for one value carries to its neighbours. Learned rows (the default) are each moved
+    # by their own few samples.
+    fixed_state_embedding: bool = False
     max_reason_tokens: int = 48  # cap on generated reasoning
     # The operator questions' scratchpad in its inductive form: each step written from the question and the step
     # before it only, at positions that restart after the question (`sequences.build_text`); generation does the
@@ -246,9 +252,12 @@ class UnifiedModel(nn.Module):
         flex = type(attention_mask).__name__ == "BlockMask"
         if flex:
             self.backbone.set_attn_implementation("flex_attention")
+        inputs = {"input_ids": input_ids}
+        if self.config.fixed_state_embedding:
+            inputs = {"inputs_embeds": self._embed_fixed_state(input_ids)}
         try:
             out = self.backbone(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                **inputs, attention_mask=attention_mask, position_ids=position_ids,
                 cache=cache, use_cache=cache is not None, output_hidden_states=hidden,
             )
         finally:
@@ -257,6 +266,14 @@ class UnifiedModel(nn.Module):
         if hidden:
             return out.logits, out.cache, out.hidden_states[-1]
         return out.logits, out.cache
+
+    def _embed_fixed_state(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The input embeddings of `input_ids`, with no gradient through the rows of the state bins
+        (`fixed_state_embedding`)."""
+        embeds = self.backbone.get_input_embeddings()(input_ids)
+        span = self.layout.segment("state")
+        is_state = ((input_ids >= span.start) & (input_ids < span.stop)).unsqueeze(-1)
+        return torch.where(is_state, embeds.detach(), embeds)
 
     def continuous_actions(self, hidden: torch.Tensor, index: torch.Tensor,
                            states: torch.Tensor | None = None) -> torch.Tensor:

@@ -155,6 +155,9 @@ class TrainConfig:
         if self.on_nan == "skip" and self.optim.grad_accum > 1:
             raise UnifiedError("on_nan: skip needs optim.grad_accum 1: a skipped micro step would leave DeepSpeed's "
                                "accumulation boundary out of step with the run's; use on_nan: stop")
+        if self.model.fixed_state_embedding and not self.ordinal_init:
+            raise UnifiedError("model.fixed_state_embedding keeps the state bins' rows where ordinal_init puts them: "
+                               "it needs ordinal_init: true")
         if not 0 <= self.ema_decay < 1:
             raise UnifiedError(f"ema_decay is the moving average's decay, in [0, 1) (0: none); got {self.ema_decay}")
         if self.ema_decay and self.zero_stage == 3:
