@@ -465,3 +465,40 @@ def test_fixed_state_embedding_trains_everything_but_the_state_rows(shards):
     assert not moved[0][state_rows].any() and moved[1][state_rows].any() and moved[0][~state_rows].any()
     with pytest.raises(UnifiedError, match="needs ordinal_init"):
         TrainConfig(model=ModelConfig(fixed_state_embedding=True), ordinal_init=False)
+
+
+def test_state_value_embedding_learns_one_direction_per_dimension_and_exports_folded(shards, tokenizers, tmp_path):
+    """model.state_value_embedding: a state token's input is its row plus c * w_d (c from -1 to 1 over its
+    dimension's bins); w_d learns from every state token of dimension d; an export folds c * w_d into the rows, so
+    the exported (plain) backbone gives the model's logits and actions."""
+    dim = tokenizers.state.dim
+    with pytest.raises(UnifiedError, match="state_value_embedding"):
+        tiny_model(shards.layout, state_value_embedding=True)  # no state_dim
+    with pytest.raises(UnifiedError, match="choose one"):
+        ModelConfig(state_value_embedding=True, fixed_state_embedding=True)
+    torch.manual_seed(0)
+    model = UnifiedModel(ModelConfig(**TINY | {"state_value_embedding": True}), shards.layout, state_dim=dim)
+    plain = tiny_model(shards.layout)
+    plain.backbone.load_state_dict(model.backbone.state_dict())
+    tensors = batches(shards, ["policy", "world"], rows=6)[0].to_torch()
+    args = tensors["input_ids"], tensors["attention_mask"], tensors["position_ids"]
+    torch.testing.assert_close(model.logits(*args)[0], plain.logits(*args)[0])  # w starts at 0: the plain model
+    loss, _ = model(tensors)
+    loss.backward()
+    assert model.state_value.grad.abs().amax(-1).gt(0).sum() >= dim // 2  # the dimensions the batch reads learn
+    with torch.no_grad():
+        model.state_value.normal_(0, 0.5)
+    # By hand: state token k of dimension d, bin b of B, gets (2b / (B - 1) - 1) * w_d.
+    state, bins = shards.layout.segment("state"), tokenizers.state.bins
+    ids = torch.tensor([state.start, state.start + bins - 1, state.start + 2 * bins + 3, 5])
+    expected = torch.stack([-model.state_value[0], model.state_value[0],
+                            (2 * 3 / (bins - 1) - 1) * model.state_value[2], torch.zeros(model.state_value.shape[1])])
+    torch.testing.assert_close(model._state_values(ids), expected)
+    assert not torch.allclose(model.logits(*args)[0], plain.logits(*args)[0])
+    save_model(model, tokenizers, tmp_path / "m")
+    loaded, _, _ = load_model(tmp_path / "m")
+    assert loaded.config.state_value_embedding and not loaded.state_value.any()
+    torch.testing.assert_close(loaded.logits(*args)[0], model.logits(*args)[0], rtol=1e-4, atol=1e-4)
+    saved = load_model(tmp_path / "m")[0].backbone  # the backbone alone, as transformers loads it
+    torch.testing.assert_close(saved(input_ids=args[0], attention_mask=args[1], position_ids=args[2]).logits,
+                               model.logits(*args)[0], rtol=1e-4, atol=1e-4)

@@ -24,7 +24,7 @@ def load_training_checkpoint(path: Path):
     config = from_dict(ModelConfig, info["model"], f"{step_dir / 'checkpoint.json'}: model")
     config.init_from = None
     model = UnifiedModel(config, tokenizers.layout_for(config.action_tokens),
-                         state_size=state_values(tokenizers.state.dim, config))
+                         state_size=state_values(tokenizers.state.dim, config), state_dim=tokenizers.state.dim)
     missing, unexpected = model.load_state_dict(checkpoints.load_weights(step_dir), strict=False)
     if missing or unexpected:
         raise UnifiedError(f"{step_dir / 'model.safetensors'}: does not match the model config in checkpoint.json "

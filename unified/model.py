@@ -48,6 +48,11 @@ class ModelConfig:
     # bins and what it learns for one value carries to its neighbours. Learned rows (the default) are each moved
     # by their own few samples.
     fixed_state_embedding: bool = False
+    # Each state token's input embedding also gets its value times a learned direction of its dimension
+    # (c * w_d, c from -1 to 1 over the dimension's bins): the state read as a number, as a state MLP reads it, one
+    # direction per dimension learned from every sample of that dimension, beside the per-bin rows. An export folds
+    # c * w_d into the rows, so exported models are plain embeddings.
+    state_value_embedding: bool = False
     max_reason_tokens: int = 48  # cap on generated reasoning
     # The operator questions' scratchpad in its inductive form: each step written from the question and the step
     # before it only, at positions that restart after the question (`sequences.build_text`); generation does the
@@ -72,6 +77,9 @@ class ModelConfig:
         if self.action_tokens == "fast" and self.action_label_sigma > 0:
             raise UnifiedError("model.action_label_sigma spreads targets over neighbouring bins; FAST tokens have no "
                                "neighbours: leave it 0 with model.action_tokens: fast")
+        if self.fixed_state_embedding and self.state_value_embedding:
+            raise UnifiedError("model.fixed_state_embedding and model.state_value_embedding are two ways of reading "
+                               "the state bins; choose one")
         if self.action_head_state and not self.action_head:
             raise UnifiedError("model.action_head_state: true needs model.action_head: true (it is that head's input)")
         unknown = sorted(set(self.task_weights) - set(TASKS))
@@ -200,9 +208,10 @@ def block_mask(segment: torch.Tensor, action_block: torch.Tensor):
 class UnifiedModel(nn.Module):
     """`forward(batch) -> (loss, metrics)` for training; `logits` for generation."""
 
-    def __init__(self, config: ModelConfig, layout: TokenLayout, backbone=None, state_size: int = 0):
+    def __init__(self, config: ModelConfig, layout: TokenLayout, backbone=None, state_size: int = 0,
+                 state_dim: int = 0):
         """`state_size`: how many state values a head that reads the state gets (`state_values`, from the state
-        tokenizer)."""
+        tokenizer); `state_dim`: how many values the state tokenizer writes (needed by `state_value_embedding`)."""
         super().__init__()
         self.config, self.layout = config, layout
         self.backbone = backbone if backbone is not None else build_backbone(config, layout)
@@ -215,6 +224,14 @@ class UnifiedModel(nn.Module):
             raise UnifiedError("model.action_tokens: fast needs a token layout with a fast segment "
                                "(`Tokenizers.layout_for('fast')`)")
         self.register_buffer("image_ids", torch.from_numpy(layout.mask("image")), persistent=False)
+        self.state_value = None
+        if config.state_value_embedding:
+            span = layout.segment("state") if layout.has("state") else None
+            if span is None or state_dim < 1 or span.size % state_dim:
+                raise UnifiedError(f"model.state_value_embedding: needs the state tokenizer's number of values and a "
+                                   f"layout with a state segment made of that many blocks of bins (state_dim "
+                                   f"{state_dim}, segment {None if span is None else span.size})")
+            self.state_value = nn.Parameter(torch.zeros(state_dim, self.backbone.config.hidden_size))
         self.action_head = None
         if config.action_head:
             if config.action_head_state and state_size < 1:
@@ -255,6 +272,8 @@ class UnifiedModel(nn.Module):
         inputs = {"input_ids": input_ids}
         if self.config.fixed_state_embedding:
             inputs = {"inputs_embeds": self._embed_fixed_state(input_ids)}
+        elif self.state_value is not None:
+            inputs = {"inputs_embeds": self.backbone.get_input_embeddings()(input_ids) + self._state_values(input_ids)}
         try:
             out = self.backbone(
                 **inputs, attention_mask=attention_mask, position_ids=position_ids,
@@ -274,6 +293,27 @@ class UnifiedModel(nn.Module):
         span = self.layout.segment("state")
         is_state = ((input_ids >= span.start) & (input_ids < span.stop)).unsqueeze(-1)
         return torch.where(is_state, embeds.detach(), embeds)
+
+    def _state_values(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(..., C): c * w_d at the state tokens (c from -1 to 1 over the bins of dimension d), 0 elsewhere."""
+        span = self.layout.segment("state")
+        bins = span.size // len(self.state_value)
+        offset = input_ids - span.start
+        is_state = (offset >= 0) & (offset < span.size)
+        offset = offset.clamp(0, span.size - 1)
+        value = (offset % bins).to(self.state_value.dtype) * (2.0 / max(bins - 1, 1)) - 1.0
+        return (value * is_state).unsqueeze(-1) * self.state_value[offset // bins]
+
+    def folded_embeddings(self) -> torch.Tensor:
+        """The input embedding matrix with `state_value_embedding`'s c * w_d added to the state rows: what an
+        export writes, so that the plain backbone computes what this model does."""
+        weight = self.backbone.get_input_embeddings().weight.detach()
+        if self.state_value is None:
+            return weight
+        span = self.layout.segment("state")
+        folded = weight.clone()
+        folded[span.start:span.stop] += self._state_values(torch.arange(span.start, span.stop, device=weight.device))
+        return folded
 
     def continuous_actions(self, hidden: torch.Tensor, index: torch.Tensor,
                            states: torch.Tensor | None = None) -> torch.Tensor:

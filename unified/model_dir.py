@@ -45,7 +45,12 @@ def save_model(
     (where the weights came from) is recorded in unified.json. Returns the list of what was kept."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model.backbone.save_pretrained(directory, safe_serialization=True)
+    weights = None
+    if model.state_value is not None:  # folded into the state rows: the saved backbone alone computes the model
+        embedding = model.backbone.get_input_embeddings().weight
+        name = next(n for n, p in model.backbone.named_parameters() if p is embedding)
+        weights = model.backbone.state_dict() | {name: model.folded_embeddings()}
+    model.backbone.save_pretrained(directory, safe_serialization=True, state_dict=weights)
     if model.action_head is not None:
         from safetensors.torch import save_file
 
@@ -165,7 +170,8 @@ def load_model(directory: str | Path, device: str = "cpu",
         raise UnifiedError(f"{directory}: layout.json does not match the tokenizers' layout (for "
                            f"model.action_tokens {config.action_tokens})")
     backbone = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="sdpa")
-    model = UnifiedModel(config, layout, backbone=backbone, state_size=state_values(tokenizers.state.dim, config))
+    model = UnifiedModel(config, layout, backbone=backbone, state_size=state_values(tokenizers.state.dim, config),
+                         state_dim=tokenizers.state.dim)
     if model.action_head is not None:
         from safetensors.torch import load_file
 

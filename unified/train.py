@@ -385,7 +385,8 @@ def build_model(me: Rank, shards, point: ResumePoint):
     torch.manual_seed(config.seed)
     with _zero_init(me) if zero_init else contextlib.nullcontext():
         model = UnifiedModel(config.model, shards.layout,
-                             state_size=state_values(shards.meta["state_dim"], config.model))
+                             state_size=state_values(shards.meta["state_dim"], config.model),
+                             state_dim=shards.meta["state_dim"])
     if zero_init and me.main:
         local, total = sum(p.ds_tensor.numel() for p in model.parameters()), sum(p.ds_numel for p in model.parameters())
         print(f"model built partitioned (deepspeed.zero.Init): {local:,} of its {total:,} parameters on this rank",
@@ -394,7 +395,8 @@ def build_model(me: Rank, shards, point: ResumePoint):
     if initial is not None:
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0, enabled=zero_init):
             missing, unexpected = model.load_state_dict(initial, strict=False)
-        if unexpected or [k for k in missing if not k.startswith("action_head.")]:
+        # An export holds no state_value: it is folded into the rows there, and learning it starts again from 0.
+        if unexpected or [k for k in missing if not k.startswith("action_head.") and k != "state_value"]:
             raise UnifiedError(f"initial weights do not fit the model config (missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]})")
     fresh_ordered = initial is None and point.checkpoint is None and config.ordinal_init

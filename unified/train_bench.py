@@ -145,8 +145,9 @@ def bench_train(overrides: list[str] = (), *, recipe: Path, steps: int = 10, war
         shards = TokenShards(prepare_data(config, Path(scratch), progress=progress))
         check_shards(config, shards)
         torch.manual_seed(config.seed)
-        model = UnifiedModel(config.model, shards.layout, state_size=state_values(shards.meta["state_dim"],
-                                                                                    config.model))
+        state_dim = shards.meta["state_dim"]
+        model = UnifiedModel(config.model, shards.layout, state_size=state_values(state_dim, config.model),
+                             state_dim=state_dim)
         bare = copy.deepcopy(model.backbone).to(device=device, dtype=dtype).train()
         o = config.optim
         optimizer = torch.optim.AdamW(bare.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
