@@ -304,6 +304,7 @@ class UnifiedModel(nn.Module):
         value = (offset % bins).to(self.state_value.dtype) * (2.0 / max(bins - 1, 1)) - 1.0
         return (value * is_state).unsqueeze(-1) * self.state_value[offset // bins]
 
+    @torch.no_grad()
     def folded_embeddings(self) -> torch.Tensor:
         """The input embedding matrix with `state_value_embedding`'s c * w_d added to the state rows: what an
         export writes, so that the plain backbone computes what this model does."""
