@@ -38,9 +38,9 @@ def tokenizers(data):
     return Tokenizers.from_pretrained(data / "tok")
 
 
-def tiny_model(layout, state_size=0, **overrides):
+def tiny_model(layout, state_dim=0, **overrides):
     torch.manual_seed(0)
-    return UnifiedModel(ModelConfig(**(TINY | overrides)), layout, state_size=state_size)
+    return UnifiedModel(ModelConfig(**(TINY | overrides)), layout, state_dim=state_dim)
 
 
 def fit_head(model, batch, steps=40):
@@ -367,7 +367,7 @@ def test_a_continuous_head_that_reads_the_state(shards, tokenizers, data, tmp_pa
     batch = batches(shards, ["policy"], rows=8)[0].to_torch()
     assert batch["head_states"].shape == (len(batch["head_index"]), dim)
 
-    model = tiny_model(shards.layout, state_size=dim, action_head=True, action_head_state=True)
+    model = tiny_model(shards.layout, state_dim=dim, action_head=True, action_head_state=True)
     fit_head(model, batch)
     save_model(model.eval(), tokenizers, tmp_path / "m")
     episode = store.read_episode(0)
@@ -493,7 +493,7 @@ def test_state_value_embedding_learns_one_direction_per_dimension_and_exports_fo
     ids = torch.tensor([state.start, state.start + bins - 1, state.start + 2 * bins + 3, 5])
     expected = torch.stack([-model.state_value[0], model.state_value[0],
                             (2 * 3 / (bins - 1) - 1) * model.state_value[2], torch.zeros(model.state_value.shape[1])])
-    torch.testing.assert_close(model._state_values(ids), expected)
+    torch.testing.assert_close(model._value_embeds(ids), expected)
     assert not torch.allclose(model.logits(*args)[0], plain.logits(*args)[0])
     save_model(model, tokenizers, tmp_path / "m")
     loaded, _, _ = load_model(tmp_path / "m")

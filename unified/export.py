@@ -14,7 +14,7 @@ def load_training_checkpoint(path: Path):
     weights: no DeepSpeed needed, whatever the ZeRO stage and the number of ranks that wrote it."""
     from unified import checkpoint as checkpoints
     from unified.config import from_dict
-    from unified.model import ModelConfig, UnifiedModel, state_values
+    from unified.model import ModelConfig, UnifiedModel
     from unified.tokenizers.fit import Tokenizers
 
     step_dir = checkpoints.find(path)
@@ -23,8 +23,7 @@ def load_training_checkpoint(path: Path):
     tokenizers = Tokenizers.from_pretrained(run_dir / "tokenizers")
     config = from_dict(ModelConfig, info["model"], f"{step_dir / 'checkpoint.json'}: model")
     config.init_from = None
-    model = UnifiedModel(config, tokenizers.layout_for(config.action_tokens),
-                         state_size=state_values(tokenizers.state.dim, config), state_dim=tokenizers.state.dim)
+    model = UnifiedModel(config, tokenizers.layout_for(config.action_tokens), state_dim=tokenizers.state.dim)
     missing, unexpected = model.load_state_dict(checkpoints.load_weights(step_dir), strict=False)
     if missing or unexpected:
         raise UnifiedError(f"{step_dir / 'model.safetensors'}: does not match the model config in checkpoint.json "

@@ -208,10 +208,9 @@ def block_mask(segment: torch.Tensor, action_block: torch.Tensor):
 class UnifiedModel(nn.Module):
     """`forward(batch) -> (loss, metrics)` for training; `logits` for generation."""
 
-    def __init__(self, config: ModelConfig, layout: TokenLayout, backbone=None, state_size: int = 0,
-                 state_dim: int = 0):
-        """`state_size`: how many state values a head that reads the state gets (`state_values`, from the state
-        tokenizer); `state_dim`: how many values the state tokenizer writes (needed by `state_value_embedding`)."""
+    def __init__(self, config: ModelConfig, layout: TokenLayout, backbone=None, state_dim: int = 0):
+        """`state_dim`: how many values the state tokenizer writes (needed by a head that reads the state, which
+        gets `state_values(state_dim, config)` of them, and by `state_value_embedding`)."""
         super().__init__()
         self.config, self.layout = config, layout
         self.backbone = backbone if backbone is not None else build_backbone(config, layout)
@@ -234,11 +233,12 @@ class UnifiedModel(nn.Module):
             self.state_value = nn.Parameter(torch.zeros(state_dim, self.backbone.config.hidden_size))
         self.action_head = None
         if config.action_head:
+            state_size = state_values(state_dim, config) if config.action_head_state else 0
             if config.action_head_state and state_size < 1:
                 raise UnifiedError("model.action_head_state: the head reads the state but was given no state size")
             self.action_head = ActionHead(self.backbone.config.hidden_size, config.horizon, config.action_dim,
                                           config.action_head_layers, self.backbone.config.num_attention_heads,
-                                          state_size if config.action_head_state else 0)
+                                          state_size)
 
     @property
     def action_segment(self):
@@ -273,7 +273,7 @@ class UnifiedModel(nn.Module):
         if self.config.fixed_state_embedding:
             inputs = {"inputs_embeds": self._embed_fixed_state(input_ids)}
         elif self.state_value is not None:
-            inputs = {"inputs_embeds": self.backbone.get_input_embeddings()(input_ids) + self._state_values(input_ids)}
+            inputs = {"inputs_embeds": self.backbone.get_input_embeddings()(input_ids) + self._value_embeds(input_ids)}
         try:
             out = self.backbone(
                 **inputs, attention_mask=attention_mask, position_ids=position_ids,
@@ -286,21 +286,22 @@ class UnifiedModel(nn.Module):
             return out.logits, out.cache, out.hidden_states[-1]
         return out.logits, out.cache
 
+    def _state_offsets(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each id's offset in the state segment (clamped into it) and whether it is a state token."""
+        span = self.layout.segment("state")
+        offset = input_ids - span.start
+        return offset.clamp(0, span.size - 1), (offset >= 0) & (offset < span.size)
+
     def _embed_fixed_state(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The input embeddings of `input_ids`, with no gradient through the rows of the state bins
         (`fixed_state_embedding`)."""
         embeds = self.backbone.get_input_embeddings()(input_ids)
-        span = self.layout.segment("state")
-        is_state = ((input_ids >= span.start) & (input_ids < span.stop)).unsqueeze(-1)
-        return torch.where(is_state, embeds.detach(), embeds)
+        return torch.where(self._state_offsets(input_ids)[1].unsqueeze(-1), embeds.detach(), embeds)
 
-    def _state_values(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def _value_embeds(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(..., C): c * w_d at the state tokens (c from -1 to 1 over the bins of dimension d), 0 elsewhere."""
-        span = self.layout.segment("state")
-        bins = span.size // len(self.state_value)
-        offset = input_ids - span.start
-        is_state = (offset >= 0) & (offset < span.size)
-        offset = offset.clamp(0, span.size - 1)
+        offset, is_state = self._state_offsets(input_ids)
+        bins = self.layout.segment("state").size // len(self.state_value)
         value = (offset % bins).to(self.state_value.dtype) * (2.0 / max(bins - 1, 1)) - 1.0
         return (value * is_state).unsqueeze(-1) * self.state_value[offset // bins]
 
@@ -313,7 +314,7 @@ class UnifiedModel(nn.Module):
             return weight
         span = self.layout.segment("state")
         folded = weight.clone()
-        folded[span.start:span.stop] += self._state_values(torch.arange(span.start, span.stop, device=weight.device))
+        folded[span.start:span.stop] += self._value_embeds(torch.arange(span.start, span.stop, device=weight.device))
         return folded
 
     def continuous_actions(self, hidden: torch.Tensor, index: torch.Tensor,

@@ -28,7 +28,7 @@ from unified.checkpoint import sha256_file
 from unified.config import from_dict
 from unified.errors import UnifiedError
 from unified.layout import TokenLayout
-from unified.model import ModelConfig, UnifiedModel, state_values
+from unified.model import ModelConfig, UnifiedModel
 from unified.tokenizers.fit import Tokenizers
 
 FORMAT = "unified-model"
@@ -170,8 +170,7 @@ def load_model(directory: str | Path, device: str = "cpu",
         raise UnifiedError(f"{directory}: layout.json does not match the tokenizers' layout (for "
                            f"model.action_tokens {config.action_tokens})")
     backbone = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="sdpa")
-    model = UnifiedModel(config, layout, backbone=backbone, state_size=state_values(tokenizers.state.dim, config),
-                         state_dim=tokenizers.state.dim)
+    model = UnifiedModel(config, layout, backbone=backbone, state_dim=tokenizers.state.dim)
     if model.action_head is not None:
         from safetensors.torch import load_file
 

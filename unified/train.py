@@ -377,16 +377,14 @@ def build_model(me: Rank, shards, point: ResumePoint):
     tensor at a time (the whole model once, to load `init_from`)."""
     import deepspeed
 
-    from unified.model import UnifiedModel, ordinal_init, state_values
+    from unified.model import UnifiedModel, ordinal_init
     from unified.tokenizers.fit import Tokenizers
 
     config = me.config
     zero_init = config.zero_stage == 3 and not config.lora.enabled
     torch.manual_seed(config.seed)
     with _zero_init(me) if zero_init else contextlib.nullcontext():
-        model = UnifiedModel(config.model, shards.layout,
-                             state_size=state_values(shards.meta["state_dim"], config.model),
-                             state_dim=shards.meta["state_dim"])
+        model = UnifiedModel(config.model, shards.layout, state_dim=shards.meta["state_dim"])
     if zero_init and me.main:
         local, total = sum(p.ds_tensor.numel() for p in model.parameters()), sum(p.ds_numel for p in model.parameters())
         print(f"model built partitioned (deepspeed.zero.Init): {local:,} of its {total:,} parameters on this rank",

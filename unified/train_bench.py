@@ -121,7 +121,7 @@ def bench_train(overrides: list[str] = (), *, recipe: Path, steps: int = 10, war
     import deepspeed
 
     from unified.data.shards import TokenShards
-    from unified.model import UnifiedModel, state_values
+    from unified.model import UnifiedModel
     from unified.outputs import check_file, write_report
     from unified.train import check_shards, deepspeed_dir, mixture, prepare_data
     from unified.train_config import deepspeed_config, load_recipe, uses_bf16, uses_flex
@@ -145,9 +145,7 @@ def bench_train(overrides: list[str] = (), *, recipe: Path, steps: int = 10, war
         shards = TokenShards(prepare_data(config, Path(scratch), progress=progress))
         check_shards(config, shards)
         torch.manual_seed(config.seed)
-        state_dim = shards.meta["state_dim"]
-        model = UnifiedModel(config.model, shards.layout, state_size=state_values(state_dim, config.model),
-                             state_dim=state_dim)
+        model = UnifiedModel(config.model, shards.layout, state_dim=shards.meta["state_dim"])
         bare = copy.deepcopy(model.backbone).to(device=device, dtype=dtype).train()
         o = config.optim
         optimizer = torch.optim.AdamW(bare.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
