@@ -502,3 +502,37 @@ def test_state_value_embedding_learns_one_direction_per_dimension_and_exports_fo
     saved = load_model(tmp_path / "m")[0].backbone  # the backbone alone, as transformers loads it
     torch.testing.assert_close(saved(input_ids=args[0], attention_mask=args[1], position_ids=args[2]).logits,
                                model.logits(*args)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_policy_without_frames_reads_the_prompt_it_trained_on(shards, tokenizers, data):
+    """`model.policy_frames: false`: the policy tasks' samples carry no frame in either split while the world task
+    keeps its frames, and the prompt the policy builds when it drives is that training sample's prompt token for
+    token (as the default's is with its frame); it needs the ego state."""
+    from unified.batches import MixtureBatches
+    from unified.data.store import EpisodeStore
+    from unified.packing import TASKS
+    from unified.sequences import build
+
+    image = shards.layout.mask("image")
+    for split in ("train", "held_out"):
+        batches = MixtureBatches(shards, {"policy": 1.0, "policy_reason": 1.0, "world": 1.0}, 256, 2, seed=0,
+                                 split=split, policy_frames=False)
+        tasks = np.concatenate([batches.batch(s).task_ids.reshape(-1) for s in range(3)])
+        ids = np.concatenate([batches.batch(s).input_ids.reshape(-1) for s in range(3)])
+        policy = (tasks == TASKS.index("policy")) | (tasks == TASKS.index("policy_reason"))
+        assert policy.any() and not image[ids[policy]].any(), split
+        assert image[ids[tasks == TASKS.index("world")]].any(), split
+
+    a = shards.arrays
+    row = int(shards.index("policy")[5])
+    episode = EpisodeStore(data / "store").read_episode(int(a["episode"][row]))
+    step = int(a["step"][row])
+    for frames in (True, False):
+        policy = Policy(tiny_model(shards.layout, policy_frames=frames).eval(), tokenizers)
+        built = build(shards.sample("policy", row, frames=frames), shards.layout)
+        trained = built.ids[:built.spans["actions"][0]].tolist()
+        assert policy.prompt(episode.frames[step], episode.instruction, episode.states[step]) == trained
+        assert image[trained].any() == frames
+        policy.act(episode.frames[step], episode.instruction, state=episode.states[step], reason=False)
+    with pytest.raises(UnifiedError, match="policy_frames: false .* needs model.use_state: true"):
+        ModelConfig(**TINY, policy_frames=False, use_state=False)

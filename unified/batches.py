@@ -24,7 +24,7 @@ class MixtureBatches:
                  image_weight: float = 0.04, task_weights: dict[str, float] | None = None, with_state: bool = True,
                  state_dims: int | None = None, split: str = "train", balance: float = 0.0, turn_weight: float = 1.0,
                  image_dropout: float = 0.0, dense_mask: bool = True, inductive: bool = False,
-                 question_weight: float = 0.0):
+                 question_weight: float = 0.0, policy_frames: bool = True):
         """`split="held_out"` draws from the store's held-out episodes instead, for a validation loss (tasks without
         held-out samples, such as the operator questions, are left out). `balance` > 0 draws the policy samples of
         rare decisions more often: a sample's weight is (the share of its decision) ** -balance, so 0 draws
@@ -32,13 +32,15 @@ class MixtureBatches:
         chunk steers by more than TURN_RAD at some step (a turn, a lane change, a correction: a small share of the
         steps, and the ones a driver must get right) that many times as often as the others. `image_dropout` is the
         share of policy samples built without their frame(s) (no `<img>` span: the prompt is the instruction and the
-        state). `inductive` builds the operator questions' scratchpads in their inductive form; `question_weight` > 0
+        state); `policy_frames=False` builds every policy sample without them, in either split (for a model whose
+        policy never reads them).
+        `inductive` builds the operator questions' scratchpads in their inductive form; `question_weight` > 0
         trains on their questions' tokens too, at that weight (`sequences.build_text`)."""
         self.shards, self.seq_len, self.batch_size, self.seed = shards, seq_len, batch_size, seed
         self.image_weight, self.task_weights, self.with_state = image_weight, task_weights or {}, with_state
         self.state_dims, self.split, self.balance, self.turn_weight = state_dims, split, balance, turn_weight
         self.image_dropout, self.dense_mask, self.inductive = image_dropout, dense_mask, inductive
-        self.question_weight = question_weight
+        self.question_weight, self.policy_frames = question_weight, policy_frames
         self._draw: dict[str, np.ndarray | None] = {}
         self.tasks = [t for t, w in tasks.items() if w > 0 and (split == "train" or len(shards.index(t, split)))]
         if not self.tasks:
@@ -90,7 +92,8 @@ class MixtureBatches:
             p = self.probabilities_of(task)
             pick = int(rng.integers(len(index))) if p is None else int(rng.choice(len(index), p=p))
             sample = self.shards.sample(task, int(index[pick]), with_state=self.with_state,
-                                        state_dims=self.state_dims, inductive=self.inductive)
+                                        state_dims=self.state_dims, inductive=self.inductive,
+                                        frames=self.policy_frames)
             # Drawn only when asked for, so that runs without it see the batches they always did.
             if self.image_dropout > 0 and task.startswith("policy") and rng.random() < self.image_dropout:
                 sample.frames = sample.frames[:0]

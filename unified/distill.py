@@ -58,9 +58,9 @@ def student_rows(batches, steps: int, grad_accum: int, world: int) -> list[int]:
     return sorted(rows)
 
 
-def _prompt(shards, row: int, state_dims: int | None = None) -> list[int]:
+def _prompt(shards, row: int, state_dims: int | None = None, frames: bool = True) -> list[int]:
     """The policy prompt of a row, up to (not including) where reasoning or actions begin."""
-    built = build(shards.sample("policy", row, state_dims=state_dims), shards.layout)
+    built = build(shards.sample("policy", row, state_dims=state_dims, frames=frames), shards.layout)
     return built.ids[:built.spans["actions"][0]].tolist()
 
 
@@ -112,8 +112,8 @@ def teacher_reasoning(teacher: str | Path, shards, rows: list[int], workers: int
             cached = {k: f["ids"][offsets[i]:offsets[i + 1]] for i, k in enumerate(f["keys"].tolist())}
     import json
 
-    state_dims = json.loads((teacher / "unified.json").read_text())["model"].get("state_dims")
-    prompts = {row: _prompt(shards, row, state_dims) for row in rows}
+    reads = json.loads((teacher / "unified.json").read_text())["model"]
+    prompts = {row: _prompt(shards, row, reads.get("state_dims"), reads.get("policy_frames", True)) for row in rows}
     keys = {row: _key(p) for row, p in prompts.items()}
     todo = sorted({keys[r]: r for r in rows if keys[r] not in cached}.values())
     if todo:
@@ -157,7 +157,8 @@ def distill_targets(teacher, shards, batch: Batch, temperature: float = 1.0, cen
     for ids in batch.sample_ids:
         for sample_id in ids:
             row = sample_row(shards, sample_id)
-            sample = shards.sample("policy_reason", row, state_dims=teacher.config.state_dims)
+            sample = shards.sample("policy_reason", row, state_dims=teacher.config.state_dims,
+                                   frames=teacher.config.policy_frames)
             if reasoning is not None:
                 if row not in reasoning:
                     raise UnifiedError(f"distillation: no teacher reasoning for {sample_id!r} (row {row}); the "

@@ -41,6 +41,10 @@ class ModelConfig:
     history: int = 1  # frames in the observation
     horizon: int = 10  # action chunk length H
     use_state: bool = True  # put the ego state tokens in the policy prompt
+    # The policy's prompts hold the frame(s) of history (the default). False: the policy (with or without its
+    # reasoning) reads the instruction and the ego state only, in training and when it drives; the world task
+    # still reads and predicts frames, so the backbone is still the world model.
+    policy_frames: bool = True
     state_dims: int | None = None  # the first N state values only (3: the ego's own, no nearby vehicles); None: all
     # No gradient reaches the state bins' input embeddings: they stay where `ordinal_init` put them (one line per
     # state dimension, bin i at base + c_i * direction; weight decay shrinks them all alike), and training moves
@@ -80,6 +84,9 @@ class ModelConfig:
         if self.fixed_state_embedding and self.state_value_embedding:
             raise UnifiedError("model.fixed_state_embedding and model.state_value_embedding are two ways of reading "
                                "the state bins; choose one")
+        if not self.policy_frames and not self.use_state:
+            raise UnifiedError("model.policy_frames: false leaves the policy the instruction alone; it needs "
+                               "model.use_state: true")
         if self.action_head_state and not self.action_head:
             raise UnifiedError("model.action_head_state: true needs model.action_head: true (it is that head's input)")
         unknown = sorted(set(self.task_weights) - set(TASKS))

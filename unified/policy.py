@@ -85,7 +85,8 @@ class Policy:
         return cls(model, tokenizers)
 
     def prompt(self, frames, instruction: str, state=None) -> list[int]:
-        """Global ids of `<bos> instruction <img> f </img> ... [<state> s </state>]`."""
+        """Global ids of `<bos> instruction <img> f </img> ... [<state> s </state>]` (no frames for a model with
+        `policy_frames: false`; they are still checked)."""
         layout, tok = self.layout, self.tokenizers
         frames = _frames(frames, self.config.history, tok.image.config.image_size)
         if not isinstance(instruction, str) or not instruction.strip():
@@ -94,7 +95,7 @@ class Policy:
         if len(text) == 0:
             raise UnifiedError(f"the instruction {instruction!r} has no tokens")
         ids = [layout.special("<bos>"), *text.tolist()]
-        for codes in tok.image.encode(frames):
+        for codes in tok.image.encode(frames) if self.config.policy_frames else []:
             ids += [layout.special("<img>"), *layout.to_global("image", codes).tolist(), layout.special("</img>")]
         if self.config.use_state:
             if state is None:
@@ -132,7 +133,7 @@ class Policy:
         """Prompt tokens besides the instruction: <bos>, the frames with their markers, the state with its markers."""
         per_frame = self.tokenizers.image.config.tokens_per_image + 2
         state = state_values(self.tokenizers.state.dim, self.config) + 2 if self.config.use_state else 0
-        return 1 + self.config.history * per_frame + state
+        return 1 + self.config.history * per_frame * self.config.policy_frames + state
 
     def act(self, frames, instruction: str, state=None, reason: bool = True, greedy: bool = True,
             temperature: float = 1.0, seed: int = 0, continuous: bool = False, readout: str = READOUT,

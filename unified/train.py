@@ -62,8 +62,8 @@ def deepspeed_dir(recipe: str | Path) -> Path:
 
 def mixture(config, shards, split: str = "train", gpu: bool = False):
     """The recipe's batches: training draws with its balance, turn weight and image dropout; the held-out split
-    (validation) draws uniformly and keeps every frame. Rows carry a dense mask unless they attend by flex
-    attention."""
+    (validation) draws uniformly and keeps every frame the model reads. Rows carry a dense mask unless they attend
+    by flex attention."""
     from unified.batches import MixtureBatches
     from unified.train_config import uses_flex
 
@@ -74,6 +74,7 @@ def mixture(config, shards, split: str = "train", gpu: bool = False):
                           config.data.with_state and config.model.use_state, config.model.state_dims,
                           split=split, dense_mask=not uses_flex(config, gpu),
                           inductive=config.model.inductive_scratchpad, question_weight=config.data.question_weight,
+                          policy_frames=config.model.policy_frames,
                           **extra)
 
 

@@ -101,8 +101,9 @@ class TokenShards:
         return self._index[(task, split)]
 
     def sample(self, task: str, row: int, with_state: bool = True, state_dims: int | None = None,
-               inductive: bool = False) -> Sample:
-        """The sample of `task` at `row`; `inductive`: an operator question with its scratchpad's steps apart."""
+               inductive: bool = False, frames: bool = True) -> Sample:
+        """The sample of `task` at `row`; `inductive`: an operator question with its scratchpad's steps apart;
+        `frames=False`: a policy sample without its frame(s), as a model with `policy_frames: false` reads it."""
         a = self.arrays
         if task == "text":
             steps = int(a["operator_steps"][row])
@@ -132,6 +133,8 @@ class TokenShards:
             values = np.asarray(a["action_values"][row:row + self.horizon], np.float64)
             sample.fast_actions = self.layout.to_global("fast", self.fast.encode(values[None])[0])
         if task in ("policy", "policy_reason"):
+            if not frames:
+                sample.frames = sample.frames[:0]
             sample.instruction = self._text(int(a["instruction"][row]))
             sample.state = np.asarray(a["state"][row][:state_dims], np.int64) if with_state else None
             sample.reason = self._text(int(a["reason"][row]))
