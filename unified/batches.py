@@ -33,9 +33,8 @@ class MixtureBatches:
         steps, and the ones a driver must get right) that many times as often as the others. `image_dropout` is the
         share of policy samples built without their frame(s) (no `<img>` span: the prompt is the instruction and the
         state); `policy_frames=False` builds every policy sample without them, in either split (for a model whose
-        policy never reads them).
-        `inductive` builds the operator questions' scratchpads in their inductive form; `question_weight` > 0
-        trains on their questions' tokens too, at that weight (`sequences.build_text`)."""
+        policy never reads them). `inductive` builds the operator questions' scratchpads in their inductive form;
+        `question_weight` > 0 trains on their questions' tokens too, at that weight (`sequences.build_text`)."""
         self.shards, self.seq_len, self.batch_size, self.seed = shards, seq_len, batch_size, seed
         self.image_weight, self.task_weights, self.with_state = image_weight, task_weights or {}, with_state
         self.state_dims, self.split, self.balance, self.turn_weight = state_dims, split, balance, turn_weight
