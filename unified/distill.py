@@ -112,8 +112,12 @@ def teacher_reasoning(teacher: str | Path, shards, rows: list[int], workers: int
             cached = {k: f["ids"][offsets[i]:offsets[i + 1]] for i, k in enumerate(f["keys"].tolist())}
     import json
 
-    reads = json.loads((teacher / "unified.json").read_text())["model"]
-    prompts = {row: _prompt(shards, row, reads.get("state_dims"), reads.get("policy_frames", True)) for row in rows}
+    from unified.config import from_dict
+    from unified.model import ModelConfig
+
+    info = teacher / "unified.json"
+    reads = from_dict(ModelConfig, json.loads(info.read_text())["model"], f"{info}: model")
+    prompts = {row: _prompt(shards, row, reads.state_dims, reads.policy_frames) for row in rows}
     keys = {row: _key(p) for row, p in prompts.items()}
     todo = sorted({keys[r]: r for r in rows if keys[r] not in cached}.values())
     if todo:
