@@ -78,7 +78,8 @@ class _Worker:
         if state_only:
             if evaluation.model not in cls.policies:  # loaded once per worker, as a policy is
                 cls.policies[evaluation.model] = StateMLP.load(evaluation.model)
-            driver = StateMLPDriver(cls.policies[evaluation.model], evaluation.replan_every, evaluation.ensemble)
+            driver = StateMLPDriver(cls.policies[evaluation.model], evaluation.replan_every, evaluation.ensemble,
+                                    evaluation.readout)
         elif evaluation.learned:
             from unified.eval.model_driver import ModelDriver
 
@@ -284,6 +285,9 @@ def evaluate(evaluations: list[Evaluation], episodes: int, workers: int = 1, see
             raise UnifiedError(f"--mode: {e.mode!r} is not reason, direct or continuous")
         if e.readout not in READOUTS:
             raise UnifiedError(f"--readout: {e.readout!r} is not one of {', '.join(READOUTS)}")
+        if e.readout != READOUT and is_state_mlp(e.model) and not StateMLP.load(e.model).bins:
+            raise UnifiedError(f"--readout {e.readout}: {e.model} is a state MLP fitted by regression; a readout "
+                               "reads a distribution over bins (fit it with --bins)")
         if e.replan_every is not None and e.replan_every < 1:
             raise UnifiedError(f"--replan-every must be at least 1 step, got {e.replan_every}")
         if e.ensemble is not None and e.ensemble < 0:
@@ -307,7 +311,7 @@ def evaluate(evaluations: list[Evaluation], episodes: int, workers: int = 1, see
             "report_version": REPORT_VERSION,
             "model": e.model if not e.learned else
             f"{Path(e.model).name} ({'state MLP' if is_state_mlp(e.model) else e.mode}"
-            f"{'' if e.readout == READOUT or is_state_mlp(e.model) else ', ' + e.readout + ' readout'})",
+            f"{'' if e.readout == READOUT else ', ' + e.readout + ' readout'})",
             "model_path": str(e.model) if e.learned else None,
             "mode": e.mode if e.learned else None,
             "replan_every": e.replan_every if e.learned else None,

@@ -3,11 +3,13 @@
 A small MLP maps the recorded state (speed, pose against the route's lane, the route's bend ahead, lanes, the
 lead vehicle, the nearest vehicles: `unified.sim.rollout.STATE_NAMES`) to the expert's next `horizon` actions,
 trained on a store's training episodes (never its held-out ones) with an L1 loss on normalised actions, or, with
-`bins`, a cross-entropy over that many bins per action dimension (decoded to the most likely bin's centre, as the
-transformer's action tokens are). It sees no frame and no instruction. It answers a question the transformer's
-figures cannot: is what the policy lacks in the data and the state, or in how the transformer learns and executes
-its actions? `eval closed-loop --model DIR` drives it like any model (it plans every `--replan-every` steps and
-blends the chunks as a model does).
+`bins`, a cross-entropy over that many bins per action dimension (`label_sigma`: each target a Gaussian over the
+neighbouring bins, as `model.action_label_sigma` does for the transformer's action tokens), read out as the most
+likely bin's centre (as the transformer's action tokens are by default) or the mean or median of the bin centres
+under the predicted distribution (`readout`, as `eval closed-loop --readout`). It sees no frame and no
+instruction. It answers a question the transformer's figures cannot: is what the policy lacks in the data and the
+state, or in how the transformer learns and executes its actions? `eval closed-loop --model DIR` drives it like any
+model (it plans every `--replan-every` steps and blends the chunks as a model does).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 from tqdm import tqdm
 from unified.eval.model_driver import ModelDriver
+from unified.tokenizers.action import READOUT, READOUTS
 
 from unified.errors import UnifiedError
 from unified.sim.rollout import ego_state
@@ -42,11 +45,12 @@ def _chunks(actions: np.ndarray, horizon: int) -> np.ndarray:
     return np.stack([padded[t:t + horizon] for t in range(len(actions))])
 
 
-def fit_state_mlp(*, data: Path, out: Path, horizon: int = 1, bins: int | None = None, steps: int = 5000,
-                  batch_size: int = 256, hidden: int = 256, lr: float = 0.001, seed: int = 0,
+def fit_state_mlp(*, data: Path, out: Path, horizon: int = 1, bins: int | None = None, label_sigma: float = 0.0,
+                  steps: int = 5000, batch_size: int = 256, hidden: int = 256, lr: float = 0.001, seed: int = 0,
                   overwrite: bool = False, progress: bool = True) -> dict:
     """Fit the state-only MLP on the training episodes of the store `data` and write it to `out` (`state_mlp.json`
-    with its normalisation and the episodes it trained on, `model.safetensors`)."""
+    with its normalisation and the episodes it trained on, `model.safetensors`). With `bins`, `label_sigma` (in
+    bins, 0: one-hot) spreads each target over its neighbouring bins of the same dimension."""
     import torch
     from safetensors.torch import save_file
 
@@ -57,6 +61,9 @@ def fit_state_mlp(*, data: Path, out: Path, horizon: int = 1, bins: int | None =
     check_dir(out, "state_mlp", [data])
     if bins is not None and bins < 2:
         raise UnifiedError(f"--bins must be at least 2 (or left out for regression), got {bins}")
+    if label_sigma < 0 or (label_sigma > 0 and bins is None):
+        raise UnifiedError(f"--label-sigma is a width in bins, at least 0, and needs --bins; got {label_sigma} "
+                           f"with bins {bins}")
     store = EpisodeStore(data)
     trained_on = store.train_indices()
     if not trained_on:
@@ -71,7 +78,8 @@ def fit_state_mlp(*, data: Path, out: Path, horizon: int = 1, bins: int | None =
     low, high = y.reshape(-1, y.shape[-1]).min(0), y.reshape(-1, y.shape[-1]).max(0)
     config = {
         "format": FORMAT, "store": str(data), "trained_on": trained_on, "samples": len(x), "horizon": horizon,
-        "bins": bins, "hidden": hidden, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+        "bins": bins, "label_sigma": label_sigma, "hidden": hidden, "steps": steps, "batch_size": batch_size,
+        "lr": lr, "seed": seed,
         "state_mean": x.mean(0).tolist(), "state_std": (x.std(0) + 1e-6).tolist(),
         "action_mean": y.reshape(-1, y.shape[-1]).mean(0).tolist(),
         "action_std": (y.reshape(-1, y.shape[-1]).std(0) + 1e-6).tolist(),
@@ -112,6 +120,7 @@ class StateMLP:
         if weights is not None:
             self.net.load_state_dict(weights)
             self.net.eval()
+        self.label_sigma = config.get("label_sigma", 0.0)  # fits written before the option had none
 
     @classmethod
     def load(cls, directory: str | Path) -> StateMLP:
@@ -143,20 +152,44 @@ class StateMLP:
 
         if not self.bins:
             return (output.view(targets.shape) - targets).abs().mean()
-        return F.cross_entropy(output.view(-1, self.bins), targets.reshape(-1))
+        logits, targets = output.view(-1, self.bins), targets.reshape(-1)
+        if not self.label_sigma:
+            return F.cross_entropy(logits, targets)
+        return F.cross_entropy(logits, self.spread(targets))
 
-    def plan(self, state: np.ndarray) -> np.ndarray:
-        """(S,) state -> (H, D) actions in the simulator's units."""
+    def spread(self, targets):
+        """(N,) bin indices -> (N, bins) soft targets: a Gaussian of width `label_sigma` bins around each index,
+        cut at the range's ends and normalised."""
         import torch
 
+        distance = torch.arange(self.bins, device=targets.device)[None] - targets[:, None]
+        weights = torch.exp(-0.5 * (distance.float() / self.label_sigma) ** 2)
+        return weights / weights.sum(-1, keepdim=True)
+
+    def plan(self, state: np.ndarray, readout: str = READOUT) -> np.ndarray:
+        """(S,) state -> (H, D) actions in the simulator's units; with bins, `readout` picks the most likely bin's
+        centre (mode) or the mean or median of the bin centres under the predicted distribution."""
+        import torch
+
+        if readout not in READOUTS:
+            raise UnifiedError(f"readout: {readout!r} is not one of {', '.join(READOUTS)}")
         with torch.inference_mode():
-            output = self.net(torch.from_numpy(self.normalise(np.asarray(state, np.float64))[None]))[0].numpy()
+            output = self.net(torch.from_numpy(self.normalise(np.asarray(state, np.float64))[None]))[0]
+            if self.bins:
+                probs = output.view(self.horizon, self.dim, self.bins).softmax(-1).double().numpy()
+            output = output.numpy()
         if not self.bins:
             return output.reshape(self.horizon, self.dim) * np.asarray(self.config["action_std"]) + np.asarray(
                 self.config["action_mean"])
-        chosen = output.reshape(self.horizon, self.dim, self.bins).argmax(-1)
+        centres = (np.arange(self.bins) + 0.5) / self.bins  # in units of the range
+        if readout == "mode":
+            unit = centres[probs.argmax(-1)]
+        elif readout == "mean":
+            unit = probs @ centres
+        else:
+            unit = centres[np.minimum((probs.cumsum(-1) < 0.5).sum(-1), self.bins - 1)]
         low, high = np.asarray(self.config["action_low"]), np.asarray(self.config["action_high"])
-        return low + (chosen + 0.5) / self.bins * (high - low)
+        return low + unit * (high - low)
 
 
 def is_state_mlp(path: str | Path) -> bool:
@@ -169,13 +202,13 @@ class StateMLPDriver(ModelDriver):
 
     needs_frames = False
 
-    def __init__(self, mlp: StateMLP, replan_every: int | None, ensemble: float | None):
+    def __init__(self, mlp: StateMLP, replan_every: int | None, ensemble: float | None, readout: str = READOUT):
         planner = SimpleNamespace(config=SimpleNamespace(horizon=mlp.horizon, history=1))
-        super().__init__(planner, "direct", replan_every, ensemble)
+        super().__init__(planner, "direct", replan_every, ensemble, readout)
         self.mlp = mlp
 
     def plan(self, env) -> np.ndarray:
         start = time.perf_counter()
-        actions = self.mlp.plan(ego_state(env.unwrapped.vehicle, self.route)).astype(np.float32)
+        actions = self.mlp.plan(ego_state(env.unwrapped.vehicle, self.route), self.readout).astype(np.float32)
         self.decisions.append({"latency_ms": 1000 * (time.perf_counter() - start), "tokens": 0, "reasoning": None})
         return actions

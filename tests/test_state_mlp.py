@@ -83,3 +83,36 @@ def test_drives_in_closed_loop_planning_at_every_step_without_blending(tiny_stor
     # Every step it drove was one decision: it planned at every step.
     latency = report["overall"]["decision_latency_ms"]
     assert latency["decisions"] == sum(e["steps"] for e in report["episodes"])
+
+
+def test_label_spread_and_readouts_read_the_bins_as_the_transformer_does(tiny_store, tmp_path):
+    import torch
+
+    with pytest.raises(UnifiedError, match="--label-sigma"):
+        fit_state_mlp(data=tiny_store, out=tmp_path / "no_bins", label_sigma=2, steps=1, progress=False)
+    config = fit_state_mlp(data=tiny_store, out=tmp_path / "mlp", bins=16, label_sigma=2, steps=20, batch_size=16,
+                           progress=False)
+    assert config["label_sigma"] == 2 and np.isfinite(config["final_loss"])
+    mlp = StateMLP.load(tmp_path / "mlp")
+    # Each soft target is a distribution peaked at its bin, symmetric about it, cut at the range's end.
+    soft = mlp.spread(torch.tensor([0, 5]))
+    torch.testing.assert_close(soft.sum(-1), torch.ones(2, dtype=soft.dtype))
+    assert soft.argmax(-1).tolist() == [0, 5] and soft[1, 4] == soft[1, 6] > soft[1, 3] > 0
+    # The readouts of one predicted distribution: [0.4, 0.1, 0.1, 0.4] over 4 bins of a unit range.
+    mlp.bins, mlp.horizon, mlp.dim = 4, 1, 1
+    mlp.config = {**mlp.config, "action_low": [0.0], "action_high": [1.0]}
+    mlp.net = lambda x: torch.log(torch.tensor([[0.4, 0.1, 0.1, 0.4]], dtype=torch.float32))
+    state = np.zeros(len(mlp.config["state_mean"]))
+    assert mlp.plan(state, "mode")[0, 0] == pytest.approx(0.125)  # the first most likely bin's centre
+    assert mlp.plan(state, "mean")[0, 0] == pytest.approx(0.5)
+    assert mlp.plan(state, "median")[0, 0] == pytest.approx(0.375)  # the first bin where half the mass is reached
+
+
+def test_closed_loop_reads_a_binned_mlp_by_its_readout_and_refuses_one_for_regression(tiny_store, tmp_path):
+    suite = tiny_store.parent / "tiny.yaml"
+    fit_state_mlp(data=tiny_store, out=tmp_path / "regression", steps=2, progress=False)
+    with pytest.raises(UnifiedError, match="--readout mean.*regression"):
+        closed_loop(model=str(tmp_path / "regression"), scenarios=suite, episodes=1, readout="mean", progress=False)
+    fit_state_mlp(data=tiny_store, out=tmp_path / "binned", bins=8, steps=2, progress=False)
+    report = closed_loop(model=str(tmp_path / "binned"), scenarios=suite, episodes=1, readout="mean", progress=False)
+    assert report["model"] == "binned (state MLP, mean readout)" and report["readout"] == "mean"
