@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 from tqdm import tqdm
 from unified.eval.model_driver import ModelDriver
-from unified.tokenizers.action import READOUT, READOUTS
+from unified.tokenizers.action import READOUT, read_bins
 
 from unified.errors import UnifiedError
 from unified.sim.rollout import ego_state
@@ -171,8 +171,6 @@ class StateMLP:
         centre (mode) or the mean or median of the bin centres under the predicted distribution."""
         import torch
 
-        if readout not in READOUTS:
-            raise UnifiedError(f"readout: {readout!r} is not one of {', '.join(READOUTS)}")
         with torch.inference_mode():
             output = self.net(torch.from_numpy(self.normalise(np.asarray(state, np.float64))[None]))[0]
             if self.bins:
@@ -181,13 +179,7 @@ class StateMLP:
         if not self.bins:
             return output.reshape(self.horizon, self.dim) * np.asarray(self.config["action_std"]) + np.asarray(
                 self.config["action_mean"])
-        centres = (np.arange(self.bins) + 0.5) / self.bins  # in units of the range
-        if readout == "mode":
-            unit = centres[probs.argmax(-1)]
-        elif readout == "mean":
-            unit = probs @ centres
-        else:
-            unit = centres[np.minimum((probs.cumsum(-1) < 0.5).sum(-1), self.bins - 1)]
+        unit = read_bins(probs, (np.arange(self.bins) + 0.5) / self.bins, readout)  # in units of the range
         low, high = np.asarray(self.config["action_low"]), np.asarray(self.config["action_high"])
         return low + unit * (high - low)
 

@@ -159,12 +159,7 @@ class BinActionTokenizer:
         centres, first = self.centres(), self.offsets()  # (D, bins) normalised
         out = np.zeros(probs.shape[:2])
         for d in range(self.dim):
-            p = probs[:, d, first[d]:first[d] + self.bins]
-            p = p / p.sum(-1, keepdims=True)
-            if readout == "mean":
-                out[:, d] = p @ centres[d]
-            else:
-                out[:, d] = centres[d][np.minimum((p.cumsum(-1) < 0.5).sum(-1), self.bins - 1)]
+            out[:, d] = read_bins(probs[:, d, first[d]:first[d] + self.bins], centres[d], readout)
         return self.normalizer.unnormalize(out)
 
     def decode(self, ids) -> np.ndarray:
@@ -186,6 +181,20 @@ class BinActionTokenizer:
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> BinActionTokenizer:
         return cls(**_settings(directory, "action_bins"))
+
+
+def read_bins(probs: np.ndarray, centres: np.ndarray, readout: str) -> np.ndarray:
+    """probs (..., bins), a distribution over one dimension's bins (normalised here), and the bins' centres ->
+    (...) values: the centre of the most likely bin (mode), the probability-weighted mean of the centres, or the
+    centre of the bin where the cumulative probability passes one half (median)."""
+    if readout not in READOUTS:
+        raise UnifiedError(f"readout: {readout!r} is not one of {', '.join(READOUTS)}")
+    probs = probs / probs.sum(-1, keepdims=True)
+    if readout == "mode":
+        return centres[probs.argmax(-1)]
+    if readout == "mean":
+        return probs @ centres
+    return centres[np.minimum((probs.cumsum(-1) < 0.5).sum(-1), len(centres) - 1)]
 
 
 @dataclass
