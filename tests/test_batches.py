@@ -1,4 +1,4 @@
-"""How training batches draw the policy tasks: decision balance, turn weight, image dropout."""
+"""How training batches draw the policy tasks: decision balance, turn weight, image dropout, state noise."""
 
 import numpy as np
 import pytest
@@ -92,6 +92,54 @@ def test_image_dropout_leaves_the_frame_out_of_that_share_of_policy_prompts(shar
     assert 0.3 < framed / total < 0.7, (framed, total)
     with pytest.raises(UnifiedError, match=r"data.image_dropout .* in \[0, 1\]; got 1.5"):
         load_recipe("recipes/debug.yaml", ["data.image_dropout=1.5"])
+
+
+def test_state_noise_shifts_each_state_token_within_its_dimension(shards):
+    """`data.state_noise` k: every state token of a policy prompt moves by at most k bins, stays within the ids its
+    dimension takes in training, and over many prompts both directions and no shift all occur; the action targets
+    and every other token stay as recorded, and k = 0 draws exactly the batches a run without the option draws."""
+    from unified.errors import UnifiedError
+    from unified.train_config import load_recipe
+
+    state = shards.layout.mask("state")
+    rows = shards.index("policy")
+    recorded = np.asarray(shards.arrays["state"], np.int64)
+    low, high = recorded[rows].min(0), recorded[rows].max(0)
+    assert (high - low > 2).any(), "the tiny store needs a state dimension spanning several bins"
+    tasks = {"policy": 1.0, "policy_reason": 1.0, "world": 1.0}
+    plain = [MixtureBatches(shards, tasks, 256, 2, seed=0).batch(s) for s in range(3)]
+    zero = [MixtureBatches(shards, tasks, 256, 2, seed=0, state_noise=0).batch(s) for s in range(3)]
+    assert all(np.array_equal(a.input_ids, b.input_ids) for a, b in zip(plain, zero))
+
+    noisy = MixtureBatches(shards, {"policy": 1.0}, 256, 2, seed=0, state_noise=2)
+    a = shards.arrays
+    row_of = {(int(e), int(t)): r for r, (e, t) in enumerate(zip(a["episode"], a["step"]))}
+    shifts = []
+    for step in range(10):
+        clean = MixtureBatches(shards, {"policy": 1.0}, 256, 2, seed=0).batch(step)
+        batch = noisy.batch(step)
+        # The noise has its own generator, so the same samples land in the same rows; only state tokens differ.
+        assert batch.sample_ids == clean.sample_ids
+        differ = batch.input_ids != clean.input_ids
+        assert not (differ & ~state[batch.input_ids]).any()
+        assert np.array_equal(batch.weights, clean.weights)
+        assert not ((batch.targets != clean.targets) & (batch.weights > 0)).any()  # no trained target moves
+        for r, ids in enumerate(batch.sample_ids):
+            tokens = batch.input_ids[r][state[batch.input_ids[r]]].reshape(len(ids), -1)
+            for i, got in zip(ids, tokens):
+                sample_row = row_of[int(i.split()[1]), int(i.split()[3])]
+                shift = got - recorded[sample_row]
+                assert np.abs(shift).max() <= 2
+                assert ((got >= low) & (got <= high)).all()
+                shifts.append(shift)
+    shifts = np.concatenate(shifts)
+    assert (shifts < 0).any() and (shifts > 0).any() and (shifts == 0).any()
+    assert 0.5 < np.mean(shifts != 0) < 0.95  # 4 of 5 draws shift, less where a dimension's edge clips them
+
+    with pytest.raises(UnifiedError, match=r"data.state_noise is a number of bins"):
+        load_recipe("recipes/debug.yaml", ["data.state_noise=-1"])
+    with pytest.raises(UnifiedError, match=r"data.state_noise shifts the state tokens"):
+        load_recipe("recipes/debug.yaml", ["data.state_noise=1", "model.state_value_embedding=true"])
 
 
 def test_dataloader_workers_build_the_same_batches_ahead(model_data):

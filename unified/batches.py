@@ -24,7 +24,7 @@ class MixtureBatches:
                  image_weight: float = 0.04, task_weights: dict[str, float] | None = None, with_state: bool = True,
                  state_dims: int | None = None, split: str = "train", balance: float = 0.0, turn_weight: float = 1.0,
                  image_dropout: float = 0.0, dense_mask: bool = True, inductive: bool = False,
-                 question_weight: float = 0.0, policy_frames: bool = True):
+                 question_weight: float = 0.0, policy_frames: bool = True, state_noise: int = 0):
         """`split="held_out"` draws from the store's held-out episodes instead, for a validation loss (tasks without
         held-out samples, such as the operator questions, are left out). `balance` > 0 draws the policy samples of
         rare decisions more often: a sample's weight is (the share of its decision) ** -balance, so 0 draws
@@ -34,12 +34,18 @@ class MixtureBatches:
         share of policy samples built without their frame(s) (no `<img>` span: the prompt is the instruction and the
         state); `policy_frames=False` builds every policy sample without them, in either split (for a model whose
         policy never reads them). `inductive` builds the operator questions' scratchpads in their inductive form;
-        `question_weight` > 0 trains on their questions' tokens too, at that weight (`sequences.build_text`)."""
+        `question_weight` > 0 trains on their questions' tokens too, at that weight (`sequences.build_text`).
+        `state_noise` k > 0 shifts each state token of a policy prompt by a bin drawn uniformly from -k .. k, kept
+        within the bins its dimension takes in training (the targets stay as recorded), so that the policy
+        cannot learn an action for an exact combination of 21 bin tokens; `state_values` are left as they are."""
         self.shards, self.seq_len, self.batch_size, self.seed = shards, seq_len, batch_size, seed
         self.image_weight, self.task_weights, self.with_state = image_weight, task_weights or {}, with_state
         self.state_dims, self.split, self.balance, self.turn_weight = state_dims, split, balance, turn_weight
         self.image_dropout, self.dense_mask, self.inductive = image_dropout, dense_mask, inductive
-        self.question_weight, self.policy_frames = question_weight, policy_frames
+        self.question_weight, self.policy_frames, self.state_noise = question_weight, policy_frames, state_noise
+        if state_noise < 0:
+            raise UnifiedError(f"state_noise is a number of bins, 0 or more; got {state_noise}")
+        self._state_span: tuple[np.ndarray, np.ndarray] | None = None
         self._draw: dict[str, np.ndarray | None] = {}
         self.tasks = [t for t, w in tasks.items() if w > 0 and (split == "train" or len(shards.index(t, split)))]
         if not self.tasks:
@@ -79,9 +85,22 @@ class MixtureBatches:
         ahead = np.lib.stride_tricks.sliding_window_view(np.pad(steering, (0, horizon - 1)), horizon).max(1)
         return ahead[np.asarray(rows, np.int64)] > TURN_RAD
 
+    def noisy_state(self, state: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """(S,) global state ids, each shifted by a bin drawn uniformly from -state_noise .. state_noise and clipped
+        to the lowest and highest id its dimension takes in the training split's policy samples (so it stays that
+        dimension's token and names a state training has seen in that dimension)."""
+        if self._state_span is None:
+            rows = np.asarray(self.shards.index("policy", "train"), np.int64)
+            ids = np.asarray(self.shards.arrays["state"][rows], np.int64)
+            self._state_span = ids.min(0), ids.max(0)
+        low, high = (bound[:len(state)] for bound in self._state_span)
+        return np.clip(state + rng.integers(-self.state_noise, self.state_noise + 1, len(state)), low, high)
+
     def batch(self, step: int, part: int = 0) -> Batch:
         """Micro-batch `part` (rank x grad_accum + micro step) of optimizer step `step`."""
         rng = np.random.default_rng([self.seed, step, 0, part])
+        # The state noise has a generator of its own, so a run with it draws the same samples as a run without.
+        noise = np.random.default_rng([self.seed, step, 1, part]) if self.state_noise > 0 else None
         rows = [[] for _ in range(self.batch_size)]
         room = [self.seq_len] * self.batch_size
         misses = 0
@@ -96,6 +115,8 @@ class MixtureBatches:
             # Drawn only when asked for, so that runs without it see the batches they always did.
             if self.image_dropout > 0 and task.startswith("policy") and rng.random() < self.image_dropout:
                 sample.frames = sample.frames[:0]
+            if noise is not None and sample.state is not None:
+                sample.state = self.noisy_state(sample.state, noise)
             built = build(sample, self.shards.layout, self.image_weight, self.task_weights, self.question_weight)
             if len(built) > self.seq_len:
                 raise UnifiedError(f"sample {built.id!r} ({built.task}) has {len(built)} tokens, more than "

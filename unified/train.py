@@ -61,14 +61,15 @@ def deepspeed_dir(recipe: str | Path) -> Path:
 
 
 def mixture(config, shards, split: str = "train", gpu: bool = False):
-    """The recipe's batches: training draws with its balance, turn weight and image dropout; the held-out split
-    (validation) draws uniformly and keeps every frame the model reads. Rows carry a dense mask unless they attend
-    by flex attention."""
+    """The recipe's batches: training draws with its balance, turn weight, image dropout and state noise; the
+    held-out split (validation) draws uniformly, keeps every frame the model reads and its states as recorded. Rows
+    carry a dense mask unless they attend by flex attention."""
     from unified.batches import MixtureBatches
     from unified.train_config import uses_flex
 
-    extra = dict(balance=config.data.balance, turn_weight=config.data.turn_weight,
-                 image_dropout=config.data.image_dropout) if split == "train" else {}
+    data = config.data
+    extra = dict(balance=data.balance, turn_weight=data.turn_weight, image_dropout=data.image_dropout,
+                 state_noise=data.state_noise) if split == "train" else {}
     return MixtureBatches(shards, config.data.tasks, config.data.seq_len, config.data.batch_size, config.seed,
                           config.model.image_loss_weight, config.model.task_weights,
                           config.data.with_state and config.model.use_state, config.model.state_dims,

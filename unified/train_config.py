@@ -45,6 +45,9 @@ class DataConfig:
     # The share of policy samples (with and without reasoning) whose prompt leaves out the frame(s): the state and the
     # instruction alone must then give the action, so the policy cannot lean only on recognising the picture.
     image_dropout: float = 0.0
+    # Each state token of a policy prompt shifted by a bin drawn uniformly from -k .. k (0: as recorded), within the
+    # bins its dimension takes: a state read as 21 exact bin tokens can be memorised; a neighbourhood of bins cannot.
+    state_noise: int = 0
     # The operator questions' premises and question as targets too, at this loss weight relative to the scratchpad
     # and answer (0: only those are trained). Predicting the premises trains the model to match a name with where it
     # appeared before, the match a scratchpad's lookup needs.
@@ -150,6 +153,12 @@ class TrainConfig:
         if not 0 <= self.data.image_dropout <= 1:
             raise UnifiedError(f"data.image_dropout is a share of the policy samples, in [0, 1]; got "
                                f"{self.data.image_dropout}")
+        if not isinstance(self.data.state_noise, int) or self.data.state_noise < 0:
+            raise UnifiedError(f"data.state_noise is a number of bins, a whole number 0 or more; got "
+                               f"{self.data.state_noise!r}")
+        if self.data.state_noise and (self.model.state_value_embedding or self.model.action_head_state):
+            raise UnifiedError("data.state_noise shifts the state tokens, not the state values that "
+                               "model.state_value_embedding and model.action_head_state read; set one of them off")
         if self.data.question_weight < 0:
             raise UnifiedError(f"data.question_weight is a loss weight, 0 or more; got {self.data.question_weight}")
         if self.on_nan == "skip" and self.optim.grad_accum > 1:
