@@ -36,8 +36,9 @@ class MixtureBatches:
         policy never reads them). `inductive` builds the operator questions' scratchpads in their inductive form;
         `question_weight` > 0 trains on their questions' tokens too, at that weight (`sequences.build_text`).
         `state_noise` k > 0 shifts each state token of a policy prompt by a bin drawn uniformly from -k .. k, kept
-        within the bins its dimension takes in training (the targets stay as recorded), so that the policy
-        cannot learn an action for an exact combination of 21 bin tokens; `state_values` are left as they are."""
+        within the bins its dimension takes in training (the targets stay as recorded), so that no prompt holds the
+        exact state tokens of its sample; `state_values` are left as they are (README, fourteenth round: it drove
+        worse on two seeds)."""
         self.shards, self.seq_len, self.batch_size, self.seed = shards, seq_len, batch_size, seed
         self.image_weight, self.task_weights, self.with_state = image_weight, task_weights or {}, with_state
         self.state_dims, self.split, self.balance, self.turn_weight = state_dims, split, balance, turn_weight
@@ -87,8 +88,8 @@ class MixtureBatches:
 
     def noisy_state(self, state: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """(S,) global state ids, each shifted by a bin drawn uniformly from -state_noise .. state_noise and clipped
-        to the lowest and highest id its dimension takes in the training split's policy samples (so it stays that
-        dimension's token and names a state training has seen in that dimension)."""
+        to the lowest and highest id its dimension takes in the training split's policy samples (so it stays a token
+        of that dimension, within the range training has seen there)."""
         if self._state_span is None:
             rows = np.asarray(self.shards.index("policy", "train"), np.int64)
             ids = np.asarray(self.shards.arrays["state"][rows], np.int64)

@@ -45,8 +45,8 @@ class DataConfig:
     # The share of policy samples (with and without reasoning) whose prompt leaves out the frame(s): the state and the
     # instruction alone must then give the action, so the policy cannot lean only on recognising the picture.
     image_dropout: float = 0.0
-    # Each state token of a policy prompt shifted by a bin drawn uniformly from -k .. k (0: as recorded), within the
-    # bins its dimension takes: a state read as 21 exact bin tokens can be memorised; a neighbourhood of bins cannot.
+    # Each state token of a training policy prompt shifted by a bin drawn uniformly from -k .. k (0: as recorded),
+    # within the bins its dimension takes, so that no prompt names its sample's exact state (measured: worse).
     state_noise: int = 0
     # The operator questions' premises and question as targets too, at this loss weight relative to the scratchpad
     # and answer (0: only those are trained). Predicting the premises trains the model to match a name with where it
