@@ -12,6 +12,13 @@ def shards(model_data):
     return TokenShards(model_data / "shards")
 
 
+def sample_rows(shards):
+    """The shard row of each sample id ("episode E step S")."""
+    a = shards.arrays
+    row_of = {(int(e), int(t)): r for r, (e, t) in enumerate(zip(a["episode"], a["step"]))}
+    return lambda sample_id: row_of[int(sample_id.split()[1]), int(sample_id.split()[3])]
+
+
 def decision_shares(shards, p):
     decisions = np.asarray(shards.arrays["decision"][shards.index("policy")], np.int64)
     return {int(d): float(p[decisions == d].sum()) for d in np.unique(decisions)}
@@ -34,11 +41,9 @@ def test_balance_draws_rare_decisions_more_often(shards):
     assert natural[rarest] < half[rarest] < full[rarest] and natural[commonest] > half[commonest] > full[commonest]
     # The batches really draw with those probabilities: over many draws the rarest decision's share follows.
     batches = MixtureBatches(shards, {"policy": 1.0}, 256, 2, seed=0, balance=1.0)
-    a = shards.arrays
-    row_of = {(int(e), int(t)): r for r, (e, t) in enumerate(zip(a["episode"], a["step"]))}
-    drawn = [row_of[int(i.split()[1]), int(i.split()[3])]  # "episode E step S"
-             for step in range(30) for row in batches.batch(step).sample_ids for i in row]
-    decisions = np.asarray(a["decision"], np.int64)[drawn]
+    row_of = sample_rows(shards)
+    drawn = [row_of(i) for step in range(30) for row in batches.batch(step).sample_ids for i in row]
+    decisions = np.asarray(shards.arrays["decision"], np.int64)[drawn]
     assert np.mean(decisions == rarest) > natural[rarest] + 0.1
 
 
@@ -112,12 +117,11 @@ def test_state_noise_shifts_each_state_token_within_its_dimension(shards):
     assert all(np.array_equal(a.input_ids, b.input_ids) for a, b in zip(plain, zero))
 
     noisy = MixtureBatches(shards, {"policy": 1.0}, 256, 2, seed=0, state_noise=2)
-    a = shards.arrays
-    row_of = {(int(e), int(t)): r for r, (e, t) in enumerate(zip(a["episode"], a["step"]))}
+    without = MixtureBatches(shards, {"policy": 1.0}, 256, 2, seed=0)
+    row_of = sample_rows(shards)
     shifts = []
     for step in range(10):
-        clean = MixtureBatches(shards, {"policy": 1.0}, 256, 2, seed=0).batch(step)
-        batch = noisy.batch(step)
+        clean, batch = without.batch(step), noisy.batch(step)
         # The noise has its own generator, so the same samples land in the same rows; only state tokens differ.
         assert batch.sample_ids == clean.sample_ids
         differ = batch.input_ids != clean.input_ids
@@ -127,8 +131,7 @@ def test_state_noise_shifts_each_state_token_within_its_dimension(shards):
         for r, ids in enumerate(batch.sample_ids):
             tokens = batch.input_ids[r][state[batch.input_ids[r]]].reshape(len(ids), -1)
             for i, got in zip(ids, tokens):
-                sample_row = row_of[int(i.split()[1]), int(i.split()[3])]
-                shift = got - recorded[sample_row]
+                shift = got - recorded[row_of(i)]
                 assert np.abs(shift).max() <= 2
                 assert ((got >= low) & (got <= high)).all()
                 shifts.append(shift)

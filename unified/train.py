@@ -70,11 +70,11 @@ def mixture(config, shards, split: str = "train", gpu: bool = False):
     data = config.data
     extra = dict(balance=data.balance, turn_weight=data.turn_weight, image_dropout=data.image_dropout,
                  state_noise=data.state_noise) if split == "train" else {}
-    return MixtureBatches(shards, config.data.tasks, config.data.seq_len, config.data.batch_size, config.seed,
+    return MixtureBatches(shards, data.tasks, data.seq_len, data.batch_size, config.seed,
                           config.model.image_loss_weight, config.model.task_weights,
-                          config.data.with_state and config.model.use_state, config.model.state_dims,
+                          data.with_state and config.model.use_state, config.model.state_dims,
                           split=split, dense_mask=not uses_flex(config, gpu),
-                          inductive=config.model.inductive_scratchpad, question_weight=config.data.question_weight,
+                          inductive=config.model.inductive_scratchpad, question_weight=data.question_weight,
                           policy_frames=config.model.policy_frames,
                           **extra)
 
