@@ -108,10 +108,10 @@ def test_state_response_reads_the_steering_slope_of_a_policy(exported, model_dat
 
     from unified.policy import ActionResult, Policy
 
-    # A policy whose first steering command is -1.5 x heading + 0.2 x offset (and a second step that is not read);
-    # its continuous head, asked with --mode continuous, steers twice as hard.
+    # A policy whose first steering command is -1.5 x heading + 0.2 x offset + 0.7 x the route heading 8 m ahead
+    # (and a second step that is not read); its continuous head, asked with --mode continuous, steers twice as hard.
     def act(self, frames, instruction, state=None, reason=True, continuous=False, **kwargs):
-        steer = (2.0 if continuous else 1.0) * (-1.5 * state[1] + 0.2 * state[2])
+        steer = (2.0 if continuous else 1.0) * (-1.5 * state[1] + 0.2 * state[2] + 0.7 * state[3])
         return ActionResult(np.array([[0.0, steer], [0.0, 9.0]]), None, 2, 1.0)
 
     monkeypatch.setattr(Policy, "act", act)
@@ -129,10 +129,36 @@ def test_state_response_reads_the_steering_slope_of_a_policy(exported, model_dat
     head = state_response(model=exported, data=model_data / "store", observations=5, mode="continuous",
                           progress=False)
     assert head["mode"] == "continuous" and head["per_state"]["heading"]["model_slope"] == pytest.approx(-3.0)
+    # A turned car: its route headings move by the opposite of its heading, and the policy reads both.
+    turned = state_response(model=exported, data=model_data / "store", observations=5, turn_route=True,
+                            progress=False)
+    assert turned["turn_route"] and turned["per_state"]["heading"]["model_slope"] == pytest.approx(-1.5 - 0.7)
+    assert turned["per_state"]["lane_offset"]["model_slope"] == pytest.approx(0.2)
     with pytest.raises(UnifiedError, match="not direct or continuous"):
         state_response(model=exported, data=model_data / "store", mode="reason", progress=False)
     with pytest.raises(UnifiedError, match="must be positive"):
         state_response(model=exported, data=model_data / "store", heading=0.0, progress=False)
+
+
+def test_state_response_reads_a_state_mlp(model_data, tmp_path, monkeypatch):
+    from unified.eval.state_mlp import StateMLP, fit_state_mlp
+    from unified.eval.state_response import state_response
+
+    fit_state_mlp(data=model_data / "store", out=tmp_path / "mlp", horizon=2, steps=1, progress=False)
+    seen = []
+
+    def plan(self, state, readout="mode"):  # steers by -0.9 x heading - 0.3 x offset
+        seen.append(readout)
+        return np.array([[0.0, -0.9 * state[1] - 0.3 * state[2]], [0.0, 5.0]])
+
+    monkeypatch.setattr(StateMLP, "plan", plan)
+    report = state_response(model=tmp_path / "mlp", data=model_data / "store", observations=4, readout="mean",
+                            progress=False)
+    assert report["per_state"]["heading"]["model_slope"] == pytest.approx(-0.9)
+    assert report["per_state"]["lane_offset"]["model_slope"] == pytest.approx(-0.3)
+    assert set(seen) == {"mean"} and len(seen) == 4 * 2 * 2
+    with pytest.raises(UnifiedError, match="no continuous head"):
+        state_response(model=tmp_path / "mlp", data=model_data / "store", mode="continuous", progress=False)
 
 
 def test_operators_summary_over_scratchpads_and_seeds(tmp_path):
