@@ -530,6 +530,8 @@ class TrainingLog:
         self.me, self.engine, self.scheduler = me, engine, scheduler
         self.path = me.run_dir / "losses.jsonl"
         self.losses = _read_losses(self.path, start_step) if me.main else []
+        if me.main:
+            _trim_validation(me.run_dir / "validation.jsonl", start_step)
         self.writer = SummaryWriter(str(me.run_dir / "tensorboard")) if me.main else None
         self.peak = device_peak(me)
         from unified.train_bench import model_flops_per_token
@@ -641,6 +643,14 @@ def _read_losses(path: Path, start_step: int) -> list[float]:
     kept = [r for r in rows if r["step"] < start_step]
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     return [r["loss"] for r in kept]
+
+
+def _trim_validation(path: Path, start_step: int) -> None:
+    """Keep the held-out losses of the first `start_step` steps (each row's step counts the steps done); later rows
+    come from a run that died after its checkpoint and are measured again on resume."""
+    if path.is_file():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step))
 
 
 def _world_sample(model, shards, tokenizer_dir: Path, writer, step: int, device) -> None:
