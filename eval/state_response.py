@@ -73,6 +73,9 @@ def state_response(*, model: Path, data: Path, observations: int = 60, heading: 
             raise UnifiedError(f"{model}: a state MLP has no continuous head; use --mode direct")
         mlp = StateMLP.load(model)
         names, history = list(STATE_NAMES), 1
+        if len(mlp.config["state_mean"]) != len(names):
+            raise UnifiedError(f"{model}: this state MLP reads {len(mlp.config['state_mean'])} state values, the "
+                               f"store format of today {len(names)}; fit it again on a store of today's format")
 
         def steering(frames, instruction, state) -> float:
             return float(mlp.plan(state, readout)[0, 1])
