@@ -274,10 +274,10 @@ def test_resume_without_latest_uses_the_newest_complete_checkpoint(tmp_path):
     (run / "validation.jsonl").write_text('{"step": 2, "loss": 3.0}\n')  # a run with val_every writes it
     assert checkpoint.latest(run) == run / "checkpoints" / "step_0000002"
     assert check_run_dir(run, resume=True, overwrite=False) == "resume"
-    from unified.train import _trim_validation
+    from unified.train import _keep_rows
 
     (run / "validation.jsonl").write_text("".join(json.dumps({"step": s, "loss": 3.0}) + "\n" for s in (1, 2, 3)))
-    _trim_validation(run / "validation.jsonl", 2)  # resuming from step 2: step 3's row is measured again
+    _keep_rows(run / "validation.jsonl", 2)  # resuming from step 2: step 3's row is measured again
     assert [json.loads(line)["step"] for line in (run / "validation.jsonl").read_text().splitlines()] == [1, 2]
     with pytest.raises(UnifiedError, match=r"latest checkpoint is step 2, 0 steps logged\); --resume continues"):
         check_run_dir(run, resume=False, overwrite=False)

@@ -529,9 +529,10 @@ class TrainingLog:
 
         self.me, self.engine, self.scheduler = me, engine, scheduler
         self.path = me.run_dir / "losses.jsonl"
-        self.losses = _read_losses(self.path, start_step) if me.main else []
+        # losses.jsonl numbers its steps from 0, validation.jsonl counts the steps done.
+        self.losses = [r["loss"] for r in _keep_rows(self.path, start_step - 1)] if me.main else []
         if me.main:
-            _trim_validation(me.run_dir / "validation.jsonl", start_step)
+            _keep_rows(me.run_dir / "validation.jsonl", start_step)
         self.writer = SummaryWriter(str(me.run_dir / "tensorboard")) if me.main else None
         self.peak = device_peak(me)
         from unified.train_bench import model_flops_per_token
@@ -635,22 +636,15 @@ def validate(model, held_out, batches: int, rank: int, device) -> float:
     return float(total[0] / total[1])
 
 
-def _read_losses(path: Path, start_step: int) -> list[float]:
-    """The per-step losses before `start_step`; later lines (from a run that died after its checkpoint) go."""
+def _keep_rows(path: Path, last_step: int) -> list[dict]:
+    """The rows of a JSON-lines log whose step is at most `last_step`, written back without the later ones (a run
+    that died after its checkpoint logged them; the resumed run logs them again)."""
     if not path.is_file():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in rows if r["step"] < start_step]
+    kept = [r for r in rows if r["step"] <= last_step]
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    return [r["loss"] for r in kept]
-
-
-def _trim_validation(path: Path, start_step: int) -> None:
-    """Keep the held-out losses of the first `start_step` steps (each row's step counts the steps done); later rows
-    come from a run that died after its checkpoint and are measured again on resume."""
-    if path.is_file():
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step))
+    return kept
 
 
 def _world_sample(model, shards, tokenizer_dir: Path, writer, step: int, device) -> None:
