@@ -72,6 +72,40 @@ def test_the_recorded_labels_are_what_the_expert_computes_on_the_learners_states
         assert not np.allclose(executed, episode.actions, atol=1e-3)
 
 
+def test_the_learner_drives_with_the_readout_and_plan_schedule_it_is_given(learner, store, model_data):
+    """`--readout mean --no-ensemble --replan-every 1`, as `eval closed-loop` drives: replaying the episode with a
+    driver built so reproduces what was executed, and one reading the mode does not."""
+    dagger(model=learner, out=store, episodes=1, suite=model_data / "suite.yaml", replan_every=1, no_ensemble=True,
+           readout="mean", round=3, progress=False)
+    from unified.eval.model_driver import ModelDriver
+
+    from unified.policy import Policy
+    from unified.sim.env import make_env, to_env_action
+    from unified.sim.rollout import start_episode
+
+    s = EpisodeStore(store)
+    meta = s.episode_meta(3 * ROUND_STRIDE)
+    assert meta["source"]["readout"] == "mean" and meta["source"]["ensemble"] is None
+    assert meta["source"]["replan_every"] == 1
+    episode = s.read_episode(3 * ROUND_STRIDE, frames=False)
+    executed = np.asarray(meta["source"]["executed"], np.float32)
+    policy = Policy.from_pretrained(learner)
+    scenario = s.suite.scenarios[episode.scenario]
+    replayed = {}
+    for readout in ("mean", "mode"):
+        env = make_env(s.suite, scenario, render=True)
+        start_episode(env, s.suite, scenario, episode.seed)
+        driver = ModelDriver(policy, "direct", 1, None, readout)
+        driver.reset(env, scenario, episode.seed)
+        replayed[readout] = []
+        for t in range(min(4, len(executed))):
+            replayed[readout].append(driver.action(env))
+            env.step(to_env_action(executed[t]))
+    n = len(replayed["mean"])
+    np.testing.assert_allclose(np.stack(replayed["mean"]), executed[:n], atol=1e-5)
+    assert not np.allclose(np.stack(replayed["mode"]), executed[:n], atol=1e-4)
+
+
 def test_a_store_of_another_suite_is_refused(learner, store, tmp_path):
     other = tmp_path / "other.yaml"
     other.write_text("name: other\nscenarios:\n  merge:\n    env: merge-v0\n    max_steps: 5\n")

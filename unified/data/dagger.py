@@ -17,6 +17,7 @@ from __future__ import annotations
 import signal
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -29,6 +30,7 @@ from unified.sim.env import make_env
 from unified.sim.rollout import run_episode
 from unified.sim.seeds import data_seed
 from unified.sim.suite import load_suite
+from unified.tokenizers.action import READOUT
 from unified.workers import pool_results
 
 ROUND_STRIDE = 1_000_000  # episode indices of round k: k * ROUND_STRIDE + i
@@ -85,12 +87,13 @@ class _Worker:
         if scenario.name not in cls.envs:
             cls.envs[scenario.name] = make_env(suite, scenario, render=True)
         seed = data_seed(cls.store.info["seed"], index)
-        learner = ModelDriver(cls.policy, s["mode"], s["replan_every"], s["ensemble"])
+        learner = ModelDriver(cls.policy, s["mode"], s["replan_every"], s["ensemble"], s["readout"])
         episode = run_episode(suite, scenario, LabelledDriver(learner, s["beta"], seed), seed, index=index,
                               env=cls.envs[scenario.name])
         episode.source = {"round": s["round"], "model": s["model"], "fingerprint": s["fingerprint"],
                           "beta": s["beta"], "mode": s["mode"], "replan_every": s["replan_every"],
-                          "ensemble": s["ensemble"], "actions": "expert labels; the learner drove",
+                          "ensemble": s["ensemble"], "readout": s["readout"],
+                          "actions": "expert labels; the learner drove",
                           "executed": np.round(episode.executed, 6).tolist()}
         cls.store.write_episode(episode)
         return index, episode.summary.steps, episode.summary.success
@@ -99,11 +102,13 @@ class _Worker:
 def dagger(
     *, model: Path, out: Path, episodes: int, suite: Path | None = None, round: int = 1, beta: float = 0.0,
     mode: str = "direct", replan_every: int | None = REPLAN_EVERY, ensemble: float | None = ENSEMBLE,
-    workers: int = 1, progress: bool = True,
+    no_ensemble: bool = False, readout: Literal["mode", "mean", "median"] = READOUT, workers: int = 1,
+    progress: bool = True,
 ) -> dict:
     """Drive `episodes` episodes of the store's suite with `model` (an export), label them with the expert and
-    append them to the store `out` as DAgger round `round`. `suite`, if given, must be the store's. Returns the
-    round's figures: how the learner drove (success, collisions) and how many steps were labelled."""
+    append them to the store `out` as DAgger round `round`. `suite`, if given, must be the store's. The learner
+    drives as `eval closed-loop` drives it (`mode`, `replan_every`, `ensemble` or `no_ensemble`, `readout`).
+    Returns the round's figures: how the learner drove (success, collisions) and how many steps were labelled."""
     from unified.model_dir import weights_fingerprint
 
     if episodes < 1 or workers < 1 or round < 1:
@@ -137,7 +142,7 @@ def dagger(
                                    "give this model another --round")
         todo = [i for i in wanted if i not in done]
         settings = {"round": round, "model": str(model), "fingerprint": fingerprint, "beta": beta, "mode": mode,
-                    "replan_every": replan_every, "ensemble": ensemble}
+                    "replan_every": replan_every, "ensemble": None if no_ensemble else ensemble, "readout": readout}
         print(f"{out}: DAgger round {round}: {len(wanted) - len(todo)} episode(s) already labelled, {len(todo)} to "
               f"drive with {model} ({mode}, beta {beta})", flush=True)
         start = time.perf_counter()
