@@ -271,3 +271,39 @@ def test_demonstrations_drive_with_action_noise_and_record_the_experts_action(tm
     assert plain.executed is None and not np.array_equal(plain.states, noisy[0].states)
     with pytest.raises(UnifiedError, match="action_noise"):
         load_suite(write(tmp_path, "action_noise: [-1, 0]\nscenarios:\n  h:\n    env: highway-v0\n"))
+
+
+def test_a_car_a_learner_drove_into_another_lane_is_labelled_to_keep_that_lane(tmp_path):
+    """DAgger asks the expert about states its own drives never reach. A car a learner let drift into the next lane
+    is labelled to keep the lane it is now in (the lane the state measures its offset against on open road), not
+    to steer back across the road to the expert's earlier target lane, which nothing in the state names. The
+    expert's own drives are unchanged by the rule (checked on 30 train-suite episodes when it was added)."""
+
+    from unified.sim.drivers import ExpertDriver
+    from unified.sim.env import make_env, to_env_action
+    from unified.sim.rollout import Route, ego_state, start_episode
+
+    suite = load_suite(write(tmp_path, "scenarios:\n  highway:\n    env: highway-v0\n"
+                                       "    config: {lanes_count: 3, vehicles_count: 0, duration: 10}\n"
+                                       "    instructions: [Drive.]\n"))
+    scenario = suite.scenarios["highway"]
+    env = make_env(suite, scenario, render=False)
+    start_episode(env, suite, scenario, seed=0)
+    expert = ExpertDriver()
+    expert.reset(env, scenario, 0)
+    for _ in range(3):
+        env.step(to_env_action(expert.act(env).action))
+    ego = env.unwrapped.vehicle
+    before = ego.lane_index
+    other = (before[0], before[1], before[2] + 1 if before[2] < 2 else before[2] - 1)
+    lane = env.unwrapped.road.network.get_lane(other)
+    s, _ = lane.local_coordinates(ego.position)
+    ego.position = lane.position(s, 0.3)  # 0.3 m right of the centre of the next lane, heading along it
+    ego.heading = lane.heading_at(s)
+    ego.lane_index, ego.lane = other, lane
+    intent = expert.act(env)
+    assert expert.shadow.target_lane_index == other
+    state = ego_state(ego, Route(env, scenario.destination))
+    assert abs(state[2] - 0.3) < 1e-3  # the state measures 0.3 m off the lane the car is in
+    # A small correction towards that lane's centre (left, negative), not a swerve back across the road.
+    assert -0.05 < intent.action[1] < 0.0
