@@ -51,6 +51,9 @@ class ExpertDriver:
         if destination:
             self.shadow.plan_route_to(destination)
         self.origin = ego.lane_index  # the lane the car was in when the target lane was last chosen
+        # Where the state measures the pose against the lane the car is in (`unified.sim.rollout.Route` on open road);
+        # along a route it measures against the route's lane, the lane the expert steers for.
+        self.open_road = scenario.destination is None
 
     def act(self, env) -> Intent:
         ego = env.unwrapped.vehicle
@@ -62,11 +65,12 @@ class ExpertDriver:
         slot = vehicles.index(ego)
         vehicles[slot] = s
         try:
-            # The car left the lanes of the expert's own plan (its target and the lane a change started from): a
-            # learner drove it there (DAgger). Left alone, the shadow would steer back across the road to a target
-            # lane nothing in the state names; it keeps the lane the car is in instead, the lane the state measures
-            # on open road. The expert's own drives never trigger this.
-            if s.lane_index[:2] == s.target_lane_index[:2] and s.lane_index not in (s.target_lane_index, self.origin):
+            # On open road the car left the lanes of the expert's own plan (its target and the lane a change started
+            # from): a learner drove it there (DAgger). Left alone, the shadow would steer back across the road to a
+            # target lane nothing in the state names; it keeps the lane the car is in instead, the lane the state
+            # measures. The expert's own drives never trigger this.
+            if self.open_road and s.lane_index[:2] == s.target_lane_index[:2] \
+                    and s.lane_index not in (s.target_lane_index, self.origin):
                 s.target_lane_index = self.origin = s.lane_index
             target = s.target_lane_index
             s.follow_road()
