@@ -277,11 +277,28 @@ def test_a_car_a_learner_drove_into_another_lane_is_labelled_to_keep_that_lane(t
     """DAgger asks the expert about states its own drives never reach. A car a learner let drift into the next lane
     is labelled to keep the lane it is now in (the lane the state measures its offset against on open road), not
     to steer back across the road to the expert's earlier target lane, which nothing in the state names. The
-    expert's own drives are unchanged by the rule (checked on 30 train-suite episodes when it was added)."""
+    expert's own drives, lane changes included, are unchanged by the rule."""
+    import numpy as np
 
     from unified.sim.drivers import ExpertDriver
     from unified.sim.env import make_env, to_env_action
-    from unified.sim.rollout import Route, ego_state, start_episode
+    from unified.sim.rollout import Route, ego_state, run_episode, start_episode
+
+    class WithoutTheRule(ExpertDriver):
+        def reset(self, env, scenario, seed):
+            super().reset(env, scenario, seed)
+            self.open_road = False
+
+    traffic = load_suite(write(tmp_path, "start_jitter: [0.6, 0.03]\nscenarios:\n  highway:\n    env: highway-v0\n"
+                                         "    config: {lanes_count: 3, vehicles_count: 20, duration: 20}\n"
+                                         "    instructions: [Drive.]\n"))
+    changes = 0
+    for seed in range(3):
+        drives = [run_episode(traffic, traffic.scenarios["highway"], driver, seed, render=False, jitter=True)
+                  for driver in (ExpertDriver(), WithoutTheRule())]
+        assert np.array_equal(drives[0].actions, drives[1].actions)
+        changes += int(np.abs(np.diff(drives[0].states[:, 2])).max() > 2.0)  # the lane measured against changed
+    assert changes, "no lane change in these drives: they would not test that lane changes are unchanged"
 
     suite = load_suite(write(tmp_path, "scenarios:\n  highway:\n    env: highway-v0\n"
                                        "    config: {lanes_count: 3, vehicles_count: 0, duration: 10}\n"
