@@ -166,13 +166,23 @@ def steps_right(written: str, expected: str) -> float:
     return right / len(want)
 
 
+def first_step_right(written: str, expected: str) -> bool:
+    """Whether `written`'s first step is the first step of the data's scratchpad `expected`: in the walk form, the
+    lookup of the premise going on from the question's first name, the one lookup every question starts with."""
+    from unified.data.tokenize import split_steps
+
+    want, got = split_steps(expected), split_steps(written)
+    return bool(got) and got[0] == want[0]
+
+
 def operators_eval(*, model: Path, data: Path, hops: str | None = None, n: int = 100, batch: int = 100,
                    json: Path | None = None, progress: bool = True) -> dict:
     """Answer the first `n` questions of each hop count in `hops` (default: every file of `data`) with `model`,
     `batch` questions at a time (`answer_batch`), and report the accuracy per hop count. When the data holds
     scratchpads (made with `--scratchpad full` or `inductive`), also how much of each the model wrote right: the
-    fraction of questions whose scratchpad is exactly the data's, and the mean fraction of the data's steps
-    written right before the first wrong one (where a walk goes astray)."""
+    fraction of questions whose scratchpad is exactly the data's, the mean fraction of the data's steps
+    written right before the first wrong one (where a walk goes astray) and the fraction whose first step is right;
+    and the accuracy on the questions whose answer is yes and on those whose answer is no, apart."""
     import torch
 
     from unified.data.operators import as_words, parse_hops, read_info
@@ -186,7 +196,7 @@ def operators_eval(*, model: Path, data: Path, hops: str | None = None, n: int =
     examples = read_examples(data, parse_hops(hops) if hops else None, n)
     form = read_info(data)["steps"]  # the questions are encoded as training encoded them
     loaded, tokenizers, _ = load_model(model)
-    accuracy, tokens, shown, exact, leading = {}, {}, [], {}, {}
+    accuracy, tokens, shown, exact, leading, first, by_answer = {}, {}, [], {}, {}, {}, {}
     with torch.inference_mode():
         for h, rows in examples.items():
             correct = []
@@ -196,10 +206,12 @@ def operators_eval(*, model: Path, data: Path, hops: str | None = None, n: int =
                 for example, (scratchpad, reply, generated) in zip(
                         chunk, answer_batch(loaded, tokenizers, [as_words(e["prompt"], form) for e in chunk], h)):
                     correct.append(reply.strip() == example["answer"])
+                    by_answer.setdefault(h, {}).setdefault(example["answer"], []).append(correct[-1])
                     if example.get("scratchpad"):
                         right = steps_right(scratchpad, example["scratchpad"])
                         exact.setdefault(h, []).append(" ".join(scratchpad.split()) == example["scratchpad"])
                         leading.setdefault(h, []).append(right)
+                        first.setdefault(h, []).append(first_step_right(scratchpad, example["scratchpad"]))
                     tokens.setdefault(h, []).append(generated)
                     if sum(s["hops"] == h for s in shown) < 2:
                         shown.append({"hops": h, "prompt": example["prompt"], "expected": example["target"],
@@ -208,14 +220,20 @@ def operators_eval(*, model: Path, data: Path, hops: str | None = None, n: int =
             bar.close()
             accuracy[h] = float(np.mean(correct))
             pad = (f"; scratchpad exact {np.mean(exact[h]):.1%}, steps right before the first wrong one "
-                   f"{np.mean(leading[h]):.1%}" if h in exact else "")
+                   f"{np.mean(leading[h]):.1%}, first step right {np.mean(first[h]):.1%}" if h in exact else "")
+            pad += "; " + ", ".join(f"answer {a}: {np.mean(v):.1%} of {len(v)}"
+                                    for a, v in sorted(by_answer[h].items()))
             print(f"{h} hops: accuracy {accuracy[h]:.1%} over {len(rows)} questions{pad}", flush=True)
     report = {"model": str(model), "data": str(data), "questions_per_hop": n,
               "accuracy_by_hops": {str(h): a for h, a in accuracy.items()},
-              "tokens_by_hops": {str(h): float(np.mean(t)) for h, t in tokens.items()}, "examples": shown}
+              "tokens_by_hops": {str(h): float(np.mean(t)) for h, t in tokens.items()},
+              "accuracy_by_answer_by_hops": {str(h): {a: float(np.mean(v)) for a, v in sorted(d.items())}
+                                             for h, d in by_answer.items()},
+              "examples": shown}
     if exact:
         report["scratchpad_exact_by_hops"] = {str(h): float(np.mean(v)) for h, v in exact.items()}
         report["steps_right_by_hops"] = {str(h): float(np.mean(v)) for h, v in leading.items()}
+        report["first_step_right_by_hops"] = {str(h): float(np.mean(v)) for h, v in first.items()}
     if json is not None:
         write_report(Path(json), report, "operators")
     return report

@@ -65,6 +65,9 @@ def test_operators_eval_by_hops_and_the_plot(exported, tmp_path):
     stepwise = operators_eval(model=tmp_path / "inductive", data=tmp_path / "pads", n=2, progress=False)
     assert stepwise["scratchpad_exact_by_hops"] == {"2": 0.0}  # an untrained model
     assert 0.0 <= stepwise["steps_right_by_hops"]["2"] < 1.0
+    assert 0.0 <= stepwise["first_step_right_by_hops"]["2"] <= 1.0
+    by_answer = stepwise["accuracy_by_answer_by_hops"]["2"]
+    assert set(by_answer) <= {"yes", "no"} and by_answer  # each question counted under its own answer
     (tmp_path / "b.json").write_text(json.dumps({"accuracy_by_hops": {"2": 1.0, "4": 0.5}}))
     table = plot_operators([tmp_path / "a.json", tmp_path / "b.json"], out=tmp_path / "ops.png",
                            labels=["tiny", "other"])
@@ -76,7 +79,7 @@ def test_operators_eval_by_hops_and_the_plot(exported, tmp_path):
 
 
 def test_steps_right_counts_the_steps_before_the_first_wrong_one():
-    from unified.eval.operators import steps_right
+    from unified.eval.operators import first_step_right, steps_right
 
     expected = "Ada > Bob. Bob > Eva. So Ada is taller than Eva."
     assert steps_right(expected, expected) == 1.0
@@ -84,6 +87,8 @@ def test_steps_right_counts_the_steps_before_the_first_wrong_one():
     assert steps_right("Ada > Eva. Bob > Eva. So Ada is taller than Eva.", expected) == 0.0
     assert steps_right("", expected) == 0.0
     assert steps_right(expected + " Eva > Zoe.", expected) == 1.0  # written on past the data's steps
+    assert first_step_right("Ada > Bob. Bob > Zoe.", expected) and not first_step_right("Ada > Eva.", expected)
+    assert not first_step_right("", expected)
 
 
 def test_expert_gains_are_the_derivatives_of_highway_envs_steering_law():
