@@ -166,15 +166,6 @@ def steps_right(written: str, expected: str) -> float:
     return right / len(want)
 
 
-def first_step_right(written: str, expected: str) -> bool:
-    """Whether `written`'s first step is the first step of the data's scratchpad `expected`: in the walk form, the
-    lookup of the premise going on from the question's first name, the one lookup every question starts with."""
-    from unified.data.tokenize import split_steps
-
-    want, got = split_steps(expected), split_steps(written)
-    return bool(got) and got[0] == want[0]
-
-
 def operators_eval(*, model: Path, data: Path, hops: str | None = None, n: int = 100, batch: int = 100,
                    json: Path | None = None, progress: bool = True) -> dict:
     """Answer the first `n` questions of each hop count in `hops` (default: every file of `data`) with `model`,
@@ -211,7 +202,8 @@ def operators_eval(*, model: Path, data: Path, hops: str | None = None, n: int =
                         right = steps_right(scratchpad, example["scratchpad"])
                         exact.setdefault(h, []).append(" ".join(scratchpad.split()) == example["scratchpad"])
                         leading.setdefault(h, []).append(right)
-                        first.setdefault(h, []).append(first_step_right(scratchpad, example["scratchpad"]))
+                        # the first step right (in the walk form, the lookup every question starts with)
+                        first.setdefault(h, []).append(right > 0)
                     tokens.setdefault(h, []).append(generated)
                     if sum(s["hops"] == h for s in shown) < 2:
                         shown.append({"hops": h, "prompt": example["prompt"], "expected": example["target"],

@@ -79,7 +79,7 @@ def test_operators_eval_by_hops_and_the_plot(exported, tmp_path):
 
 
 def test_steps_right_counts_the_steps_before_the_first_wrong_one():
-    from unified.eval.operators import first_step_right, steps_right
+    from unified.eval.operators import steps_right
 
     expected = "Ada > Bob. Bob > Eva. So Ada is taller than Eva."
     assert steps_right(expected, expected) == 1.0
@@ -87,8 +87,8 @@ def test_steps_right_counts_the_steps_before_the_first_wrong_one():
     assert steps_right("Ada > Eva. Bob > Eva. So Ada is taller than Eva.", expected) == 0.0
     assert steps_right("", expected) == 0.0
     assert steps_right(expected + " Eva > Zoe.", expected) == 1.0  # written on past the data's steps
-    assert first_step_right("Ada > Bob. Bob > Zoe.", expected) and not first_step_right("Ada > Eva.", expected)
-    assert not first_step_right("", expected)
+    # the report's first step right is steps_right > 0
+    assert steps_right("Ada > Bob. Bob > Zoe.", expected) > 0 and steps_right("Ada > Eva.", expected) == 0
 
 
 def test_expert_gains_are_the_derivatives_of_highway_envs_steering_law():
