@@ -216,3 +216,45 @@ def test_walk_form_names_are_one_token_wherever_they_stand(model_data, tmp_path,
         reached = split_steps(rows[yes]["scratchpad"])[0].split()[-1].rstrip(".")
         name = list(tok.text.encode([" " + reached])[0])
         assert walk[0][-len(name) - 1:-1] == name and walk[1][:len(name)] == name
+
+
+def test_lookup_drills_become_groups_of_their_own(model_data, tmp_path):
+    """`data operators --drills` through tokenizing into the shards: each drill is one more group after the
+    scratchpad's, laid out as a step's (its context, not a target, at the positions right after the question, then
+    its step and <step>, targets), seeing the question and itself only."""
+    import json
+
+    from unified.data.operators import operators
+    from unified.data.shards import TokenShards
+    from unified.data.tokenize import tokenize
+    from unified.packing import attention_mask
+
+    operators(out=tmp_path / "ops", hops="3", n=4, scratchpad="inductive", steps="walk", phrasing="greater-first",
+              premises=10, drills=True, progress=False)
+    tokenize(data=model_data / "store", tokenizer=model_data / "tok", out=tmp_path / "shards", horizon=4,
+             operators=tmp_path / "ops", operator_hops="3", tasks="text", progress=False)
+    shards = TokenShards(tmp_path / "shards")
+    tok = Tokenizers.from_pretrained(model_data / "tok")
+    words = lambda ids: tok.text.decode([shards.layout.to_local("text", ids)])[0].strip()  # noqa: E731
+    first = json.loads((tmp_path / "ops" / "hops_3.jsonl").read_text().splitlines()[0])
+    sample = shards.sample("text", 0, inductive=True)
+    assert [[words(c), words(s)] for c, s in sample.drill_list] == first["drills"] and first["drills"]
+    built = build(sample, shards.layout)
+    prefix = int((built.group == 0).sum())
+    walk_groups = len(sample.step_list)
+    step = shards.layout.special("<step>")
+    mask = attention_mask(np.zeros(len(built.ids), np.int64), np.full(len(built.ids), -1), built.group)
+    for k, (context, tokens) in enumerate(sample.drill_list, walk_groups + 1):
+        where = np.flatnonzero(built.group == k)
+        expected = list(np.append(context, step)) + list(np.append(tokens, step))
+        assert list(built.ids[where]) == expected
+        assert list(built.positions[where]) == list(range(prefix, prefix + len(where)))
+        n = len(context) + 1
+        assert (built.targets[where[:n - 1]] == IGNORE).all()
+        assert list(built.targets[where[n - 1:-1]]) == list(built.ids[where[n:]])
+        seen = np.flatnonzero(mask[where[-1]])
+        assert set(seen) == set(range(prefix)) | set(where)
+    assert built.group.max() == walk_groups + len(sample.drill_list)
+    # without the drills the sample is the scratchpad's alone
+    sample.drill_list = None
+    assert build(sample, shards.layout).group.max() == walk_groups

@@ -256,3 +256,42 @@ def test_a_test_set_excluding_the_training_set_shares_no_question(tmp_path):
         assert len(prompts(tmp_path / "test", h)) == 300
     with pytest.raises(UnifiedError, match="--exclude .*not an operator data set"):
         operators(out=tmp_path / "other", hops="2", n=5, exclude=[tmp_path / "missing"], progress=False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(hops=st.integers(2, 12), seed=st.integers(0, 2**32 - 1), padded=st.booleans(),
+       answer=st.sampled_from(["yes", "no"]))
+def test_lookup_drills_are_walk_steps_the_walk_does_not_take(hops, seed, padded, answer):
+    """Each drill is a walk step from a name the walk does not go on from: its context "a > b." and its step
+    "b > c." are both premises (read the walk's way), the step goes on from the name the context reached, it is
+    not one of the walk's own steps and never goes on from the question's second name (where the walk stops).
+    Every premise with a premise above it is drilled or walked. The example is the one drawn without drills."""
+    premises = 24 if padded else 0
+    rng = lambda: np.random.default_rng(seed)  # noqa: E731
+    example = make_example(hops, "inductive", rng(), answer=answer, steps="walk", phrasing="greater-first",
+                           premises=premises, drills=True)
+    plain = make_example(hops, "inductive", rng(), answer=answer, steps="walk", phrasing="greater-first",
+                         premises=premises)
+    assert {k: v for k, v in example.items() if k != "drills"} == plain
+    x, relation, y = re.match(r"Is (\w+) (\w+) than (\w+)\?", example["question"]).groups()
+    pairs = _relations(example["premises"], relation)
+    stated = {f"{a} > {b}." for a, b in pairs}
+    *walk, _ = example["scratchpad"].split(". ")
+    walk = {step.rstrip(".") + "." for step in walk}
+    for context, step in example["drills"]:
+        (_, b), (first, _) = (re.fullmatch(r"(\w+) > (\w+)\.", s).groups() for s in (context, step))
+        assert context in stated and step in stated and first == b
+        assert step not in walk and b != y
+    above = {b for _, b in pairs}
+    expected = {f"{a} > {b}." for a, b in pairs if a in above and a != y} - walk
+    assert {step for _, step in example["drills"]} == expected
+
+
+def test_drills_need_the_walks_inductive_scratchpad(tmp_path):
+    for scratchpad, steps in (("full", "walk"), ("inductive", "interval")):
+        with pytest.raises(UnifiedError, match="--drills"):
+            operators(out=tmp_path / "d", hops="2", n=2, scratchpad=scratchpad, steps=steps, drills=True,
+                      progress=False)
+    info = operators(out=tmp_path / "d", hops="2", n=2, scratchpad="inductive", steps="walk", drills=True,
+                     progress=False)
+    assert info["drills"] is True

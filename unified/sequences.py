@@ -49,6 +49,7 @@ class Sample:
     steps: np.ndarray | None = None  # (n,) text ids of the scratchpad, may be empty (text task)
     answer: np.ndarray | None = None  # (n,) text ids (text task)
     step_list: list[np.ndarray] | None = None  # the scratchpad's steps, each (n,) text ids: its inductive form
+    drill_list: list[tuple[np.ndarray, np.ndarray]] | None = None  # inductive lookup drills: (context, step) ids
     action_values: np.ndarray | None = None  # (H, D) the chunk normalised to [-1, 1], for a continuous head
     state_values: np.ndarray | None = None  # (S,) the ego state normalised to [-1, 1], for a head that reads it
     fast_actions: np.ndarray | None = None  # (n,) the chunk's FAST ids: written instead of `actions` when given
@@ -232,7 +233,9 @@ def _build_inductive(sample: Sample, layout: TokenLayout, image_weight: float, t
                      question_weight: float = 0.0) -> Built:
     """Group 0: `<bos> question <reason>` at positions 0..P-1. Group k: a copy of step k - 1 and its `<step>` (for
     k >= 2, not a target) at positions P.., then step k and its `<step>` (targets) right after it; the last group ends
-    with `</reason> answer <eos>` instead of a `<step>`."""
+    with `</reason> answer <eos>` instead of a `<step>`. Then one group per lookup drill (`drill_list`, made with
+    `unified data operators --drills`), laid out as a step's group: its context (not a target), then its step and
+    `<step>` (targets)."""
     w = _Writer(layout)
     w.special("<bos>")
     w.add(sample.question, name="question", group=0, target=question_weight > 0, weight=question_weight)
@@ -254,6 +257,9 @@ def _build_inductive(sample: Sample, layout: TokenLayout, image_weight: float, t
             w.add([layout.special("</reason>")], target=True, group=k)
             w.add(sample.answer, target=True, name="answer", group=k)
             w.add([layout.special("<eos>")], target=True, group=k)
+    for k, (context, tokens) in enumerate(sample.drill_list or (), len(steps) + 1):
+        w.add(np.append(np.asarray(context, np.int64), step), group=k, position=prefix)
+        w.add(np.append(np.asarray(tokens, np.int64), step), target=True, group=k)
     return w.finish("text", sample.id, image_weight, task_weight)
 
 

@@ -45,7 +45,8 @@ PremiseForm = Literal["words", "symbols"]
 MIN_HOPS = 2
 # The drawing options of `make_example` beyond the hop count and scratchpad, with the values that sets written
 # before an option existed hold (read so by `read_info` and by the same-set check of `operators`).
-OPTION_DEFAULTS = {"phrasing": "both", "steps": "interval", "premises": 0, "min_premises": 0, "premise_form": "words"}
+OPTION_DEFAULTS = {"phrasing": "both", "steps": "interval", "premises": 0, "min_premises": 0, "premise_form": "words",
+                   "drills": False}
 
 
 def parse_hops(hops: str) -> list[int]:
@@ -76,7 +77,7 @@ def chain_length(hops: int) -> int:
 def make_example(
     hops: int, scratchpad: Scratchpad, rng: np.random.Generator, index: int = 0, answer: str | None = None,
     phrasing: Phrasing = "both", steps: Steps = "interval", premises: int = 0, min_premises: int = 0,
-    premise_form: PremiseForm = "words",
+    premise_form: PremiseForm = "words", drills: bool = False,
 ) -> dict:
     """One example needing `hops` steps of transitive reasoning; `answer` ('yes'/'no') is drawn when None.
     `phrasing`: each premise stated one way or the other ("A is taller than B." or "B is shorter than A."), or
@@ -84,7 +85,9 @@ def make_example(
     `premises`: 0 for the chain's 2 x hops; more adds a second chain of other names to make up that many (drawn after
     everything else, so the question, its chain and its scratchpad are those of the example without it);
     `min_premises` > 0 draws the number uniformly from max(min_premises, 2 x hops) to `premises`.
-    `premise_form`: premises as sentences ("A is taller than B.") or as symbols ("A > B."; `_premise`)."""
+    `premise_form`: premises as sentences ("A is taller than B.") or as symbols ("A > B."; `_premise`).
+    `drills` (the walk's inductive scratchpad only): the example also gets `drills`, walk steps from the other names
+    of its chains (`_drills`), which training adds as extra groups of the scratchpad; nothing else changes."""
     if hops < MIN_HOPS:
         raise UnifiedError(f"an operator question needs at least {MIN_HOPS} hops, got {hops}")
     if premises and not 2 * hops <= premises <= len(NAMES) - 2:
@@ -101,6 +104,7 @@ def make_example(
     x, y = (high, low) if answer == "yes" else (low, high)
     if min_premises and premises:
         premises = int(rng.integers(max(min_premises, len(stated)), premises + 1))
+    second: list[str] = []
     if premises > len(stated):
         others = [name for name in NAMES if name not in chain]
         second = [others[i] for i in rng.choice(len(others), size=premises - len(stated) + 1, replace=False)]
@@ -108,6 +112,12 @@ def make_example(
         stated = [stated[i] for i in rng.permutation(len(stated))]
     question = f"Is {x} {more} than {y}?"
     text = "" if scratchpad == "none" else (_walk if steps == "walk" else _interval)(chain, more, x, y)
+    extra = {}
+    if drills:
+        if steps != "walk" or scratchpad != "inductive":
+            raise UnifiedError("--drills: drills are groups of the walk's inductive scratchpad (--steps walk "
+                               f"--scratchpad inductive), got --steps {steps} --scratchpad {scratchpad}")
+        extra["drills"] = _drills([chain, second], y, text)
     return {
         "id": f"h{hops}-{index:06d}",
         "hops": hops,
@@ -118,7 +128,23 @@ def make_example(
         "scratchpad": text,
         "answer": answer,
         "target": (text + " " if text else "") + answer,
+        **extra,
     }
+
+
+def _drills(chains: list[list[str]], y: str, walk: str) -> list[list[str]]:
+    """Lookup drills for the walk's inductive scratchpad: for every name b with a name a above and c below it in
+    one of `chains` (greatest first), the pair ["a > b.", "b > c."], a walk step's context (the previous state) and
+    the step written from it. The walk's own steps are left out (the scratchpad trains them already), and so are the
+    steps from the question's second name `y`, after which the walk gives its verdict instead. Each drill is a
+    lookup the question does not ask for but that its premises answer, with the walk's rule (go on from the name
+    reached, stop at `y`), so that training meets every premise as a lookup target rather than the two to four the
+    walk uses."""
+    from unified.data.tokenize import split_steps
+
+    own = set(split_steps(walk))
+    return [[f"{a} > {b}.", f"{b} > {c}."] for names in chains for a, b, c in zip(names, names[1:], names[2:])
+            if b != y and f"{b} > {c}." not in own]
 
 
 def _premise(a: str, b: str, more: str, less: str, phrasing: Phrasing, rng: np.random.Generator,
@@ -178,7 +204,8 @@ def as_words(text: str, steps: str) -> str:
 def operators(
     *, out: Path, hops: str = "2-6", scratchpad: Scratchpad = "none", n: int = 1000, seed: int = 0,
     phrasing: Phrasing = "both", steps: Steps = "interval", premises: int = 0, min_premises: int = 0,
-    premise_form: PremiseForm = "words", exclude: list[Path] = (), overwrite: bool = False, progress: bool = True,
+    premise_form: PremiseForm = "words", drills: bool = False, exclude: list[Path] = (), overwrite: bool = False,
+    progress: bool = True,
 ) -> dict:
     """Write `n` examples per hop count to `out/hops_{h}.jsonl` plus `out/meta/info.json`; returns the info.
     `steps` and `premises`: the scratchpad's form and the premises of every question (0: the chain's own), as in
@@ -203,6 +230,9 @@ def operators(
         raise UnifiedError(f"--steps: expected interval or walk, got {steps!r}")
     if premise_form not in ("words", "symbols"):
         raise UnifiedError(f"--premise-form: expected words or symbols, got {premise_form!r}")
+    if drills and (steps != "walk" or scratchpad != "inductive"):
+        raise UnifiedError("--drills: drills are groups of the walk's inductive scratchpad (--steps walk "
+                           f"--scratchpad inductive), got --steps {steps} --scratchpad {scratchpad}")
     hop_counts = parse_hops(hops)
     if premises and not 2 * max(hop_counts) <= premises <= len(NAMES) - 2:
         raise UnifiedError(f"--premises: at least the {2 * max(hop_counts)} premises of a {max(hop_counts)}-hop "
@@ -213,7 +243,7 @@ def operators(
     out = Path(out)
     excluded = _prompts(exclude)
     options = {"phrasing": phrasing, "steps": steps, "premises": premises, "min_premises": min_premises,
-               "premise_form": premise_form}
+               "premise_form": premise_form, "drills": drills}
     if check_dir(out, "operators") == "same":
         existing = json.loads((out / "meta" / "info.json").read_text())
         wanted = {"format_version": FORMAT_VERSION, "hops": hop_counts, "examples_per_hop": n,

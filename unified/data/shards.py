@@ -11,6 +11,7 @@ samples for training come only from the training episodes (`TokenShards.index(ta
                            episode (N,), step (N,), instruction (N,), reason (N,) -> rows of the text table,
                            text_ids (flat), text_offsets (K + 1,), operator_* (M,) rows of the text table,
                            operator_step_rows (M, K) the row of each step of a scratchpad, -1 padded
+                           operator_drill_rows (M, 2D) the rows of each lookup drill's context and step (--drills)
 """
 
 from __future__ import annotations
@@ -120,6 +121,9 @@ class TokenShards:
                     raise UnifiedError(f"{self.root}: the tokenizer has no <step> marker, which the inductive "
                                        "scratchpad ends its steps with: fit the tokenizers again")
                 sample.step_list = [self._text(int(r)) for r in a["operator_step_rows"][row] if r >= 0]
+                if "operator_drill_rows" in a:
+                    pairs = [int(r) for r in a["operator_drill_rows"][row] if r >= 0]
+                    sample.drill_list = [(self._text(c), self._text(s)) for c, s in zip(pairs[::2], pairs[1::2])]
             return sample
         episode_first = row - int(a["step"][row])
         history = [max(episode_first, row - k) for k in range(self.history - 1, -1, -1)]

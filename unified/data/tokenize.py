@@ -112,11 +112,12 @@ def tokenize(
         np.save(staging / "text_ids.npy", text_ids.astype(dtype))
         np.save(staging / "text_offsets.npy", text_offsets)
         for name, rows in operator_rows.items():
-            if name == "step_rows":  # ragged: one row of text rows per question, padded with -1
+            ragged = name in ("step_rows", "drill_rows")
+            if ragged:  # one row of text rows per question, padded with -1
                 width = max((len(r) for r in rows), default=0)
                 rows = [r + [-1] * (width - len(r)) for r in rows]
             np.save(staging / f"operator_{name}.npy", np.asarray(rows, np.int32).reshape(len(rows), -1)
-                    if name == "step_rows" else np.asarray(rows, np.int32))
+                    if ragged else np.asarray(rows, np.int32))
         layout.save(staging / "layout.json")
         meta = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "data": str(data), "tokenizer": str(tokenizer),
@@ -155,8 +156,11 @@ def split_steps(scratchpad: str) -> list[str]:
 def _operators(directory: Path, hops: str, table: _TextTable) -> dict[str, list]:
     from unified.data.operators import as_words, parse_hops, read_info
 
-    form = read_info(directory, "--operators ")["steps"]
+    info = read_info(directory, "--operators ")
+    form = info["steps"]
     rows: dict[str, list] = {"question": [], "steps": [], "answer": [], "hops": [], "step_rows": []}
+    if info["drills"]:
+        rows["drill_rows"] = []  # the drills' [context, step] pairs, flattened
     for h in parse_hops(hops):
         path = Path(directory) / f"hops_{h}.jsonl"
         if not path.is_file():
@@ -169,6 +173,9 @@ def _operators(directory: Path, hops: str, table: _TextTable) -> dict[str, list]
                 # Each step (sentence) apart too, for the inductive form of the scratchpad.
                 rows["step_rows"].append([table.row(as_words(step, form))
                                           for step in split_steps(example["scratchpad"])])
+                if "drill_rows" in rows:
+                    rows["drill_rows"].append([table.row(as_words(step, form))
+                                               for pair in example["drills"] for step in pair])
                 rows["answer"].append(table.row(example["answer"]))
                 rows["hops"].append(int(example["hops"]))
             except (json.JSONDecodeError, KeyError, ValueError) as e:
