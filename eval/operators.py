@@ -172,11 +172,14 @@ def operators_eval(*, model: Path, data: Path, hops: str | None = None, n: int =
     `batch` questions at a time (`answer_batch`), and report the accuracy per hop count. When the data holds
     scratchpads (made with `--scratchpad full` or `inductive`), also how much of each the model wrote right: the
     fraction of questions whose scratchpad is exactly the data's, the mean fraction of the data's steps
-    written right before the first wrong one (where a walk goes astray) and the fraction whose first step is right;
-    and the accuracy on the questions whose answer is yes and on those whose answer is no, apart."""
+    written right before the first wrong one (where a walk goes astray) and the fraction whose first step is right
+    (in the walk form, also on the questions whose first step needs the premise of the question's first name,
+    `shortcut_first_step`); and the accuracy on the questions whose answer is yes and on those whose answer is no,
+    apart."""
     import torch
 
-    from unified.data.operators import as_words, parse_hops, read_info
+    from unified.data.operators import as_words, parse_hops, read_info, shortcut_first_step
+    from unified.data.tokenize import split_steps
     from unified.model_dir import load_model
     from unified.outputs import check_file, write_report
 
@@ -187,7 +190,7 @@ def operators_eval(*, model: Path, data: Path, hops: str | None = None, n: int =
     examples = read_examples(data, parse_hops(hops) if hops else None, n)
     form = read_info(data)["steps"]  # the questions are encoded as training encoded them
     loaded, tokenizers, _ = load_model(model)
-    accuracy, tokens, shown, exact, leading, first, by_answer = {}, {}, [], {}, {}, {}, {}
+    accuracy, tokens, shown, exact, leading, first, looked_up, by_answer = {}, {}, [], {}, {}, {}, {}, {}
     with torch.inference_mode():
         for h, rows in examples.items():
             correct = []
@@ -204,6 +207,10 @@ def operators_eval(*, model: Path, data: Path, hops: str | None = None, n: int =
                         leading.setdefault(h, []).append(right)
                         # the first step right (in the walk form, the lookup every question starts with)
                         first.setdefault(h, []).append(right > 0)
+                        if form == "walk" and (shortcut_first_step(example)
+                                               != split_steps(example["scratchpad"])[0]):
+                            # ... on the questions where it cannot be written without that lookup
+                            looked_up.setdefault(h, []).append(right > 0)
                     tokens.setdefault(h, []).append(generated)
                     if sum(s["hops"] == h for s in shown) < 2:
                         shown.append({"hops": h, "prompt": example["prompt"], "expected": example["target"],
@@ -213,6 +220,9 @@ def operators_eval(*, model: Path, data: Path, hops: str | None = None, n: int =
             accuracy[h] = float(np.mean(correct))
             pad = (f"; scratchpad exact {np.mean(exact[h]):.1%}, steps right before the first wrong one "
                    f"{np.mean(leading[h]):.1%}, first step right {np.mean(first[h]):.1%}" if h in exact else "")
+            if h in exact and form == "walk":
+                pad += (f" ({np.mean(looked_up[h]):.1%} of the {len(looked_up[h])} questions needing the lookup)"
+                        if h in looked_up else " (no question needs the lookup: at 2 hops none does)")
             pad += "; " + ", ".join(f"answer {a}: {np.mean(v):.1%} of {len(v)}"
                                     for a, v in sorted(by_answer[h].items()))
             print(f"{h} hops: accuracy {accuracy[h]:.1%} over {len(rows)} questions{pad}", flush=True)
@@ -226,6 +236,11 @@ def operators_eval(*, model: Path, data: Path, hops: str | None = None, n: int =
         report["scratchpad_exact_by_hops"] = {str(h): float(np.mean(v)) for h, v in exact.items()}
         report["steps_right_by_hops"] = {str(h): float(np.mean(v)) for h, v in leading.items()}
         report["first_step_right_by_hops"] = {str(h): float(np.mean(v)) for h, v in first.items()}
+    if exact and form == "walk":
+        # the walk's first step on the questions where `shortcut_first_step` is wrong (none at 2 hops)
+        report["questions_needing_lookup_by_hops"] = {str(h): len(looked_up.get(h, [])) for h in exact}
+        report["first_step_right_needing_lookup_by_hops"] = {str(h): float(np.mean(v))
+                                                             for h, v in looked_up.items()}
     if json is not None:
         write_report(Path(json), report, "operators")
     return report

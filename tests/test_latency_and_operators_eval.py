@@ -66,6 +66,12 @@ def test_operators_eval_by_hops_and_the_plot(exported, tmp_path):
     assert stepwise["scratchpad_exact_by_hops"] == {"2": 0.0}  # an untrained model
     assert 0.0 <= stepwise["steps_right_by_hops"]["2"] < 1.0
     assert 0.0 <= stepwise["first_step_right_by_hops"]["2"] <= 1.0
+    assert "questions_needing_lookup_by_hops" not in stepwise  # the interval form has no walk
+    operators(out=tmp_path / "walks", hops="2-4", n=8, seed=5, scratchpad="full", steps="walk", progress=False)
+    walks = operators_eval(model=tmp_path / "inductive", data=tmp_path / "walks", n=8, progress=False)
+    needing = walks["questions_needing_lookup_by_hops"]
+    assert needing["2"] == 0 and 0 < needing["3"] + needing["4"] <= 16  # at 2 hops the shortcut is the step
+    assert set(walks["first_step_right_needing_lookup_by_hops"]) == {h for h in ("3", "4") if needing[h]}
     by_answer = stepwise["accuracy_by_answer_by_hops"]["2"]
     assert set(by_answer) <= {"yes", "no"} and by_answer  # each question counted under its own answer
     (tmp_path / "b.json").write_text(json.dumps({"accuracy_by_hops": {"2": 1.0, "4": 0.5}}))

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from unified.data.operators import RELATIONS, make_example, operators, parse_hops
+from unified.data.operators import RELATIONS, make_example, operators, parse_hops, shortcut_first_step
 from unified.errors import UnifiedError
 
 OPPOSITE = {less: more for more, less in RELATIONS}
@@ -295,3 +295,35 @@ def test_drills_need_the_walks_inductive_scratchpad(tmp_path):
     info = operators(out=tmp_path / "d", hops="2", n=2, scratchpad="inductive", steps="walk", drills=True,
                      progress=False)
     assert info["drills"] is True
+
+
+@settings(max_examples=200, deadline=None)
+@given(hops=st.integers(2, 12), seed=st.integers(0, 2**32 - 1), phrasing=st.sampled_from(["both", "greater-first"]),
+       padded=st.booleans(), answer=st.sampled_from(["yes", "no"]))
+def test_the_walks_shortcut_first_step(hops, seed, phrasing, padded, answer):
+    """The first step a model can write without the premise of the question's first name x: the name right above
+    the second name y (a yes), the bottom of x's chain (a no); the same whether the premises are words or symbols.
+    At 2 hops it is the walk's first step for every question."""
+    options = dict(answer=answer, phrasing=phrasing, steps="walk", premises=24 if padded else 0)
+    example = make_example(hops, "inductive", np.random.default_rng(seed), **options)
+    x, relation, y = re.match(r"Is (\w+) (\w+) than (\w+)\?", example["question"]).groups()
+    pairs = _relations(example["premises"], relation)
+    if answer == "yes":
+        expected = _next(pairs, y, below=False)
+    else:
+        expected = x
+        while _next(pairs, expected) is not None:
+            expected = _next(pairs, expected)
+    assert shortcut_first_step(example) == f"{x} > {expected}."
+    symbols = make_example(hops, "inductive", np.random.default_rng(seed), premise_form="symbols", **options)
+    assert shortcut_first_step(symbols) == shortcut_first_step(example)
+    if hops == 2:
+        assert shortcut_first_step(example) == example["scratchpad"].split(". ")[0] + "."
+
+
+def test_from_three_hops_the_shortcut_is_the_first_step_of_some_questions_only():
+    for hops in (3, 4):
+        rng = np.random.default_rng(0)
+        examples = [make_example(hops, "inductive", rng, steps="walk") for _ in range(200)]
+        same = sum(shortcut_first_step(e) == e["scratchpad"].split(". ")[0] + "." for e in examples)
+        assert 0 < same < 100, (hops, same)
