@@ -66,37 +66,54 @@ clean:
 	rm -rf $(VENV) build *.egg-info runs
 
 # Length generalisation on the operator data set: one small model per scratchpad (none, full, inductive) and seed
-# (seed by seed, so that an interrupted run already compares the three), each trained on 2-4 hops through the DeepSpeed launcher and tested on 2-12 hops, on questions no training set holds.
-# Reads the demo's tokenizers; writes $(O)/summary.json, summary.md and accuracy_by_hops.png. Rerunning skips what
-# is done.
+# (seed by seed, so that an interrupted run already compares the three), each trained through the DeepSpeed
+# launcher by a curriculum of three stages, each from the export of the one before: 2-hop questions among the
+# chain's own premises (OPS_STEPS1 steps), 2-4 hops among them (OPS_STEPS2), then 2-4 hops among 4 to 24 premises
+# (OPS_STEPS3; the inductive scratchpad's with lookup drills, groups of its scratchpad). Tested on 2-12 hops with 24
+# premises each, on questions no training set holds. Reads the demo's tokenizers; writes $(O)/summary.json,
+# summary.md and accuracy_by_hops.png. Rerunning skips what is done and resumes a stage cut short.
 O := $(D)/operators
 OPS_SEEDS ?= 0 1 2
 OPS_QUESTIONS ?= 200
-OPS_STEPS ?= 300
-OPS_TRAIN ?= 5000
-OPS_PHRASING ?= both
-OPS_FORM = --steps walk --premises 24 --phrasing $(OPS_PHRASING)
+OPS_OWN ?= 100000
+OPS_MIXED ?= 30000
+OPS_STEPS1 ?= 3000
+OPS_STEPS2 ?= 1000
+OPS_STEPS3 ?= 1500
+OPS_LR ?= 0.001
+OPS_WALK = --steps walk --phrasing greater-first
 INDUCTIVE := model.inductive_scratchpad=true attention=sdpa
+# One stage of scratchpad $(1) (a shell word), seed $(2), named $(3), on shards $(4), $(5) steps, from export $(6)
+# (none for the first); done when its export exists (written whole or not at all).
+ops_stage = test -d $(O)/$(1)/seed$(2)/$(3)_model || { $(BIN)/unified train --recipe recipes/operators.yaml \
+		--ranks 2 $$(test -d $(O)/$(1)/seed$(2)/$(3) && echo --resume) run_dir=$(O)/$(1)/seed$(2)/$(3) data=$(O)/$(1)/$(4) seed=$(2) steps=$(5) \
+		save_every=250 optim.lr=$(OPS_LR) $(if $(6),init_from=$(O)/$(1)/seed$(2)/$(6)_model) \
+		$$(test $(1) = inductive && echo $(INDUCTIVE)) && $(BIN)/unified export \
+		--checkpoint $(O)/$(1)/seed$(2)/$(3) --out $(O)/$(1)/seed$(2)/$(3)_model; } || exit 1
 operators: $(VENV)/.installed
 	@test -f $(D)/tokenizers/layout.json || { echo "make operators reads the demo's data and tokenizers: run make demo first"; exit 1; }
 	@grep -q '"<step>"' $(D)/tokenizers/layout.json || { echo "make operators: $(D)/tokenizers predate the <step> marker the inductive scratchpad needs; run make demo into a new directory (make demo DEMO_DIR=runs/demo2, then make operators DEMO_DIR=runs/demo2)"; exit 1; }
+	$(BIN)/unified data operators --out $(O)/test --hops 2-12 --n $(OPS_QUESTIONS) --seed 1 --scratchpad full \
+		--premises 24 $(OPS_WALK)
 	for pad in none full inductive; do \
-		$(BIN)/unified data operators --out $(O)/$$pad/data --hops 2-4 --scratchpad $$pad --n $(OPS_TRAIN) $(OPS_FORM) || exit 1; \
-		test -f $(O)/$$pad/shards/meta.json || $(BIN)/unified data tokenize --data $(D)/data/train \
-			--tokenizer $(D)/tokenizers --out $(O)/$$pad/shards --operators $(O)/$$pad/data --operator-hops 2-4 \
-			--tasks text || exit 1; \
+		$(BIN)/unified data operators --out $(O)/$$pad/own --hops 2-4 --scratchpad $$pad --n $(OPS_OWN) --seed 7 \
+			$(OPS_WALK) --exclude $(O)/test || exit 1; \
+		$(BIN)/unified data operators --out $(O)/$$pad/mixed --hops 2-4 --scratchpad $$pad --n $(OPS_MIXED) \
+			--seed 7 $(OPS_WALK) --premises 24 --min-premises 4 $$(test $$pad = inductive && echo --drills) \
+			--exclude $(O)/test || exit 1; \
+		for set in h2,own,2 h24,own,2-4 mixed,mixed,2-4; do name=$${set%%,*}; hops=$${set##*,}; \
+			data=$${set#*,}; data=$${data%,*}; \
+			test -f $(O)/$$pad/$${name}_shards/meta.json || $(BIN)/unified data tokenize --data $(D)/data/train \
+				--tokenizer $(D)/tokenizers --out $(O)/$$pad/$${name}_shards --operators $(O)/$$pad/$$data \
+				--operator-hops $$hops --tasks text || exit 1; \
+		done; \
 	done
-	$(BIN)/unified data operators --out $(O)/test --hops 2-12 --n $(OPS_QUESTIONS) --seed 1 --scratchpad full $(OPS_FORM) \
-		--exclude $(O)/none/data $(O)/full/data $(O)/inductive/data
 	for seed in $(OPS_SEEDS); do for pad in none full inductive; do \
-		test -f $(O)/$$pad/seed$$seed/checkpoints/latest || $(BIN)/unified train --recipe recipes/operators.yaml \
-			--ranks 2 run_dir=$(O)/$$pad/seed$$seed data=$(O)/$$pad/shards seed=$$seed \
-			steps=$(OPS_STEPS) save_every=$(OPS_STEPS) \
-			$$(test $$pad = inductive && echo $(INDUCTIVE)) || exit 1; \
-		test -f $(O)/$$pad/seed$$seed.json && continue; \
-		$(BIN)/unified export --checkpoint $(O)/$$pad/seed$$seed --out $(O)/$$pad/model$$seed --overwrite || exit 1; \
-		$(BIN)/unified eval operators --model $(O)/$$pad/model$$seed --data $(O)/test \
-			--json $(O)/$$pad/seed$$seed.json || exit 1; \
+		$(call ops_stage,$$pad,$$seed,stage1,h2_shards,$(OPS_STEPS1),); \
+		$(call ops_stage,$$pad,$$seed,stage2,h24_shards,$(OPS_STEPS2),stage1); \
+		$(call ops_stage,$$pad,$$seed,stage3,mixed_shards,$(OPS_STEPS3),stage2); \
+		test -f $(O)/$$pad/seed$$seed.json || $(BIN)/unified eval operators --model $(O)/$$pad/seed$$seed/stage3_model \
+			--data $(O)/test --n $(OPS_QUESTIONS) --json $(O)/$$pad/seed$$seed.json || exit 1; \
 	done; done
 	$(BIN)/unified eval operators-summary --runs $(O)
 
