@@ -65,7 +65,7 @@ $(D)/joint/checkpoints/latest: $(D)/shards/meta.json
 clean:
 	rm -rf $(VENV) build *.egg-info runs
 
-# Length generalisation on the operator data set: one small model per scratchpad (none, full, inductive) and seed
+# Length generalisation on the operator data set: one small model per scratchpad (OPS_PADS: none, full, inductive) and seed
 # (seed by seed, so that an interrupted run already compares the three), each trained through the DeepSpeed
 # launcher by a curriculum of three stages, each from the export of the one before: 2-hop questions among the
 # chain's own premises (OPS_STEPS1 steps), 2-4 hops among them (OPS_STEPS2), then 2-4 hops among 4 to 24 premises
@@ -74,6 +74,7 @@ clean:
 # summary.md and accuracy_by_hops.png. Rerunning skips what is done and resumes a stage cut short.
 O := $(D)/operators
 OPS_SEEDS ?= 0 1 2
+OPS_PADS ?= none full inductive
 OPS_QUESTIONS ?= 200
 OPS_OWN ?= 100000
 OPS_MIXED ?= 30000
@@ -95,7 +96,7 @@ operators: $(VENV)/.installed
 	@grep -q '"<step>"' $(D)/tokenizers/layout.json || { echo "make operators: $(D)/tokenizers predate the <step> marker the inductive scratchpad needs; run make demo into a new directory (make demo DEMO_DIR=runs/demo2, then make operators DEMO_DIR=runs/demo2)"; exit 1; }
 	$(BIN)/unified data operators --out $(O)/test --hops 2-12 --n $(OPS_QUESTIONS) --seed 1 --scratchpad full \
 		--premises 24 $(OPS_WALK)
-	for pad in none full inductive; do \
+	for pad in $(OPS_PADS); do \
 		$(BIN)/unified data operators --out $(O)/$$pad/own --hops 2-4 --scratchpad $$pad --n $(OPS_OWN) --seed 7 \
 			$(OPS_WALK) --exclude $(O)/test || exit 1; \
 		$(BIN)/unified data operators --out $(O)/$$pad/mixed --hops 2-4 --scratchpad $$pad --n $(OPS_MIXED) \
@@ -108,7 +109,7 @@ operators: $(VENV)/.installed
 				--operator-hops $$hops --tasks text || exit 1; \
 		done; \
 	done
-	for seed in $(OPS_SEEDS); do for pad in none full inductive; do \
+	for seed in $(OPS_SEEDS); do for pad in $(OPS_PADS); do \
 		$(call ops_stage,$$pad,$$seed,stage1,h2_shards,$(OPS_STEPS1),); \
 		$(call ops_stage,$$pad,$$seed,stage2,h24_shards,$(OPS_STEPS2),stage1); \
 		$(call ops_stage,$$pad,$$seed,stage3,mixed_shards,$(OPS_STEPS3),stage2); \
