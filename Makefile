@@ -87,7 +87,7 @@ INDUCTIVE := model.inductive_scratchpad=true attention=sdpa
 # One stage of scratchpad $(1) (a shell word), seed $(2), named $(3), on shards $(4), $(5) steps, from export $(6)
 # (none for the first); done when its export exists (written whole or not at all).
 ops_stage = test -d $(O)/$(1)/seed$(2)/$(3)_model || { $(BIN)/unified train --recipe recipes/operators.yaml \
-		--ranks 2 $$(test -d $(O)/$(1)/seed$(2)/$(3) && echo --resume) run_dir=$(O)/$(1)/seed$(2)/$(3) data=$(O)/$(1)/$(4) seed=$(2) steps=$(5) \
+		--ranks 2 $$(ls $(O)/$(1)/seed$(2)/$(3) 2>/dev/null | grep -q . && echo --resume) run_dir=$(O)/$(1)/seed$(2)/$(3) data=$(O)/$(1)/$(4) seed=$(2) steps=$(5) \
 		save_every=250 optim.lr=$(OPS_LR) $(if $(6),init_from=$(O)/$(1)/seed$(2)/$(6)_model) \
 		$$(test $(1) = inductive && echo $(INDUCTIVE)) && $(BIN)/unified export \
 		--checkpoint $(O)/$(1)/seed$(2)/$(3) --out $(O)/$(1)/seed$(2)/$(3)_model; } || exit 1

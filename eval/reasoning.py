@@ -79,7 +79,7 @@ def reasoning(*, model: Path, data: Path, json: Path | None = None, episodes: in
     indices = store.held_out_indices(stratified=True)[:episodes]
     if not indices:
         raise UnifiedError(f"{data}: no held-out episodes ({store.rule.description})")
-    verdicts, examples = [], []
+    verdicts, examples, asked = [], [], []
     for index in tqdm(indices, desc="reasoning", unit="ep", disable=not progress):
         episode = store.read_episode(index)
         history = policy.config.history
@@ -88,6 +88,7 @@ def reasoning(*, model: Path, data: Path, json: Path | None = None, episodes: in
                                 state=episode.states[t], reason=True)
             verdict = judge(result.reasoning, episode.causation[t])
             verdicts.append(verdict)
+            asked.append({"episode": index, "step": t, **verdict})
             if len(examples) < 5:
                 examples.append({"episode": index, "step": t, "generated": result.reasoning,
                                  "truth": episode.causation[t].text, **verdict})
@@ -98,9 +99,65 @@ def reasoning(*, model: Path, data: Path, json: Path | None = None, episodes: in
               "held_out": store.rule.description, "explanations": len(verdicts),
               "reasoning_accuracy": rate["all"], "decision_accuracy": rate["decision"],
               "cause_accuracy": rate["cause"], "agent_accuracy": rate["agent"], "parsed_rate": rate["parsed"],
-              "examples": examples}
+              "examples": examples, "verdicts": asked}
     print(f"{len(verdicts)} explanations: all correct {rate['all']:.1%} (decision {rate['decision']:.1%}, "
           f"cause {rate['cause']:.1%}, critical agent {rate['agent']:.1%}; well-formed {rate['parsed']:.1%})")
     if json is not None:
         write_report(Path(json), report, "reasoning")
     return report
+
+
+def paired_verdicts(first: dict, second: dict, key: str = "all") -> tuple[np.ndarray, np.ndarray]:
+    """The verdicts `key` of two reasoning reports on the explanations both asked for (matched on episode and
+    step), in the same order."""
+    def by_step(report: dict) -> dict:
+        return {(v["episode"], v["step"]): bool(v[key]) for v in report["verdicts"]}
+
+    a, b = by_step(first), by_step(second)
+    common = sorted(set(a) & set(b))
+    return np.array([a[k] for k in common], bool), np.array([b[k] for k in common], bool)
+
+
+def compare_reasoning(*, first: list[Path], second: list[Path],
+                      key: Literal["all", "decision", "cause", "agent", "parsed"] = "all") -> dict:
+    """One lever on several training runs, by their reasoning: `first[k]` and `second[k]` are `eval reasoning`
+    reports (`--json`) of run k without and with it, on the same store. Prints each run's paired difference in the
+    share of explanations right (`key`: all, decision, cause, agent or parsed) and McNemar's p, then the pooled
+    test over all runs' explanations (`stats.compare_pooled`)."""
+    import json as jsonlib
+
+    from unified.eval.stats import compare_pooled
+
+    if len(first) != len(second) or not first:
+        raise UnifiedError(f"--first and --second name one report per training run each, in the same order; got "
+                           f"{len(first)} and {len(second)}")
+    reports = []
+    for path in [*first, *second]:
+        try:
+            report = jsonlib.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise UnifiedError(f"{path}: not a readable reasoning report ({e})") from None
+        if "verdicts" not in report:
+            raise UnifiedError(f"{path}: has no per-explanation verdicts; make it again with `unified eval reasoning "
+                               "--json` (reports before them cannot be paired)")
+        reports.append(report)
+    pairs = list(zip(reports[:len(first)], reports[len(first):]))
+    for (a, b), pa, pb in zip(pairs, first, second):
+        if a["data"] != b["data"]:
+            raise UnifiedError(f"{pa} and {pb}: reports of different stores ({a['data']}, {b['data']}) do not pair")
+    try:
+        result = compare_pooled(pairs, key, match=paired_verdicts)
+    except ValueError as e:
+        raise UnifiedError(f"compare-reasoning: {e}") from None
+    lines = [f"| run | first | second | explanations | {key} right, first / second | difference [95% paired "
+             "bootstrap] | discordant (second only / first only) | McNemar p |", "|---|---|---|---|---|---|---|---|"]
+    rows = [(str(k), a["model"], b["model"], c) for k, ((a, b), c) in enumerate(zip(pairs, result["runs"]))]
+    rows.append(("**pooled**", "", "", result["pooled"]))
+    for run, name_a, name_b, c in rows:
+        d, m = c["difference"], c["mcnemar"]
+        lines.append(f"| {run} | {name_a} | {name_b} | {c['pairs']} | "
+                     f"{c['first_rate']:.3f} / {c['second_rate']:.3f} | "
+                     f"{d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | "
+                     f"{m['only_first']} / {m['only_second']} | {m['p_value']:.3g} |")
+    print("\n".join(lines), flush=True)
+    return result

@@ -91,16 +91,18 @@ def _paired(a: np.ndarray, b: np.ndarray) -> dict:
             "mcnemar": mcnemar_exact(b, a), "difference": paired_difference(b, a)}
 
 
-def compare_pooled(pairs: list[tuple[dict, dict]], key: str = "success") -> dict:
+def compare_pooled(pairs: list[tuple[dict, dict]], key: str = "success", match=paired_outcomes) -> dict:
     """The same lever measured on several training runs: `pairs` holds one (first, second) pair of closed-loop
     reports per run (e.g. per training seed, the recipe without and with the lever). Returns each run's paired
     comparison and the pooled one, over the episodes of all runs together (McNemar and the paired bootstrap on
     the concatenated pairs). The pooled test conditions on these runs: it says whether the lever changed these
-    models, and, with few runs, nothing about how much another run of the recipe would vary."""
-    outcomes = [paired_outcomes(first, second, key) for first, second in pairs]
+    models, and, with few runs, nothing about how much another run of the recipe would vary. `match` pairs two
+    reports' outcomes (`paired_outcomes`: closed-loop episodes)."""
+    outcomes = [match(first, second, key) for first, second in pairs]
     for k, (a, _) in enumerate(outcomes):
         if len(a) == 0:
-            raise ValueError(f"run {k}: the two reports share no episode (scenario and simulator seed)")
+            what = "episode (scenario and simulator seed)" if match is paired_outcomes else "outcome"
+            raise ValueError(f"run {k}: the two reports share no {what}")
     if not outcomes:
         raise ValueError("no pair of reports to compare")
     return {"runs": [_paired(a, b) for a, b in outcomes],

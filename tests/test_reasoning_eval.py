@@ -54,3 +54,39 @@ def test_reasoning_eval_command(model_data, tmp_path):
                        json=tmp_path / "r.json", progress=False)
     assert report["explanations"] == 2 and 0 <= report["reasoning_accuracy"] <= report["decision_accuracy"] <= 1
     assert report["examples"][0]["truth"] and "generated" in report["examples"][0]
+    assert [(v["episode"], v["step"]) for v in report["verdicts"]] == [(report["episode_indices"][0], t)
+                                                                       for t in (0, 12)]
+    # The same model asked again pairs with itself: nothing discordant.
+    from unified.eval.reasoning import compare_reasoning
+
+    same = compare_reasoning(first=[tmp_path / "r.json"], second=[tmp_path / "r.json"])
+    assert same["pooled"]["pairs"] == 2 and same["pooled"]["mcnemar"]["p_value"] == 1.0
+
+
+def test_compare_reasoning_pairs_explanations_by_episode_and_step(tmp_path, capsys):
+    import json
+
+    import pytest
+    from unified.eval.reasoning import compare_reasoning
+
+    from unified.errors import UnifiedError
+
+    def report(name, right):  # explanations at steps 0, 10, ... of episode 4; `right` the ones all right
+        verdicts = [{"episode": 4, "step": 10 * k, "all": k in right, "decision": True} for k in range(20)]
+        (tmp_path / name).write_text(json.dumps({"model": name, "data": "store", "verdicts": verdicts}))
+        return tmp_path / name
+
+    first, second = report("a.json", range(5)), report("b.json", range(18))
+    result = compare_reasoning(first=[first, first], second=[second, first])
+    assert [r["pairs"] for r in result["runs"]] == [20, 20] and result["pooled"]["pairs"] == 40
+    run = result["runs"][0]
+    assert (run["first_rate"], run["second_rate"]) == (0.25, 0.9)
+    assert run["mcnemar"]["only_first"] == 13 and run["mcnemar"]["p_value"] < 0.001  # 13 discordant, all one way
+    assert result["runs"][1]["mcnemar"]["p_value"] == 1.0
+    assert "| **pooled** |" in capsys.readouterr().out
+    assert compare_reasoning(first=[first], second=[second], key="decision")["pooled"]["difference"]["difference"] == 0
+    (tmp_path / "old.json").write_text(json.dumps({"model": "old", "data": "store"}))
+    with pytest.raises(UnifiedError, match="old.json: has no per-explanation verdicts"):
+        compare_reasoning(first=[tmp_path / "old.json"], second=[second])
+    with pytest.raises(UnifiedError, match="one report per training run"):
+        compare_reasoning(first=[first, first], second=[second])

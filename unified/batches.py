@@ -24,7 +24,8 @@ class MixtureBatches:
                  image_weight: float = 0.04, task_weights: dict[str, float] | None = None, with_state: bool = True,
                  state_dims: int | None = None, split: str = "train", balance: float = 0.0, turn_weight: float = 1.0,
                  image_dropout: float = 0.0, dense_mask: bool = True, inductive: bool = False,
-                 question_weight: float = 0.0, policy_frames: bool = True, state_noise: int = 0):
+                 question_weight: float = 0.0, policy_frames: bool = True, state_noise: int = 0,
+                 inductive_reason: bool = False):
         """`split="held_out"` draws from the store's held-out episodes instead, for a validation loss (tasks without
         held-out samples, such as the operator questions, are left out). `balance` > 0 draws the policy samples of
         rare decisions more often: a sample's weight is (the share of its decision) ** -balance, so 0 draws
@@ -34,7 +35,8 @@ class MixtureBatches:
         share of policy samples built without their frame(s) (no `<img>` span: the prompt is the instruction and the
         state); `policy_frames=False` builds every policy sample without them, in either split (for a model whose
         policy never reads them). `inductive` builds the operator questions' scratchpads in their inductive form;
-        `question_weight` > 0 trains on their questions' tokens too, at that weight (`sequences.build_text`).
+        `question_weight` > 0 trains on their questions' tokens too, at that weight (`sequences.build_text`);
+        `inductive_reason` the policy's reasoning in its inductive form (`sequences._inductive_reason`).
         `state_noise` k > 0 shifts each state token of a policy prompt by a bin drawn uniformly from -k .. k, kept
         within the bins its dimension takes in training (the targets stay as recorded), so that no prompt holds the
         exact state tokens of its sample; `state_values` are left as they are (README, fourteenth round: it drove
@@ -44,6 +46,7 @@ class MixtureBatches:
         self.state_dims, self.split, self.balance, self.turn_weight = state_dims, split, balance, turn_weight
         self.image_dropout, self.dense_mask, self.inductive = image_dropout, dense_mask, inductive
         self.question_weight, self.policy_frames, self.state_noise = question_weight, policy_frames, state_noise
+        self.inductive_reason = inductive_reason
         if state_noise < 0:
             raise UnifiedError(f"state_noise is a number of bins, 0 or more; got {state_noise}")
         self._state_span: tuple[np.ndarray, np.ndarray] | None = None
@@ -112,6 +115,7 @@ class MixtureBatches:
             pick = int(rng.integers(len(index))) if p is None else int(rng.choice(len(index), p=p))
             sample = self.shards.sample(task, int(index[pick]), with_state=self.with_state,
                                         state_dims=self.state_dims, inductive=self.inductive,
+                                        inductive_reason=self.inductive_reason,
                                         frames=self.policy_frames)
             # Drawn only when asked for, so that runs without it see the batches they always did.
             if self.image_dropout > 0 and task.startswith("policy") and rng.random() < self.image_dropout:

@@ -40,6 +40,8 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "eval state-response": ("unified.eval.state_response", "state_response",
                             "does the policy steer by its heading and lane offset, as the expert does?"),
     "eval reasoning": ("unified.eval.reasoning", "reasoning", "generated explanations vs the simulator's causes"),
+    "eval compare-reasoning": ("unified.eval.reasoning", "compare_reasoning",
+                               "one lever on several training runs, by their reasoning: paired tests"),
     "eval operators": ("unified.eval.operators", "operators_eval", "multi-hop comparison accuracy by number of hops"),
     "eval plot-operators": ("unified.eval.operators", "plot_operators", "accuracy against hops of operator reports"),
     "eval operators-summary": ("unified.eval.operators", "summarize_operators",

@@ -207,6 +207,10 @@ class Teacher:
             raise UnifiedError(f"distill.teacher {config.distill.teacher}: writes its actions as "
                                f"{self.model.config.action_tokens}, the student as {config.model.action_tokens} "
                                "(model.action_tokens): the soft targets are over the same tokens")
+        if self.model.config.inductive_reason:
+            raise UnifiedError(f"distill.teacher {config.distill.teacher}: reasons in the inductive form "
+                               "(model.inductive_reason), which distillation does not read yet (it lays the teacher's "
+                               "reasoning out whole); distil a teacher trained without it")
         if self.model.layout != shards.layout:
             raise UnifiedError(f"distill.teacher {config.distill.teacher}: its layout differs from the data's")
         self.model.requires_grad_(False)

@@ -62,6 +62,10 @@ class ModelConfig:
     # before it only, at positions that restart after the question (`sequences.build_text`); generation does the
     # same (`eval.operators`). Needs shards tokenized with the steps apart and a tokenizer with the <step> marker.
     inductive_scratchpad: bool = False
+    # The driving policy's reasoning in the same form: the causation sentence's cause and decision as two steps and
+    # the action chunk as a third, each written from the observation and the step before it only
+    # (`sequences._inductive_reason`, `Policy.act`). Needs shards with `reason_step_rows` and attention=sdpa.
+    inductive_reason: bool = False
     # -- optional continuous action head beside the discrete action tokens
     action_head: bool = False  # a small bidirectional transformer over H learned queries, trained with L1
     action_head_layers: int = 2

@@ -169,10 +169,13 @@ class Policy:
         reasoning = None
         if reason:
             decoder.feed([layout.special("<reason>")])
-            text_ids = decoder.generate(layout.mask("text"), stop=layout.special("</reason>"),
-                                        max_tokens=self.config.max_reason_tokens, greedy=greedy,
-                                        temperature=temperature)
-            reasoning = self.tokenizers.text.decode([layout.to_local("text", text_ids)])[0] if text_ids else ""
+            if self.config.inductive_reason:
+                reasoning = self._inductive_reasoning(decoder, greedy, temperature)
+            else:
+                text_ids = decoder.generate(layout.mask("text"), stop=layout.special("</reason>"),
+                                            max_tokens=self.config.max_reason_tokens, greedy=greedy,
+                                            temperature=temperature)
+                reasoning = self.tokenizers.text.decode([layout.to_local("text", text_ids)])[0] if text_ids else ""
         if continuous:
             actions = self._continuous(decoder.ids + [act], state)
             return ActionResult(actions, reasoning, decoder.generated, 1000 * (time.perf_counter() - start))
@@ -187,6 +190,41 @@ class Policy:
             actions = self.read_out(decoder.block_probs, readout)
         return ActionResult(actions.astype(np.float32), reasoning, decoder.generated,
                             1000 * (time.perf_counter() - start))
+
+    def _inductive_reasoning(self, decoder: Decoder, greedy: bool, temperature: float) -> str:
+        """The reasoning in its inductive form (`model.inductive_reason`, `sequences._inductive_reason`): each step
+        written from the prompt and the step before it alone (the cache cropped back to the prompt and `<reason>`,
+        the previous step and its `<step>` fed again at the positions right after them), ended by `<step>` (another
+        follows) or `</reason>`; then, as training lays out the chunk, the prompt and the last step with `</reason>`
+        alone. At most `max_reason_tokens` tokens over all steps; a step cut by that budget is closed with
+        `</reason>` as training closes the last one. -> the steps' text, joined by spaces."""
+        layout = self.layout
+        marker, close = layout.special("<step>"), layout.special("</reason>")
+        allowed = layout.mask("text").copy()
+        allowed[[marker, close]] = True
+        prefix, budget = len(decoder.ids), self.config.max_reason_tokens
+        steps: list[list[int]] = []
+        while True:
+            if steps:
+                decoder.crop(prefix)
+                decoder.feed([*steps[-1], marker])
+            tokens, end = [], None
+            while budget > 0 and end is None:
+                token = decoder._choose(decoder.last_logits, allowed, greedy, temperature)
+                decoder.generated += 1
+                budget -= 1
+                if token in (marker, close):
+                    end = token
+                else:
+                    tokens.append(token)
+                    decoder.feed([token])
+            steps.append(tokens)
+            if end != marker or budget == 0:
+                break
+        decoder.crop(prefix)
+        decoder.feed([*steps[-1], close])
+        text = self.tokenizers.text
+        return " ".join(text.decode([layout.to_local("text", step)])[0] if step else "" for step in steps).strip()
 
     def _fast_chunk(self, decoder: Decoder, reasoning, greedy: bool, temperature: float, start: float,
                     decoding: str) -> ActionResult:

@@ -6,6 +6,8 @@
     text          : <bos> question <reason> steps </reason> answer <eos>
     text, inductive: <bos> question <reason> s1 <step> | s1 <step> s2 <step> | s2 <step> s3 ... | sK-1 <step> sK
                     </reason> answer <eos>   (each | starts a group; see `build_text`)
+    policy_reason, inductive: ... <reason> s1 <step> | s1 <step> s2 </reason> | s2 </reason> CHUNK
+                    (the causation sentence's clauses as steps, the chunk as a last one; see `_inductive_reason`)
     CHUNK         : <act> a_t <act> a_t+1 ... <act> a_t+H-1 </act>          (model.action_tokens: bins)
                     <act> f_1 f_2 ... f_n </act>                           (fast: the chunk's n FAST tokens)
 
@@ -48,6 +50,7 @@ class Sample:
     question: np.ndarray | None = None  # (n,) text ids (text task)
     steps: np.ndarray | None = None  # (n,) text ids of the scratchpad, may be empty (text task)
     answer: np.ndarray | None = None  # (n,) text ids (text task)
+    reason_list: list[np.ndarray] | None = None  # the reasoning's steps, each (n,) text ids: its inductive form
     step_list: list[np.ndarray] | None = None  # the scratchpad's steps, each (n,) text ids: its inductive form
     drill_list: list[tuple[np.ndarray, np.ndarray]] | None = None  # inductive lookup drills: (context, step) ids
     action_values: np.ndarray | None = None  # (H, D) the chunk normalised to [-1, 1], for a continuous head
@@ -109,8 +112,8 @@ class _Writer:
         self.next_position = first + len(tokens)
         self.length += len(tokens)
 
-    def special(self, token: str, target: bool = False) -> None:
-        self.add([self.layout.special(token)], target)
+    def special(self, token: str, target: bool = False, group: int = -1) -> None:
+        self.add([self.layout.special(token)], target, group=group)
 
     def finish(self, task: str, sample_id: str, image_weight: float, task_weight: float) -> Built:
         ids = np.concatenate(self.ids)
@@ -161,20 +164,21 @@ def action_chunk(actions: np.ndarray, layout: TokenLayout) -> tuple[np.ndarray, 
     return ids, np.repeat(np.arange(h), d + 1)
 
 
-def _action_chunk(w: _Writer, sample: Sample, target: bool) -> None:
+def _action_chunk(w: _Writer, sample: Sample, target: bool, group: int = -1) -> None:
     """CHUNK: each step's marker is never a target; its D action tokens are when `target`. A FAST chunk is one
-    span after its marker, in causal order (no blocks), closed by `</act>`, which a decoder stops at."""
+    span after its marker, in causal order (no blocks), closed by `</act>`, which a decoder stops at. `group`: the
+    inductive reasoning's group of the chunk."""
     if sample.fast_actions is not None:
         fast = np.asarray(sample.fast_actions, np.int64)
         w.add(np.concatenate([[w.layout.special("<act>")], fast]), target=np.r_[False, np.full(len(fast), target)],
-              name="actions")
-        w.special("</act>", target=target)
+              name="actions", group=group)
+        w.special("</act>", target=target, group=group)
         return
     actions = np.atleast_2d(sample.actions)
     ids, blocks = action_chunk(actions, w.layout)
     is_target = np.tile([False] + [target] * actions.shape[1], len(actions))
-    w.add(ids, target=is_target, name="actions", block=blocks)
-    w.special("</act>", target=target)
+    w.add(ids, target=is_target, name="actions", block=blocks, group=group)
+    w.special("</act>", target=target, group=group)
 
 
 def build_policy(sample: Sample, layout: TokenLayout, reason: bool, image_weight: float = 0.04,
@@ -183,14 +187,40 @@ def build_policy(sample: Sample, layout: TokenLayout, reason: bool, image_weight
     _need(sample, "instruction", "frames", "actions", *(("reason",) if reason else ()))
     w = _Writer(layout)
     _observation(w, sample)
-    if reason:
-        w.special("<reason>")
-        w.add(sample.reason, target=True, name="reason")
-        w.special("</reason>", target=True)
-    _action_chunk(w, sample, target=True)
+    if reason and sample.reason_list:
+        _inductive_reason(w, sample)  # the chunk too, as its last step
+    else:
+        if reason:
+            w.special("<reason>")
+            w.add(sample.reason, target=True, name="reason")
+            w.special("</reason>", target=True)
+        _action_chunk(w, sample, target=True)
     built = w.finish("policy_reason" if reason else "policy", sample.id, image_weight, task_weight)
     built.action_values, built.state_values = sample.action_values, sample.state_values
     return built
+
+
+def _inductive_reason(w: _Writer, sample: Sample) -> None:
+    """The reasoning's steps in the inductive form, then the chunk as one more step: group 0 is the observation
+    and `<reason>` (positions 0..P-1); group k a copy of step k - 1 and its end marker (k >= 2, not a target) at
+    positions P.., then step k and its end (targets), `<step>` or, for the last, `</reason>`; the chunk's group a
+    copy of the last step and `</reason>` at P.., then the chunk. So each step, and the actions, are written from
+    the observation and the step before them alone (`Policy.act` generates them so)."""
+    layout = w.layout
+    w.special("<reason>")
+    prefix = w.length
+    w.group = [np.zeros(len(ids), np.int16) for ids in w.ids]
+    w.grouped = True
+    steps = [np.asarray(s, np.int64) for s in sample.reason_list]
+    ends = [layout.special("<step>")] * (len(steps) - 1) + [layout.special("</reason>")]
+    w.next_position = prefix
+    for k, (tokens, end) in enumerate(zip(steps, ends), 1):
+        if k > 1:
+            w.add(np.append(steps[k - 2], ends[k - 2]), group=k, position=prefix)
+        w.add(np.append(tokens, end), target=True, group=k)
+    chunk_group = len(steps) + 1
+    w.add(np.append(steps[-1], ends[-1]), group=chunk_group, position=prefix)
+    _action_chunk(w, sample, target=True, group=chunk_group)
 
 
 def build_world(sample: Sample, layout: TokenLayout, image_weight: float = 0.04, task_weight: float = 1.0) -> Built:

@@ -76,7 +76,7 @@ def mixture(config, shards, split: str = "train", gpu: bool = False):
                           split=split, dense_mask=not uses_flex(config, gpu),
                           inductive=config.model.inductive_scratchpad, question_weight=data.question_weight,
                           policy_frames=config.model.policy_frames,
-                          **extra)
+                          inductive_reason=config.model.inductive_reason, **extra)
 
 
 def prepare_data(config, run_dir: Path, progress: bool) -> Path:

@@ -12,6 +12,7 @@ samples for training come only from the training episodes (`TokenShards.index(ta
                            text_ids (flat), text_offsets (K + 1,), operator_* (M,) rows of the text table,
                            operator_step_rows (M, K) the row of each step of a scratchpad, -1 padded
                            operator_drill_rows (M, 2D) the rows of each lookup drill's context and step (--drills)
+                           reason_step_rows (N, K) the rows of each reason's steps (cause, decision), -1 padded
 """
 
 from __future__ import annotations
@@ -102,9 +103,10 @@ class TokenShards:
         return self._index[(task, split)]
 
     def sample(self, task: str, row: int, with_state: bool = True, state_dims: int | None = None,
-               inductive: bool = False, frames: bool = True) -> Sample:
+               inductive: bool = False, frames: bool = True, inductive_reason: bool = False) -> Sample:
         """The sample of `task` at `row`; `inductive`: an operator question with its scratchpad's steps apart;
-        `frames=False`: a policy sample without its frame(s), as a model with `policy_frames: false` reads it."""
+        `inductive_reason`: a policy_reason sample with its reasoning's steps apart; `frames=False`: a policy
+        sample without its frame(s), as a model with `policy_frames: false` reads it."""
         a = self.arrays
         if task == "text":
             steps = int(a["operator_steps"][row])
@@ -117,9 +119,7 @@ class TokenShards:
                 if "operator_step_rows" not in a:
                     raise UnifiedError(f"{self.root}: these shards keep each scratchpad whole; the inductive "
                                        "scratchpad needs its steps apart: run `unified data tokenize` again")
-                if "<step>" not in self.layout.specials:
-                    raise UnifiedError(f"{self.root}: the tokenizer has no <step> marker, which the inductive "
-                                       "scratchpad ends its steps with: fit the tokenizers again")
+                self._need_step_marker("the inductive scratchpad")
                 sample.step_list = [self._text(int(r)) for r in a["operator_step_rows"][row] if r >= 0]
                 if "operator_drill_rows" in a:
                     pairs = [int(r) for r in a["operator_drill_rows"][row] if r >= 0]
@@ -142,6 +142,12 @@ class TokenShards:
             sample.instruction = self._text(int(a["instruction"][row]))
             sample.state = np.asarray(a["state"][row][:state_dims], np.int64) if with_state else None
             sample.reason = self._text(int(a["reason"][row]))
+            if inductive_reason and task == "policy_reason":
+                if "reason_step_rows" not in a:
+                    raise UnifiedError(f"{self.root}: these shards keep each reason whole; model.inductive_reason "
+                                       "needs its steps apart: run `unified data tokenize` again")
+                self._need_step_marker("model.inductive_reason")
+                sample.reason_list = [self._text(int(r)) for r in a["reason_step_rows"][row] if r >= 0]
             if self.action_normalizer is not None:
                 values = np.asarray(a["action_values"][row:row + self.horizon], np.float64)
                 sample.action_values = self.action_normalizer.normalize(values).astype(np.float32)
@@ -151,6 +157,11 @@ class TokenShards:
         if task == "world":
             sample.next_frame = np.asarray(a["image"][row + self.horizon], np.int64)
         return sample
+
+    def _need_step_marker(self, what: str) -> None:
+        if "<step>" not in self.layout.specials:
+            raise UnifiedError(f"{self.root}: the tokenizer has no <step> marker, which {what} ends its steps "
+                               "with: fit the tokenizers again")
 
     def action_values(self, row: int) -> np.ndarray:
         """(H, D) float32 actions of the chunk at `row`, in the simulator's units."""

@@ -16,7 +16,7 @@ from unified.data.store import EpisodeStore
 from unified.errors import UnifiedError
 from unified.outputs import staged_dir
 from unified.sequences import TASKS
-from unified.sim.causation import DECISIONS
+from unified.sim.causation import DECISIONS, reason_steps
 from unified.tokenizers.fit import Tokenizers
 
 
@@ -82,7 +82,7 @@ def tokenize(
         columns: dict[str, list[np.ndarray]] = {k: [] for k in (
             "image", "action", "action_values", "state", "state_values", "episode", "step", "instruction", "reason",
             "decision")}
-        episodes = []
+        episodes, reason_rows = [], []
         for index in tqdm(store.indices(), desc="tokenize", unit="ep", disable=not progress, dynamic_ncols=True):
             episode = store.read_episode(index)
             n = len(episode.actions)
@@ -96,6 +96,9 @@ def tokenize(
             columns["instruction"].append(np.full(n, table.row(episode.instruction), np.int32))
             columns["reason"].append(np.array([table.row(c.text) if c.text else -1 for c in episode.causation],
                                               np.int32))  # -1: no reason recorded (an imported episode)
+            # Its steps apart too, for the inductive form of the reasoning (model.inductive_reason).
+            reason_rows += [[table.row(t) for t in reason_steps(c.text)] if c.text else []
+                            for c in episode.causation]
             # -1: no decision recorded (an imported episode)
             columns["decision"].append(np.array([DECISIONS.index(c.decision) if c.decision else -1
                                                  for c in episode.causation], np.int8))
@@ -109,6 +112,9 @@ def tokenize(
             if name in ("image", "action", "state"):
                 array = array.astype(dtype)
             np.save(staging / f"{name}.npy", array)
+        width = max(map(len, reason_rows), default=0)
+        np.save(staging / "reason_step_rows.npy",
+                np.asarray([r + [-1] * (width - len(r)) for r in reason_rows], np.int32).reshape(-1, width))
         np.save(staging / "text_ids.npy", text_ids.astype(dtype))
         np.save(staging / "text_offsets.npy", text_offsets)
         for name, rows in operator_rows.items():

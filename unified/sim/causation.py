@@ -106,6 +106,13 @@ _DO = {
 }
 
 
+def reason_steps(text: str) -> list[str]:
+    """A causation sentence's steps, the cause and the decision ("The car 18 m ahead is 4 m/s slower," and "so I
+    slow down."), joined by a space back into the sentence; a sentence outside `describe`'s grammar is one step."""
+    cause, so, decision = text.partition(", so I ")
+    return [cause + ",", "so I " + decision] if so else [text]
+
+
 def describe(cause: str, decision: str, position: np.ndarray, velocity: np.ndarray) -> str:
     """One sentence naming the critical agent, the cause and the decision."""
     distance = float(np.hypot(*position))
