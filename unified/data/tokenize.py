@@ -112,7 +112,7 @@ def tokenize(
             if name in ("image", "action", "state"):
                 array = array.astype(dtype)
             np.save(staging / f"{name}.npy", array)
-        width = max(map(len, reason_rows), default=0)
+        width = max([1, *map(len, reason_rows)])  # an imported store records no reasons: one column of -1
         np.save(staging / "reason_step_rows.npy",
                 np.asarray([r + [-1] * (width - len(r)) for r in reason_rows], np.int32).reshape(-1, width))
         np.save(staging / "text_ids.npy", text_ids.astype(dtype))
