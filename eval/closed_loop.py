@@ -493,7 +493,7 @@ def compare_runs(*, first: list[Path], second: list[Path]) -> dict:
     """One lever on several training runs: `first[k]` and `second[k]` are closed-loop reports (`--json`) of run
     k without and with it (e.g. the recipe on training seed k), driven on the same evaluation episodes. Prints each
     run's paired difference and McNemar p, and the pooled test over all runs' episodes."""
-    from unified.eval.stats import compare_pooled
+    from unified.eval.stats import compare_pooled, pooled_table
 
     if len(first) != len(second) or not first:
         raise UnifiedError(f"--first and --second name one report per training run each, in the same order; got "
@@ -507,14 +507,5 @@ def compare_runs(*, first: list[Path], second: list[Path]) -> dict:
         result = compare_pooled(pairs)
     except ValueError as e:
         raise UnifiedError(f"compare-runs: {e}") from None
-    lines = ["| run | first | second | pairs | success first / second | difference [95% paired bootstrap] | "
-             "discordant (first only / second only) | McNemar p |", "|---|---|---|---|---|---|---|---|"]
-    rows = [(str(k), a["model"], b["model"], c) for k, ((a, b), c) in enumerate(zip(pairs, result["runs"]))]
-    rows.append(("**pooled**", "", "", result["pooled"]))
-    for run, name_a, name_b, c in rows:
-        d, m = c["difference"], c["mcnemar"]
-        lines.append(f"| {run} | {name_a} | {name_b} | {c['pairs']} | {c['first_rate']:.2f} / {c['second_rate']:.2f} | "
-                     f"{d['difference']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] | "
-                     f"{m['only_second']} / {m['only_first']} | {m['p_value']:.3g} |")
-    print("\n".join(lines), flush=True)
+    print(pooled_table([(a["model"], b["model"]) for a, b in pairs], result), flush=True)
     return result

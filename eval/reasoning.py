@@ -126,7 +126,7 @@ def compare_reasoning(*, first: list[Path], second: list[Path],
     test over all runs' explanations (`stats.compare_pooled`)."""
     import json as jsonlib
 
-    from unified.eval.stats import compare_pooled
+    from unified.eval.stats import compare_pooled, pooled_table
 
     if len(first) != len(second) or not first:
         raise UnifiedError(f"--first and --second name one report per training run each, in the same order; got "
@@ -149,15 +149,5 @@ def compare_reasoning(*, first: list[Path], second: list[Path],
         result = compare_pooled(pairs, key, match=paired_verdicts)
     except ValueError as e:
         raise UnifiedError(f"compare-reasoning: {e}") from None
-    lines = [f"| run | first | second | explanations | {key} right, first / second | difference [95% paired "
-             "bootstrap] | discordant (second only / first only) | McNemar p |", "|---|---|---|---|---|---|---|---|"]
-    rows = [(str(k), a["model"], b["model"], c) for k, ((a, b), c) in enumerate(zip(pairs, result["runs"]))]
-    rows.append(("**pooled**", "", "", result["pooled"]))
-    for run, name_a, name_b, c in rows:
-        d, m = c["difference"], c["mcnemar"]
-        lines.append(f"| {run} | {name_a} | {name_b} | {c['pairs']} | "
-                     f"{c['first_rate']:.3f} / {c['second_rate']:.3f} | "
-                     f"{d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | "
-                     f"{m['only_first']} / {m['only_second']} | {m['p_value']:.3g} |")
-    print("\n".join(lines), flush=True)
+    print(pooled_table([(a["model"], b["model"]) for a, b in pairs], result, f"{key} right", 3), flush=True)
     return result

@@ -109,6 +109,22 @@ def compare_pooled(pairs: list[tuple[dict, dict]], key: str = "success", match=p
             "pooled": _paired(np.concatenate([a for a, _ in outcomes]), np.concatenate([b for _, b in outcomes]))}
 
 
+def pooled_table(pairs: list[tuple[str, str]], result: dict, rate: str = "success", digits: int = 2) -> str:
+    """`compare_pooled`'s result as a Markdown table: one row per run (`pairs`: its two models' names) and the
+    pooled row; rates and differences to `digits` decimals."""
+    f = f".{digits}f"
+    lines = [f"| run | first | second | pairs | {rate} first / second | difference [95% paired bootstrap] | "
+             "discordant (first only / second only) | McNemar p |", "|---|---|---|---|---|---|---|---|"]
+    rows = [(str(k), a, b, c) for k, ((a, b), c) in enumerate(zip(pairs, result["runs"]))]
+    rows.append(("**pooled**", "", "", result["pooled"]))
+    for run, name_a, name_b, c in rows:
+        d, m = c["difference"], c["mcnemar"]
+        lines.append(f"| {run} | {name_a} | {name_b} | {c['pairs']} | {c['first_rate']:{f}} / {c['second_rate']:{f}} | "
+                     f"{d['difference']:+{f}} [{d['ci95'][0]:+{f}}, {d['ci95'][1]:+{f}}] | "
+                     f"{m['only_second']} / {m['only_first']} | {m['p_value']:.3g} |")
+    return "\n".join(lines)
+
+
 def non_inferior(comparison: dict, first_rate: float, share: float) -> bool:
     """Whether the second driver keeps at least `share` of the first's rate by the paired interval: the lower
     end of the interval of (second - first) is at least -(1 - share) x the first's rate."""
