@@ -291,7 +291,8 @@ def summarize_operators(*, runs: Path, trained: str = "2-4") -> dict:
     into `runs/summary.json`, beside the reports: {scratchpad: {hops: {"mean", "seeds", "interval",
     "questions"}}}, the interval a 95% Wilson interval over every seed's questions pooled; a plot of the mean
     accuracy against hops, each seed's as a faint line, the trained hop counts shaded (`accuracy_by_hops.png`);
-    and the table in Markdown (`summary.md`, also printed)."""
+    and the table in Markdown (`summary.md`, also printed; a column says how many seeds each scratchpad has, so that
+    a summary of a run still under way says what it holds)."""
     from unified.eval.stats import wilson_interval
     from unified.eval.training_plot import save_figure, subplots
 
@@ -348,9 +349,9 @@ def summarize_operators(*, runs: Path, trained: str = "2-4") -> dict:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     save_figure(fig, runs / "accuracy_by_hops.png")
-    lines = ["| scratchpad | " + " | ".join(f"{h}" for h in hops) + " |", "|---|" + "---|" * len(hops)]
+    lines = ["| scratchpad | seeds | " + " | ".join(f"{h}" for h in hops) + " |", "|---|---|" + "---|" * len(hops)]
     for pad, table in summary.items():
-        cells = []
+        cells = [str(max(len(cell["seeds"]) for cell in table.values()))]
         for h in hops:
             cell = table.get(str(h))
             cells.append("-" if cell is None else f"{cell['mean']:.2f} [{cell['interval'][0]:.2f}, "

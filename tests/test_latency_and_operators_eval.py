@@ -191,8 +191,12 @@ def test_operators_summary_over_scratchpads_and_seeds(tmp_path):
     assert low < 0.9 < high  # 54 of 60 pooled
     assert (runs / "accuracy_by_hops.png").read_bytes()[:4] == b"\x89PNG"
     table = (runs / "summary.md").read_text().splitlines()
-    assert table[0] == "| scratchpad | 2 | 12 |" and table[3].startswith("| full scratchpad | 0.90 [")
+    assert table[0] == "| scratchpad | seeds | 2 | 12 |" and table[3].startswith("| full scratchpad | 3 | 0.90 [")
+    (runs / "inductive" / "seed2.json").unlink()  # a run still under way: two seeds of one scratchpad
     summarize_operators(runs=runs)  # its own files are replaced
+    table = (runs / "summary.md").read_text().splitlines()
+    assert table[4].startswith("| inductive scratchpad | 2 | 0.97 [")
+    assert json.loads((runs / "summary.json").read_text())["inductive"]["2"]["seeds"] == [1.0, 0.95]
     (runs / "summary.md").write_text("my notes\n")
     with pytest.raises(UnifiedError, match="not an operator summary"):
         summarize_operators(runs=runs)
