@@ -290,9 +290,9 @@ def summarize_operators(*, runs: Path, trained: str = "2-4") -> dict:
     """Gather `runs/{none,full,inductive}/seed*.json` (`eval operators --json` reports, one per training seed)
     into `runs/summary.json`, beside the reports: {scratchpad: {hops: {"mean", "seeds", "interval",
     "questions"}}}, the interval a 95% Wilson interval over every seed's questions pooled; a plot of the mean
-    accuracy against hops, each seed's as a faint line, the trained hop counts shaded (`accuracy_by_hops.png`);
-    and the table in Markdown (`summary.md`, also printed; a column says how many seeds each scratchpad has, so that
-    a summary of a run still under way says what it holds)."""
+    accuracy against hops with that interval as a band, each seed's as a faint line, the trained hop counts shaded
+    (`accuracy_by_hops.png`); and the table in Markdown (`summary.md`, also printed; a column says how many seeds
+    each scratchpad has, so that a summary of a run still under way says what it holds)."""
     from unified.eval.stats import wilson_interval
     from unified.eval.training_plot import save_figure, subplots
 
@@ -339,8 +339,10 @@ def summarize_operators(*, runs: Path, trained: str = "2-4") -> dict:
         for s in range(seeds):
             ax.plot(xs, [table[str(h)]["seeds"][s] if s < len(table[str(h)]["seeds"]) else np.nan for h in xs],
                     color=color, alpha=0.25, linewidth=1)
+        ax.fill_between(xs, [table[str(h)]["interval"][0] for h in xs], [table[str(h)]["interval"][1] for h in xs],
+                        color=color, alpha=0.12, linewidth=0)
         ax.plot(xs, [table[str(h)]["mean"] for h in xs], color=color, marker="o",
-                label=f"{LABELS[pad]} ({seeds} seeds)")
+                label=f"{LABELS[pad]} ({seeds} seed{'s' if seeds > 1 else ''})")
     ax.axhline(0.5, color="gray", linestyle=":", linewidth=1, label="chance")
     ax.set_xlabel("hops")
     ax.set_ylabel("accuracy")
