@@ -118,7 +118,7 @@ def pooled_table(pairs: list[tuple[str, str]], result: dict, rate: str = "succes
     rows = [(str(k), a, b, c) for k, ((a, b), c) in enumerate(zip(pairs, result["runs"]))]
     rows.append(("**pooled**", "", "", result["pooled"]))
     for run, name_a, name_b, c in rows:
-        d, m = c["difference"], c["mcnemar"]
+        d, m = c["difference"], c["mcnemar"]  # `_paired` tests (second, first): its only_second is first only
         lines.append(f"| {run} | {name_a} | {name_b} | {c['pairs']} | {c['first_rate']:{f}} / {c['second_rate']:{f}} | "
                      f"{d['difference']:+{f}} [{d['ci95'][0]:+{f}}, {d['ci95'][1]:+{f}}] | "
                      f"{m['only_second']} / {m['only_first']} | {m['p_value']:.3g} |")
