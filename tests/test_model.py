@@ -388,6 +388,46 @@ def test_a_continuous_head_that_reads_the_state(shards, tokenizers, data, tmp_pa
         ModelConfig(**TINY, action_head_state=True)
 
 
+def test_a_head_that_standardises_its_state(shards, tokenizers, data, tmp_path):
+    """model.action_head_standardize: the head reads (v - mean) / std of the normalised state v, with the mean and
+    standard deviation of the training split's policy rows (never a held-out row's), kept through export."""
+    from unified.data.store import EpisodeStore
+    from unified.train import head_state_values
+
+    dim = tokenizers.state.dim
+    values = head_state_values(shards, None)
+    train_rows = shards.index("policy", "train")
+    assert values.shape == (len(train_rows), dim)
+    held_out = {int(e) for e in shards.arrays["episode"][shards.index("policy", "held_out")]}
+    assert held_out and not held_out & {int(e) for e in shards.arrays["episode"][train_rows]}
+    model = tiny_model(shards.layout, state_dim=dim, action_head=True, action_head_state=True,
+                       action_head_standardize=True)
+    model.action_head.set_state_stats(values)
+    np.testing.assert_allclose(model.action_head.state_mean.numpy(), values.mean(0), atol=1e-6)
+    np.testing.assert_allclose(model.action_head.state_std.numpy(), np.maximum(values.std(0), 1e-2), atol=1e-6)
+    # The same head without standardising, given (v - mean) / std itself, answers the same.
+    plain = tiny_model(shards.layout, state_dim=dim, action_head=True, action_head_state=True)
+    plain.action_head.load_state_dict({k: v for k, v in model.action_head.state_dict().items()
+                                       if k not in ("state_mean", "state_std")})
+    memory, padding = torch.randn(3, 5, TINY["hidden_size"]), torch.zeros(3, 5, dtype=torch.bool)
+    states = torch.from_numpy(values[:3]).float()
+    standardised = (states - model.action_head.state_mean) / model.action_head.state_std
+    torch.testing.assert_close(model.action_head(memory, padding, states), plain.action_head(memory, padding,
+                                                                                              standardised))
+    batch = batches(shards, ["policy"], rows=8)[0].to_torch()
+    fit_head(model, batch)
+    save_model(model.eval(), tokenizers, tmp_path / "m")
+    loaded = Policy.from_pretrained(tmp_path / "m")
+    torch.testing.assert_close(loaded.model.action_head.state_std, model.action_head.state_std)
+    episode = EpisodeStore(data / "store").read_episode(0)
+    args = (episode.frames[0], episode.instruction)
+    np.testing.assert_allclose(loaded.act(*args, state=episode.states[0], reason=False, continuous=True).actions,
+                               Policy(model, tokenizers).act(*args, state=episode.states[0], reason=False,
+                                                            continuous=True).actions, atol=1e-5)
+    with pytest.raises(UnifiedError, match="needs model.action_head_state: true"):
+        ModelConfig(**TINY, action_head=True, action_head_standardize=True)
+
+
 def test_init_from_a_local_pretrained_lm(shards, tokenizers, tmp_path):
     """The backbone starts from a local LM directory; its token i becomes the layout's text token i."""
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast

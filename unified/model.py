@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,6 +74,10 @@ class ModelConfig:
     # The head also reads the ego state as continuous values (normalised over the state tokenizer's range, added to
     # every query through a small MLP), as a VLA's action expert reads proprioception beside the backbone's features.
     action_head_state: bool = False
+    # Standardise those values before the head reads them (their mean and standard deviation over the training
+    # rows, set by `unified train` and kept in the head's weights), as the state-only baseline reads its state:
+    # over the tokenizer's range a heading error of 0.02 rad is about 0.03 of the input's span.
+    action_head_standardize: bool = False
     action_dim: int = 2
     # How an action chunk is written: "bins" (one token per dimension per step, all steps decoded together) or
     # "fast" (the FAST tokenizer's DCT + BPE tokens, a variable number per chunk, decoded until `</act>`).
@@ -93,6 +98,9 @@ class ModelConfig:
                                "model.use_state: true")
         if self.action_head_state and not self.action_head:
             raise UnifiedError("model.action_head_state: true needs model.action_head: true (it is that head's input)")
+        if self.action_head_standardize and not self.action_head_state:
+            raise UnifiedError("model.action_head_standardize: true standardises the state the head reads; it needs "
+                               "model.action_head_state: true")
         unknown = sorted(set(self.task_weights) - set(TASKS))
         if unknown:
             raise UnifiedError(f"model.task_weights: unknown task(s) {unknown}; tasks are {', '.join(TASKS)}")
@@ -161,13 +169,22 @@ def ordinal_init(model: UnifiedModel, segment: str, block: int, seed: int = 0) -
 class ActionHead(nn.Module):
     """H learned queries attend to each other (bidirectionally) and to the backbone's hidden states of the
     prompt; each query becomes one step of the chunk, in normalised units ([-1, 1] over the action tokenizer's
-    range). With `state_size`, the normalised ego state is embedded by an MLP and added to every query."""
+    range). With `state_size`, the normalised ego state is embedded by an MLP and added to every query; with
+    `standardize` as well, it is first standardised by the buffers `state_mean` and `state_std` (saved with the
+    head's weights; `set_state_stats` sets them from the training rows)."""
 
-    def __init__(self, hidden: int, horizon: int, action_dim: int, layers: int, heads: int, state_size: int = 0):
+    def __init__(self, hidden: int, horizon: int, action_dim: int, layers: int, heads: int, state_size: int = 0,
+                 standardize: bool = False):
         super().__init__()
         self.queries = nn.Parameter(torch.randn(horizon, hidden) * 0.02)
         self.state_in = nn.Sequential(nn.Linear(state_size, hidden), nn.GELU(), nn.Linear(hidden, hidden)) \
             if state_size else None
+        if standardize:
+            if not state_size:
+                raise UnifiedError("the action head standardises the state it reads, but reads none (state_size 0)")
+            self.register_buffer("state_mean", torch.zeros(state_size))
+            self.register_buffer("state_std", torch.ones(state_size))
+        self.standardize = standardize
         layer = nn.TransformerDecoderLayer(hidden, heads, 2 * hidden, dropout=0.0, batch_first=True, norm_first=True)
         self.blocks = nn.TransformerDecoder(layer, layers)
         self.out = nn.Linear(hidden, action_dim)
@@ -180,9 +197,25 @@ class ActionHead(nn.Module):
             if states is None or states.shape[-1] != self.state_in[0].in_features:
                 raise UnifiedError(f"the action head reads {self.state_in[0].in_features} state values, got "
                                    f"{None if states is None else tuple(states.shape)}")
+            if self.standardize:
+                states = (states.to(self.state_mean.dtype) - self.state_mean) / self.state_std
             queries = queries + self.state_in(states.to(queries.dtype)).unsqueeze(1)
         # Linear output: a tanh here saturates early in training and its gradient vanishes; callers clip.
         return self.out(self.blocks(queries, memory, memory_key_padding_mask=padding))
+
+    def set_state_stats(self, states: np.ndarray) -> None:
+        """Standardise by the mean and standard deviation of `states` (N, K), the normalised values the head reads,
+        over the training rows."""
+        if not self.standardize:
+            raise UnifiedError("this action head does not standardise its state (model.action_head_standardize)")
+        states = np.asarray(states, np.float64)
+        if states.ndim != 2 or states.shape[1] != len(self.state_mean) or len(states) < 2:
+            raise UnifiedError(f"the action head's state statistics need (N >= 2, {len(self.state_mean)}) values, "
+                               f"got {states.shape}")
+        with torch.no_grad():
+            self.state_mean.copy_(torch.from_numpy(states.mean(0)))
+            # A value that (almost) never moves in training is divided by 0.01 at most, not by its zero spread.
+            self.state_std.copy_(torch.from_numpy(np.maximum(states.std(0), 1e-2)))
 
 
 def state_values(state_dim: int, config: ModelConfig) -> int:
@@ -249,7 +282,7 @@ class UnifiedModel(nn.Module):
                 raise UnifiedError("model.action_head_state: the head reads the state but was given no state size")
             self.action_head = ActionHead(self.backbone.config.hidden_size, config.horizon, config.action_dim,
                                           config.action_head_layers, self.backbone.config.num_attention_heads,
-                                          state_size)
+                                          state_size, config.action_head_standardize)
 
     @property
     def action_segment(self):

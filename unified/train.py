@@ -399,6 +399,10 @@ def build_model(me: Rank, shards, point: ResumePoint):
         if unexpected or [k for k in missing if not k.startswith("action_head.") and k != "state_value"]:
             raise UnifiedError(f"initial weights do not fit the model config (missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]})")
+    head = model.action_head
+    if head is not None and head.standardize and point.checkpoint is None and not (
+            initial is not None and "action_head.state_mean" in initial):
+        head.set_state_stats(head_state_values(shards, config.model.state_dims))
     fresh_ordered = initial is None and point.checkpoint is None and config.ordinal_init
     if fresh_ordered or config.model.action_label_sigma > 0:
         tokenizers = Tokenizers.from_pretrained(Path(shards.meta["tokenizer"]))
@@ -414,6 +418,14 @@ def build_model(me: Rank, shards, point: ResumePoint):
         if me.main:
             print(note, flush=True)
     return model
+
+
+def head_state_values(shards, state_dims: int | None) -> np.ndarray:
+    """(N, K) the state values a continuous head reads (normalised over the tokenizer's range, the first K) at
+    the training split's policy rows: what `model.action_head_standardize` takes its statistics from."""
+    rows = np.asarray(shards.index("policy", "train"), np.int64)
+    values = shards.state_normalizer.normalize(np.asarray(shards.arrays["state_values"][rows], np.float64))
+    return values[:, :state_dims]
 
 
 @contextlib.contextmanager
