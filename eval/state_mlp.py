@@ -28,6 +28,7 @@ from unified.errors import UnifiedError
 from unified.sim.rollout import ego_state
 
 MARKER = "state_mlp.json"
+STATE_SCALES = ("standard", "range")
 FORMAT = "unified-state-mlp"
 
 
@@ -47,10 +48,13 @@ def _chunks(actions: np.ndarray, horizon: int) -> np.ndarray:
 
 def fit_state_mlp(*, data: Path, out: Path, horizon: int = 1, bins: int | None = None, label_sigma: float = 0.0,
                   steps: int = 5000, batch_size: int = 256, hidden: int = 256, lr: float = 0.001, seed: int = 0,
-                  overwrite: bool = False, progress: bool = True) -> dict:
+                  state_scale: str = "standard", overwrite: bool = False, progress: bool = True) -> dict:
     """Fit the state-only MLP on the training episodes of the store `data` and write it to `out` (`state_mlp.json`
     with its normalisation and the episodes it trained on, `model.safetensors`). With `bins`, `label_sigma` (in
-    bins, 0: one-hot) spreads each target over its neighbouring bins of the same dimension."""
+    bins, 0: one-hot) spreads each target over its neighbouring bins of the same dimension. `state_scale`: how the
+    state is scaled before the network reads it: `standard` (each value's mean and standard deviation over the
+    training steps) or `range` (its 1st..99th percentile mapped to [-1, 1] and clipped there, as the state
+    tokenizer and the transformer's continuous head scale it)."""
     import torch
     from safetensors.torch import save_file
 
@@ -64,6 +68,8 @@ def fit_state_mlp(*, data: Path, out: Path, horizon: int = 1, bins: int | None =
     if label_sigma < 0 or (label_sigma > 0 and bins is None):
         raise UnifiedError(f"--label-sigma is a width in bins, at least 0, and needs --bins; got {label_sigma} "
                            f"with bins {bins}")
+    if state_scale not in STATE_SCALES:
+        raise UnifiedError(f"--state-scale: expected one of {', '.join(STATE_SCALES)}, got {state_scale!r}")
     store = EpisodeStore(data)
     trained_on = store.train_indices()
     if not trained_on:
@@ -80,11 +86,15 @@ def fit_state_mlp(*, data: Path, out: Path, horizon: int = 1, bins: int | None =
         "format": FORMAT, "store": str(data), "trained_on": trained_on, "samples": len(x), "horizon": horizon,
         "bins": bins, "label_sigma": label_sigma, "hidden": hidden, "steps": steps, "batch_size": batch_size,
         "lr": lr, "seed": seed,
-        "state_mean": x.mean(0).tolist(), "state_std": (x.std(0) + 1e-6).tolist(),
+        "state_scale": state_scale, "state_mean": x.mean(0).tolist(), "state_std": (x.std(0) + 1e-6).tolist(),
         "action_mean": y.reshape(-1, y.shape[-1]).mean(0).tolist(),
         "action_std": (y.reshape(-1, y.shape[-1]).std(0) + 1e-6).tolist(),
         "action_low": low.tolist(), "action_high": np.maximum(high, low + 1e-6).tolist(),
     }
+    if state_scale == "range":  # centre and half-width of the 1st..99th percentile, clipped by `normalise`
+        low, high = np.percentile(x, 1, axis=0), np.percentile(x, 99, axis=0)
+        config["state_mean"], config["state_std"] = ((low + high) / 2).tolist(), np.maximum((high - low) / 2,
+                                                                                          1e-6).tolist()
     driver = StateMLP(config)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -136,8 +146,10 @@ class StateMLP:
         return cls(config, load_file(str(directory / "model.safetensors")))
 
     def normalise(self, states: np.ndarray) -> np.ndarray:
-        return ((states - np.asarray(self.config["state_mean"])) / np.asarray(self.config["state_std"])).astype(
-            np.float32)
+        scaled = (states - np.asarray(self.config["state_mean"])) / np.asarray(self.config["state_std"])
+        if self.config.get("state_scale") == "range":  # fits written before the option are standardised
+            scaled = np.clip(scaled, -1.0, 1.0)
+        return scaled.astype(np.float32)
 
     def targets(self, chunks: np.ndarray) -> np.ndarray:
         """(N, H, D) actions -> the training targets: normalised values, or bin indices with `bins`."""

@@ -428,6 +428,27 @@ def test_a_head_that_standardises_its_state(shards, tokenizers, data, tmp_path):
         ModelConfig(**TINY, action_head=True, action_head_standardize=True)
 
 
+def test_a_head_with_its_own_state_path(shards, tokenizers):
+    """model.action_head_state_mlp: the state reaches the chunk through an MLP of its own, added to what the decoder
+    writes from the prompt; that part starts at zero, so a fresh head answers from the state alone."""
+    dim = tokenizers.state.dim
+    model = tiny_model(shards.layout, state_dim=dim, action_head=True, action_head_state=True,
+                       action_head_standardize=True, action_head_state_mlp=True)
+    head = model.action_head
+    head.set_state_stats(np.random.default_rng(0).normal(size=(50, dim)))
+    assert head.state_in is None and head.state_out is not None
+    states, padding = torch.randn(3, dim), torch.zeros(3, 5, dtype=torch.bool)
+    first = head(torch.randn(3, 5, TINY["hidden_size"]), padding, states)
+    torch.testing.assert_close(first, head(torch.randn(3, 5, TINY["hidden_size"]), padding, states))
+    expected = head.state_out((states - head.state_mean) / head.state_std).view(3, H, 2)
+    torch.testing.assert_close(first, expected)
+    batch = batches(shards, ["policy"], rows=8)[0].to_torch()
+    fit_head(model, batch)  # and it learns, the decoder's part included
+    assert head.out.weight.abs().sum() > 0
+    with pytest.raises(UnifiedError, match="needs model.action_head_state: true"):
+        ModelConfig(**TINY, action_head=True, action_head_state_mlp=True)
+
+
 def test_init_from_a_local_pretrained_lm(shards, tokenizers, tmp_path):
     """The backbone starts from a local LM directory; its token i becomes the layout's text token i."""
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast

@@ -116,3 +116,24 @@ def test_closed_loop_reads_a_binned_mlp_by_its_readout_and_refuses_one_for_regre
     fit_state_mlp(data=tiny_store, out=tmp_path / "binned", bins=8, steps=2, progress=False)
     report = closed_loop(model=str(tmp_path / "binned"), scenarios=suite, episodes=1, readout="mean", progress=False)
     assert report["model"] == "binned (state MLP, mean readout)" and report["readout"] == "mean"
+
+
+def test_the_state_scaled_over_its_range_as_the_tokenizer_does(tiny_store, tmp_path):
+    """--state-scale range: each state value's 1st..99th percentile over the training steps maps to [-1, 1], and
+    values beyond are clipped there; a standardised fit reads the mean and standard deviation instead."""
+    config = fit_state_mlp(data=tiny_store, out=tmp_path / "range", steps=5, batch_size=8, state_scale="range",
+                           progress=False)
+    store = EpisodeStore(tiny_store)
+    states, _ = _labels(store, store.train_indices())
+    low, high = np.percentile(states, 1, axis=0), np.percentile(states, 99, axis=0)
+    mlp = StateMLP.load(tmp_path / "range")
+    assert mlp.config["state_scale"] == "range" == config["state_scale"]
+    moving = high - low > 1e-3
+    scaled = mlp.normalise(states)
+    assert scaled.min() >= -1 and scaled.max() <= 1
+    np.testing.assert_allclose(mlp.normalise(low[None])[0][moving], -1, atol=1e-5)
+    np.testing.assert_allclose(mlp.normalise(high[None])[0][moving], 1, atol=1e-5)
+    fit_state_mlp(data=tiny_store, out=tmp_path / "std", steps=5, batch_size=8, progress=False)
+    np.testing.assert_allclose(StateMLP.load(tmp_path / "std").normalise(states).mean(0), 0, atol=1e-4)
+    with pytest.raises(UnifiedError, match="--state-scale"):
+        fit_state_mlp(data=tiny_store, out=tmp_path / "bad", steps=1, state_scale="minmax", progress=False)

@@ -78,6 +78,11 @@ class ModelConfig:
     # rows, set by `unified train` and kept in the head's weights), as the state-only baseline reads its state:
     # over the tokenizer's range a heading error of 0.02 rad is about 0.03 of the input's span.
     action_head_standardize: bool = False
+    # The state's own path to the chunk: an MLP (two hidden layers) from the state to the H x D values, added to
+    # what the decoder writes from the prompt, whose output starts at zero; so the head starts as the state-only
+    # baseline's network and the prompt (instruction, frame, reasoning) adds to it. Without it the state is added
+    # to the decoder's queries.
+    action_head_state_mlp: bool = False
     action_dim: int = 2
     # How an action chunk is written: "bins" (one token per dimension per step, all steps decoded together) or
     # "fast" (the FAST tokenizer's DCT + BPE tokens, a variable number per chunk, decoded until `</act>`).
@@ -98,6 +103,9 @@ class ModelConfig:
                                "model.use_state: true")
         if self.action_head_state and not self.action_head:
             raise UnifiedError("model.action_head_state: true needs model.action_head: true (it is that head's input)")
+        if self.action_head_state_mlp and not self.action_head_state:
+            raise UnifiedError("model.action_head_state_mlp: true is the head's path from the state; it needs "
+                               "model.action_head_state: true")
         if self.action_head_standardize and not self.action_head_state:
             raise UnifiedError("model.action_head_standardize: true standardises the state the head reads; it needs "
                                "model.action_head_state: true")
@@ -171,14 +179,20 @@ class ActionHead(nn.Module):
     prompt; each query becomes one step of the chunk, in normalised units ([-1, 1] over the action tokenizer's
     range). With `state_size`, the normalised ego state is embedded by an MLP and added to every query; with
     `standardize` as well, it is first standardised by the buffers `state_mean` and `state_std` (saved with the
-    head's weights; `set_state_stats` sets them from the training rows)."""
+    head's weights; `set_state_stats` sets them from the training rows). With `state_mlp`, the state goes its own
+    way instead: an MLP from it to the chunk, added to the decoder's output (which then starts at zero)."""
 
     def __init__(self, hidden: int, horizon: int, action_dim: int, layers: int, heads: int, state_size: int = 0,
-                 standardize: bool = False):
+                 standardize: bool = False, state_mlp: bool = False):
         super().__init__()
         self.queries = nn.Parameter(torch.randn(horizon, hidden) * 0.02)
+        if state_mlp and not state_size:
+            raise UnifiedError("the action head's state path needs the state (state_size 0)")
         self.state_in = nn.Sequential(nn.Linear(state_size, hidden), nn.GELU(), nn.Linear(hidden, hidden)) \
-            if state_size else None
+            if state_size and not state_mlp else None
+        self.state_out = nn.Sequential(nn.Linear(state_size, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                       nn.Linear(hidden, horizon * action_dim)) if state_mlp else None
+        self.state_size = state_size
         if standardize:
             if not state_size:
                 raise UnifiedError("the action head standardises the state it reads, but reads none (state_size 0)")
@@ -188,20 +202,28 @@ class ActionHead(nn.Module):
         layer = nn.TransformerDecoderLayer(hidden, heads, 2 * hidden, dropout=0.0, batch_first=True, norm_first=True)
         self.blocks = nn.TransformerDecoder(layer, layers)
         self.out = nn.Linear(hidden, action_dim)
+        if state_mlp:  # the prompt's part starts at zero: the head starts as the state's network alone
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
 
     def forward(self, memory: torch.Tensor, padding: torch.Tensor, states: torch.Tensor | None = None) -> torch.Tensor:
         """memory (S, P, C) hidden states, padding (S, P) True where empty, states (S, K) normalised ego states (for
         a head built with `state_size`) -> (S, H, D) normalised actions."""
         queries = self.queries.unsqueeze(0).expand(len(memory), -1, -1)
-        if self.state_in is not None:
-            if states is None or states.shape[-1] != self.state_in[0].in_features:
-                raise UnifiedError(f"the action head reads {self.state_in[0].in_features} state values, got "
+        if self.state_size:
+            if states is None or states.shape[-1] != self.state_size:
+                raise UnifiedError(f"the action head reads {self.state_size} state values, got "
                                    f"{None if states is None else tuple(states.shape)}")
             if self.standardize:
                 states = (states.to(self.state_mean.dtype) - self.state_mean) / self.state_std
-            queries = queries + self.state_in(states.to(queries.dtype)).unsqueeze(1)
+            states = states.to(queries.dtype)
+            if self.state_in is not None:
+                queries = queries + self.state_in(states).unsqueeze(1)
         # Linear output: a tanh here saturates early in training and its gradient vanishes; callers clip.
-        return self.out(self.blocks(queries, memory, memory_key_padding_mask=padding))
+        out = self.out(self.blocks(queries, memory, memory_key_padding_mask=padding))
+        if self.state_out is not None:
+            out = out + self.state_out(states).view(out.shape)
+        return out
 
     def set_state_stats(self, states: np.ndarray) -> None:
         """Standardise by the mean and standard deviation of `states` (N, K), the normalised values the head reads,
@@ -282,7 +304,7 @@ class UnifiedModel(nn.Module):
                 raise UnifiedError("model.action_head_state: the head reads the state but was given no state size")
             self.action_head = ActionHead(self.backbone.config.hidden_size, config.horizon, config.action_dim,
                                           config.action_head_layers, self.backbone.config.num_attention_heads,
-                                          state_size, config.action_head_standardize)
+                                          state_size, config.action_head_standardize, config.action_head_state_mlp)
 
     @property
     def action_segment(self):
