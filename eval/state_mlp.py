@@ -92,8 +92,8 @@ def fit_state_mlp(*, data: Path, out: Path, horizon: int = 1, bins: int | None =
         "action_low": low.tolist(), "action_high": np.maximum(high, low + 1e-6).tolist(),
     }
     if state_scale == "range":  # centre and half-width of the 1st..99th percentile, clipped by `normalise`
-        low, high = np.percentile(x, 1, axis=0), np.percentile(x, 99, axis=0)
-        config["state_mean"], config["state_std"] = ((low + high) / 2).tolist(), np.maximum((high - low) / 2,
+        q01, q99 = np.percentile(x, 1, axis=0), np.percentile(x, 99, axis=0)
+        config["state_mean"], config["state_std"] = ((q01 + q99) / 2).tolist(), np.maximum((q99 - q01) / 2,
                                                                                           1e-6).tolist()
     driver = StateMLP(config)
     torch.manual_seed(seed)

@@ -76,8 +76,7 @@ class ModelConfig:
     action_head_state: bool = False
     # Standardise those values before the head reads them (their mean and standard deviation over the training
     # rows, set by `unified train` and kept in the head's weights), as the state-only baseline reads its state:
-    # on the demo's data a heading error of 0.02 rad moves its input by about 0.03 over the range and by 0.14
-    # standardised, and a state MLP fitted over the range drove 0.61 of in-distribution episodes against 0.89.
+    # over the range a small correction hardly moves the input (docs/driving.md, round 17).
     action_head_standardize: bool = False
     # The state's own path to the chunk: an MLP (two hidden layers) from the state to the H x D values, added to
     # what the decoder writes from the prompt, whose output starts at zero; so the head starts as the state-only
