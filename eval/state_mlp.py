@@ -32,13 +32,6 @@ STATE_SCALES = ("standard", "range")
 FORMAT = "unified-state-mlp"
 
 
-def _network(inputs: int, outputs: int, hidden: int):
-    from torch import nn
-
-    return nn.Sequential(nn.Linear(inputs, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
-                         nn.Linear(hidden, outputs))
-
-
 def _chunks(actions: np.ndarray, horizon: int) -> np.ndarray:
     """(T, D) -> (T, horizon, D): the actions from each step on, the last one repeated past the episode's end (as
     the token sequences pad a chunk)."""
@@ -126,7 +119,9 @@ class StateMLP:
         self.dim = len(config["action_mean"])
         self.horizon, self.bins = config["horizon"], config["bins"]
         outputs = self.horizon * self.dim * (self.bins or 1)
-        self.net = _network(len(config["state_mean"]), outputs, config["hidden"])
+        from unified.model import state_network
+
+        self.net = state_network(len(config["state_mean"]), outputs, config["hidden"])
         if weights is not None:
             self.net.load_state_dict(weights)
             self.net.eval()

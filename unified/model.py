@@ -174,6 +174,13 @@ def ordinal_init(model: UnifiedModel, segment: str, block: int, seed: int = 0) -
         matrix[span.start + k * block:span.start + (k + 1) * block] = base + position.to(matrix) * direction
 
 
+def state_network(inputs: int, outputs: int, hidden: int) -> nn.Sequential:
+    """Two hidden GELU layers from the state to the actions: the state-only baseline's network, and the continuous
+    head's own path from the state (`model.action_head_state_mlp`)."""
+    return nn.Sequential(nn.Linear(inputs, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                         nn.Linear(hidden, outputs))
+
+
 class ActionHead(nn.Module):
     """H learned queries attend to each other (bidirectionally) and to the backbone's hidden states of the
     prompt; each query becomes one step of the chunk, in normalised units ([-1, 1] over the action tokenizer's
@@ -190,8 +197,7 @@ class ActionHead(nn.Module):
             raise UnifiedError("the action head's state path needs the state (state_size 0)")
         self.state_in = nn.Sequential(nn.Linear(state_size, hidden), nn.GELU(), nn.Linear(hidden, hidden)) \
             if state_size and not state_mlp else None
-        self.state_out = nn.Sequential(nn.Linear(state_size, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
-                                       nn.Linear(hidden, horizon * action_dim)) if state_mlp else None
+        self.state_out = state_network(state_size, horizon * action_dim, hidden) if state_mlp else None
         self.state_size = state_size
         if standardize:
             if not state_size:
