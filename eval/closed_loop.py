@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 from tqdm import tqdm
-from unified.eval.model_driver import ENSEMBLE, REPLAN_EVERY
+from unified.eval.model_driver import ENSEMBLE, MODES, REPLAN_EVERY, Mode
 from unified.eval.state_mlp import StateMLP, StateMLPDriver, is_state_mlp
 from unified.eval.stats import compare_paired, mean_interval, wilson_interval
 from unified.tokenizers.action import FAST_DECODING, READOUT, READOUTS
@@ -186,7 +186,7 @@ def consistency(stated: list[dict]) -> dict[str, Any]:
 
 def closed_loop(
     *, model: str, scenarios: Path, episodes: int = 20, workers: int = 1, seed: int = EVAL_SEED,
-    json: Path | None = None, mode: Literal["reason", "direct", "continuous"] = "reason",
+    json: Path | None = None, mode: Mode = "reason",
     replan_every: int | None = REPLAN_EVERY, ensemble: float | None = ENSEMBLE, no_ensemble: bool = False,
     readout: Literal["mode", "mean", "median"] = READOUT, fast_decoding: Literal["whole", "free"] = FAST_DECODING,
     train_store: list[Path] = (),
@@ -195,8 +195,9 @@ def closed_loop(
 ) -> dict[str, Any]:
     """Drive `episodes` episodes of every scenario in the suite `scenarios` with `model` (an exported model
     directory, or the scripted expert, random or constant driver) and return (and with `json`, write) the
-    report. A model reasons before acting (`mode reason`), acts directly (`direct`) or reads its continuous
-    head (`continuous`), and re-plans every `replan_every` steps (default 5; its chunk length or more: each chunk
+    report. A model reasons before acting (`mode reason`), acts directly (`direct`), reads its continuous
+    head (`continuous`) or reasons first and then reads its head (`reason_continuous`), and re-plans every
+    `replan_every` steps (default 5; its chunk length or more: each chunk
     executed to its end), blending the chunks that cover a step with weights exp(-ensemble * i), oldest first
     (default 0.5); `no_ensemble` executes the newest plan alone (with `replan_every 1`: its first action at every
     step, receding-horizon control). `readout` turns a model's action tokens into values: the chosen bin's centre
@@ -281,8 +282,8 @@ def evaluate(evaluations: list[Evaluation], episodes: int, workers: int = 1, see
             raise UnifiedError(f"--model: {e.model!r} is neither an exported model directory (with unified.json), "
                                f"a state-MLP baseline (with state_mlp.json), a policy server (http://HOST:PORT) "
                                f"nor a driver ({', '.join(DRIVERS)})")
-        if e.mode not in ("reason", "direct", "continuous"):
-            raise UnifiedError(f"--mode: {e.mode!r} is not reason, direct or continuous")
+        if e.mode not in MODES:
+            raise UnifiedError(f"--mode: {e.mode!r} is not one of {', '.join(MODES)}")
         if e.readout not in READOUTS:
             raise UnifiedError(f"--readout: {e.readout!r} is not one of {', '.join(READOUTS)}")
         if e.readout != READOUT and is_state_mlp(e.model) and not StateMLP.load(e.model).bins:

@@ -13,10 +13,9 @@ from typing import Literal
 
 import numpy as np
 from tqdm import tqdm
+from unified.eval.model_driver import MODES, mode_flags
 
 from unified.errors import UnifiedError
-
-MODES = ("reason", "direct", "continuous")
 
 
 def parse_entry(entry: str) -> tuple[str, str]:
@@ -56,9 +55,9 @@ def observations(data: Path, count: int, history: int,
 
 def latency(*, models: list[str], data: Path, decisions: int = 40, threads: int = 1, json: Path | None = None,
             device: Literal["auto", "cpu", "cuda"] = "auto", progress: bool = True) -> dict:
-    """Time `decisions` decisions of every `DIR:MODE` in `models` (mode reason, direct or continuous) on the same
-    observations from `data`, interleaved, with `threads` torch threads, on `device` (auto: cuda when a GPU is
-    present); print medians, p95 and the ratios."""
+    """Time `decisions` decisions of every `DIR:MODE` in `models` (mode reason, direct, continuous or
+    reason_continuous) on the same observations from `data`, interleaved, with `threads` torch threads, on `device`
+    (auto: cuda when a GPU is present); print medians, p95 and the ratios."""
     import torch
 
     from unified.model_dir import resolve_device
@@ -78,8 +77,7 @@ def latency(*, models: list[str], data: Path, decisions: int = 40, threads: int 
     times: dict[int, list[float]] = {k: [] for k in range(len(entries))}
     tokens: dict[int, list[int]] = {k: [] for k in range(len(entries))}
     def act(path: str, mode: str, frames, instruction: str, state):
-        return policies[path].act(frames, instruction, state=state, reason=mode == "reason",
-                                  continuous=mode == "continuous")
+        return policies[path].act(frames, instruction, state=state, **mode_flags(mode))
 
     for path, mode in entries:  # one untimed decision each: first-call allocations
         act(path, mode, *seen[0])

@@ -15,18 +15,30 @@ causation records is counted as unparsed, not as consistent."""
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 from unified.tokenizers.action import FAST_DECODING, READOUT
 
+from unified.errors import UnifiedError
 from unified.sim.drivers import Intent, passive_intent
 from unified.sim.env import render_frame
 from unified.sim.language import pick_instruction
 from unified.sim.rollout import Route, ego_state
 from unified.sim.suite import Scenario
 
-Mode = Literal["reason", "direct", "continuous"]
+# How a policy acts: it reasons first and writes action tokens ("reason"), writes them without reasoning
+# ("direct"), reads its continuous head without reasoning ("continuous") or after reasoning ("reason_continuous").
+Mode = Literal["reason", "direct", "continuous", "reason_continuous"]
+MODES: tuple[str, ...] = get_args(Mode)
+
+
+def mode_flags(mode: str) -> dict[str, bool]:
+    """The `Policy.act` arguments a mode stands for: {"reason": ..., "continuous": ...}."""
+    if mode not in MODES:
+        raise UnifiedError(f"mode: {mode!r} is not one of {', '.join(MODES)}")
+    return {"reason": mode in ("reason", "reason_continuous"), "continuous": mode.endswith("continuous")}
+
 # The default execution: a new plan every 5 steps (1 s at 5 Hz), blended with the older plans that still cover the
 # step. Against each 2 s chunk executed blind the ablation (`make ablation`, row 4 against row 3) measured +0.04
 # success in distribution, not significant (p = 0.11), and never worse. `replan_every` at least the chunk length
@@ -91,8 +103,7 @@ class ModelDriver:
         start = time.perf_counter()
         state = ego_state(env.unwrapped.vehicle, self.route)
         result = self.policy.act(np.stack(self.frames), self.instruction, state=state,
-                                 reason=self.mode == "reason", continuous=self.mode == "continuous",
-                                 readout=self.readout, **self.options)
+                                 readout=self.readout, **mode_flags(self.mode), **self.options)
         decision = {"step": self.step, "latency_ms": 1000 * (time.perf_counter() - start),
                     "tokens": result.tokens_generated, "reasoning": result.reasoning,
                     "malformed": getattr(result, "malformed", None)}

@@ -180,6 +180,16 @@ def _drive(replan_every, ensemble, steps=6):
     return [driver.action(env) for _ in range(steps)]
 
 
+def test_each_mode_asks_the_policy_as_it_says():
+    from unified.eval.model_driver import MODES, mode_flags
+
+    assert {m: tuple(mode_flags(m).values()) for m in MODES} == {
+        "reason": (True, False), "direct": (False, False), "continuous": (False, True),
+        "reason_continuous": (True, True)}
+    with pytest.raises(UnifiedError, match="'head' is not one of reason, direct"):
+        mode_flags("head")
+
+
 def test_temporal_ensembling_blends_the_chunks_that_cover_a_step():
     # Without ensembling a chunk of 4 is executed to its end, then the next plan's.
     assert [a[0] for a in _drive(None, None)] == [1, 1, 1, 1, 2, 2]

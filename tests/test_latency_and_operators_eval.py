@@ -28,12 +28,15 @@ def exported(model_data, tmp_path_factory):
 
 
 def test_latency_of_the_three_ways_to_act(exported, model_data, tmp_path):
-    report = latency(models=[f"{exported}:reason", f"{exported}:direct", f"{exported}:continuous"],
+    report = latency(models=[f"{exported}:reason", f"{exported}:direct", f"{exported}:continuous",
+                             f"{exported}:reason_continuous"],
                      data=model_data / "store", decisions=3, json=tmp_path / "latency.json", progress=False)
-    reason, direct, continuous = report["models"]
+    reason, direct, continuous, reason_continuous = report["models"]
     assert report["decisions"] == 3 and reason["speedup_vs_first"] == 1.0
     assert reason["tokens_per_decision"] > direct["tokens_per_decision"] == 4 * 2  # reasoning costs tokens
     assert continuous["tokens_per_decision"] == 0  # one forward pass, nothing generated
+    # Reasoning before the head: the reasoning's tokens are generated, the actions are not.
+    assert reason_continuous["tokens_per_decision"] == reason["tokens_per_decision"] - direct["tokens_per_decision"]
     assert all(0 < r["median_ms"] <= r["p95_ms"] for r in report["models"])
     assert json.loads((tmp_path / "latency.json").read_text())["models"][2]["mode"] == "continuous"
     # A bare directory means acting directly; anything else is refused with the path named.

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from unified.data.store import EpisodeStore
 from unified.errors import UnifiedError
-from unified.eval.model_driver import ENSEMBLE, REPLAN_EVERY
+from unified.eval.model_driver import ENSEMBLE, MODES, REPLAN_EVERY, Mode
 from unified.sim.drivers import ExpertDriver, Intent
 from unified.sim.env import make_env
 from unified.sim.rollout import run_episode
@@ -101,7 +101,7 @@ class _Worker:
 
 def dagger(
     *, model: Path, out: Path, episodes: int, suite: Path | None = None, round: int = 1, beta: float = 0.0,
-    mode: str = "direct", replan_every: int | None = REPLAN_EVERY, ensemble: float | None = ENSEMBLE,
+    mode: Mode = "direct", replan_every: int | None = REPLAN_EVERY, ensemble: float | None = ENSEMBLE,
     no_ensemble: bool = False, readout: Literal["mode", "mean", "median"] = READOUT, workers: int = 1,
     progress: bool = True,
 ) -> dict:
@@ -115,8 +115,8 @@ def dagger(
         raise UnifiedError(f"--episodes, --workers and --round must be at least 1, got {episodes}, {workers}, {round}")
     if not 0.0 <= beta <= 1.0:
         raise UnifiedError(f"--beta is a probability (0 to 1), got {beta}")
-    if mode not in ("reason", "direct", "continuous"):
-        raise UnifiedError(f"--mode: {mode!r} is not reason, direct or continuous")
+    if mode not in MODES:
+        raise UnifiedError(f"--mode: {mode!r} is not one of {', '.join(MODES)}")
     from unified.outputs import check_dir
 
     if check_dir(out, "episodes", [model]) == "new":
