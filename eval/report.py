@@ -19,9 +19,10 @@ QUESTION = ("Does a policy that reasons before it acts keep its performance when
 def _label(name: str, mode: str | None) -> str:
     if mode is None:
         return f"{name} (scripted)"
+    head = " (continuous head)" if mode.endswith("continuous") else ""
     if name == "teacher":
-        return "teacher, reasoning first" if mode == "reason" else "teacher, reasoning skipped"
-    return f"student {name} ({'continuous head' if mode == 'continuous' else 'action tokens'})"
+        return ("teacher, reasoning first" if mode.startswith("reason") else "teacher, reasoning skipped") + head
+    return f"student {name} ({'continuous head' if head else 'action tokens'})"
 
 
 def _rate(summary: dict, key: str) -> dict:
@@ -74,7 +75,8 @@ def write_study_report(config, out: Path, models: dict, closed: dict, explained:
 
     suites = list(config.suites)
     bench = {(r["model"], r["mode"]): r for r in timing["models"]}
-    teacher_ms = bench[(str(models["teacher"]), "reason")]["median_ms"]
+    reasoning = config.teacher_modes[0]  # the teacher reasoning first: what every other driver is paired against
+    teacher_ms = bench[(str(models["teacher"]), reasoning)]["median_ms"]
     rows = []
     for (name, mode), by_suite in closed.items():
         row = {"label": _label(name, mode), "name": name, "mode": mode,
@@ -99,14 +101,14 @@ def write_study_report(config, out: Path, models: dict, closed: dict, explained:
             row["latency"] = {"median_ms": b["median_ms"], "p95_ms": b["p95_ms"],
                               "tokens_per_decision": b["tokens_per_decision"],
                               "speedup_vs_teacher": teacher_ms / b["median_ms"]}
-        if name == "teacher" and mode == "reason":
+        if name == "teacher" and mode == reasoning:
             row["reasoning_accuracy"] = {suite: r["reasoning_accuracy"] for suite, r in explained.items()}
         else:  # paired against the teacher reasoning first, on the same episodes (scenario, seed)
             row["paired_vs_teacher"] = {
-                suite: stats.compare_paired(closed[("teacher", "reason")][suite], report)
+                suite: stats.compare_paired(closed[("teacher", reasoning)][suite], report)
                 for suite, report in by_suite.items()}
         rows.append(row)
-    teacher = next(r for r in rows if r["name"] == "teacher" and r["mode"] == "reason")
+    teacher = next(r for r in rows if r["name"] == "teacher" and r["mode"] == reasoning)
     headline = config.students[config.export_student].modes[0]
     student = next(r for r in rows if r["name"] == config.export_student and r["mode"] == headline)
     figures, answer = _answer(student, teacher, suites, config.aim_success_ratio, config.aim_speedup)
@@ -190,7 +192,8 @@ def markdown(report: dict, suites: list[str]) -> str:
                      f"{r['agent_accuracy']:.1%}, well-formed {r['parsed_rate']:.1%})")
         for example in r["examples"][:2]:
             lines.append(f"  - generated: \"{example['generated']}\" / simulator: \"{example['truth']}\"")
-    teacher = next(row for row in report["models"] if row["kind"] == "teacher" and row["mode"] == "reason")
+    teacher = next(row for row in report["models"]
+                   if row["kind"] == "teacher" and row["mode"] == config["teacher_modes"][0])
     consistent = {s: teacher["suites"][s].get("reasoning_consistency") for s in suites}
     if any(consistent.values()):
         lines += ["", "Reasoning-action consistency in closed loop: for every decision the teacher explained while "

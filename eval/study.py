@@ -49,6 +49,10 @@ class StudyConfig:
     ranks: int = 2  # DeepSpeed ranks of every training run
     teacher: RunSpec = field(default_factory=lambda: RunSpec("recipes/joint.yaml"))
     teacher_model: str | None = None  # an exported teacher to use as it is (nothing is trained for it)
+    # How the teacher drives: reasoning first, then prompted to skip it. [reason, direct] writes action tokens;
+    # [reason_continuous, continuous] reads the continuous head (model.action_head) after the reasoning or without.
+    teacher_modes: list[Literal["reason", "direct", "continuous", "reason_continuous"]] = field(
+        default_factory=lambda: ["reason", "direct"])
     students: dict[str, StudentSpec] = field(default_factory=dict)
     export_student: str = "distilled"  # the student exported --action-only
     suites: dict[str, str] = field(default_factory=lambda: {
@@ -88,6 +92,12 @@ class StudyConfig:
         if set(self.stores) - set(self.suites):
             raise UnifiedError(f"study: stores {sorted(set(self.stores) - set(self.suites))} name no suite "
                                f"({', '.join(self.suites)})")
+        from unified.eval.model_driver import mode_flags
+
+        if len(self.teacher_modes) != 2 or not mode_flags(self.teacher_modes[0])["reason"] \
+                or mode_flags(self.teacher_modes[1])["reason"]:
+            raise UnifiedError(f"study: teacher_modes {self.teacher_modes} must be two: one that reasons first "
+                               "(reason or reason_continuous), then one that skips it (direct or continuous)")
         for name, spec in self.students.items():
             if not spec.modes:
                 raise UnifiedError(f"study: students.{name}.modes is empty; give direct and/or continuous")
@@ -186,7 +196,7 @@ def distill(overrides: list[str] = (), *, study: Path, out: Path) -> dict:
     prints = {name: weights_fingerprint(path) for name, path in models.items()}
 
     # What drives: the teacher reasoning first and prompted to skip it, each student as it acts, the baselines.
-    entries = [("teacher", "reason"), ("teacher", "direct")] + \
+    entries = [("teacher", mode) for mode in config.teacher_modes] + \
         [(s, mode) for s, spec in config.students.items() for mode in spec.modes]
     _stage(3, stages, f"closed loop: {len(entries)} learned drivers and {len(config.baselines)} baselines, "
                       f"{config.episodes} episodes per scenario of {', '.join(config.suites)}", started)

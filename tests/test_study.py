@@ -38,6 +38,15 @@ def test_the_shipped_study_maps_onto_its_config():
         load_study(STUDY, ["export_student=nobody"])
     with pytest.raises(UnifiedError, match=r"students.distilled: unknown key\(s\) 'mode'"):
         load_study(STUDY, ["students.distilled.mode=direct"])
+    # The teacher drives reasoning first, then skipping it: by its action tokens or by its continuous head.
+    assert load_study(STUDY).teacher_modes == ["reason", "direct"]
+    assert load_study(STUDY, ["teacher_modes=[reason_continuous, continuous]"]).teacher_modes == \
+        ["reason_continuous", "continuous"]
+    for wrong in ("[direct, reason]", "[reason]", "[reason_continuous, reason]"):
+        with pytest.raises(UnifiedError, match="must be two: one that reasons first"):
+            load_study(STUDY, [f"teacher_modes={wrong}"])
+    with pytest.raises(UnifiedError, match="teacher_modes"):
+        load_study(STUDY, ["teacher_modes=[reason, head]"])
 
 
 def test_a_run_trained_with_another_configuration_is_refused(tmp_path):
