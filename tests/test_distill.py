@@ -99,6 +99,29 @@ def test_a_student_with_a_continuous_head_learns_the_teachers_expected_chunk(sha
     assert float(other) != pytest.approx(float(loss))  # the head's target really is the teacher's
 
 
+def test_a_student_head_can_learn_the_chunk_the_teachers_head_writes(shards):
+    from unified.distill import sample_row
+    from unified.sequences import build
+
+    teacher = tiny(shards.layout, seed=1, action_head=True)
+    batch = MixtureBatches(shards, {"policy": 1.0}, 256, 2, seed=0).batch(0)
+    targets = distill_targets(teacher, shards, batch, teacher_head=True)["head_targets"]
+    assert targets.shape == batch.head_targets.shape
+    # Each is what the teacher's head writes reading that state's prompt and reasoning alone, as it acts.
+    ids = [sample_id for row in batch.sample_ids for sample_id in row]
+    for k in (0, len(ids) - 1):
+        built = build(shards.sample("policy_reason", sample_row(shards, ids[k])), shards.layout)
+        prompt = torch.tensor(built.ids[:built.spans["actions"][0] + 1])[None]
+        n = prompt.shape[1]
+        _, _, hidden = teacher.logits(prompt, torch.ones(n, n, dtype=torch.bool).tril()[None, None],
+                                      torch.arange(n)[None], hidden=True)
+        alone = teacher.continuous_actions(hidden, torch.tensor([[0, 0, n - 1]])).clamp(-1, 1)[0]
+        torch.testing.assert_close(targets[k], alone, atol=1e-4, rtol=1e-4)
+    # They are not the teacher's expected chunk under its action tokens.
+    bins = distill_targets(teacher, shards, batch, centres=torch.from_numpy(centres(shards)))["head_targets"]
+    assert not torch.allclose(bins, targets, atol=1e-3)
+
+
 def test_batched_reasoning_decodes_each_prompt_as_it_would_alone(shards):
     """Left-padded batch decoding (the teacher's reasoning for distillation) equals one prompt at a time."""
     from unified.distill import _prompt, reason_batch

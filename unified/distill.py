@@ -149,12 +149,13 @@ def _save_cache(path: Path, cached: dict[str, np.ndarray]) -> None:
 
 @torch.no_grad()
 def distill_targets(teacher, shards, batch: Batch, temperature: float = 1.0, centres: torch.Tensor | None = None,
-                    device="cpu", reasoning: dict[int, np.ndarray] | None = None) -> dict[str, torch.Tensor]:
+                    device="cpu", reasoning: dict[int, np.ndarray] | None = None,
+                    teacher_head: bool = False) -> dict[str, torch.Tensor]:
     """Soft targets for the student's batch: `soft_index` (N, 2) [row, position] of every position whose next token
     is an action token, `soft_logprobs` (N, A) the teacher's log-probabilities over the action bins there (at
-    `temperature`), and, given the bin `centres` (D, A), `head_targets` (S, H, D) the teacher's expected chunks.
-    The teacher reads `reasoning[row]` (its own, see `teacher_reasoning`) before the chunk, or the recorded
-    sentence when `reasoning` is None."""
+    `temperature`), and `head_targets` (S, H, D): given the bin `centres` (D, A) the teacher's expected chunks,
+    with `teacher_head` the chunks its continuous head writes. The teacher reads `reasoning[row]` (its own, see
+    `teacher_reasoning`) before the chunk, or the recorded sentence when `reasoning` is None."""
     layout = shards.layout
     action = teacher.action_segment  # the action bins, or the FAST tokens: the same segment as the student's
     sequences = []
@@ -170,7 +171,8 @@ def distill_targets(teacher, shards, batch: Batch, temperature: float = 1.0, cen
                 sample.reason = reasoning[row]
             sequences.append(build(sample, layout))
     tensors = collate([[s] for s in sequences], max(len(s) for s in sequences), layout).to_torch(device)
-    logits, _ = teacher.logits(tensors["input_ids"], tensors["attention_mask"], tensors["position_ids"])
+    logits, _, hidden = teacher.logits(tensors["input_ids"], tensors["attention_mask"], tensors["position_ids"],
+                                       hidden=True)
     targets = tensors["targets"]
     in_teacher = (targets >= action.start) & (targets < action.stop)  # (S, T): one sample per row, in order
     logprobs = F.log_softmax(logits[in_teacher][:, action.start:action.stop].float() / temperature, -1)
@@ -181,7 +183,13 @@ def distill_targets(teacher, shards, batch: Batch, temperature: float = 1.0, cen
         raise UnifiedError(f"distillation: the student's batch has {len(index)} action positions, the teacher's "
                            f"sequences {len(logprobs)}; the two do not read the same samples")
     out = {"soft_index": index.to(device), "soft_logprobs": logprobs}
-    if centres is not None and len(batch.head_index):
+    if teacher_head and len(batch.head_index):
+        chunks = teacher.continuous_actions(hidden, tensors["head_index"], tensors["head_states"])
+        if chunks.shape != batch.head_targets.shape:
+            raise UnifiedError(f"distillation: the teacher's head wrote chunks of shape {tuple(chunks.shape)}, the "
+                               f"student's head learns {batch.head_targets.shape}")
+        out["head_targets"] = chunks.float().clamp(-1, 1).to(device)
+    elif centres is not None and len(batch.head_index):
         per_chunk = batch.head_targets.shape[1] * batch.head_targets.shape[2]
         chunks = expected_actions(logprobs, centres).reshape(-1, per_chunk)
         if len(chunks) != len(batch.head_index):
@@ -214,11 +222,16 @@ class Teacher:
         if self.model.layout != shards.layout:
             raise UnifiedError(f"distill.teacher {config.distill.teacher}: its layout differs from the data's")
         self.model.requires_grad_(False)
-        # The continuous head, if any, learns the teacher's expected chunk (or the recorded one).
+        # The continuous head, if any, learns the teacher's expected chunk, its head's chunk or the recorded one.
         head_from_teacher = config.model.action_head and config.distill.head_target == "teacher"
         if head_from_teacher and config.model.action_tokens == "fast":
             raise UnifiedError("distill.head_target: teacher reads the teacher's expected chunk from its bins; a FAST "
                                "teacher has none: use distill.head_target: ground_truth")
+        self.teacher_head = config.model.action_head and config.distill.head_target == "teacher_head"
+        if self.teacher_head and self.model.action_head is None:
+            raise UnifiedError(f"distill.head_target: teacher_head reads the teacher's continuous head; "
+                               f"{config.distill.teacher} has none (model.action_head: false): use teacher or "
+                               "ground_truth")
         self.centres = torch.from_numpy(tokenizers.action.centres()) if head_from_teacher else None
         self.reasoning = None
         if config.distill.teacher_reasoning == "generated":
@@ -231,6 +244,6 @@ class Teacher:
         """What the student's loss needs beside its batch: the soft targets and the distillation weights."""
         d = self.settings
         tensors = distill_targets(self.model, self.shards, batch, d.temperature, self.centres, self.device,
-                                  self.reasoning)
+                                  self.reasoning, self.teacher_head)
         tensors["distill"] = torch.tensor([d.ce_weight, d.kl_weight, d.temperature])
         return tensors

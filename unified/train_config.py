@@ -79,8 +79,10 @@ class DistillConfig:
     kl_weight: float = 1.0  # KL(teacher || student) on action tokens, teacher reading its reasoning
     ce_weight: float = 0.0  # cross-entropy on the ground-truth action tokens besides
     temperature: float = 1.0
-    # The continuous head's target, when the student has one: the teacher's expected chunk or the recorded one.
-    head_target: Literal["teacher", "ground_truth"] = "teacher"
+    # The continuous head's target, when the student has one: the teacher's expected chunk under its action-token
+    # distributions ("teacher"), the chunk the teacher's own continuous head writes ("teacher_head"; both read the
+    # teacher's reasoning first) or the recorded one ("ground_truth").
+    head_target: Literal["teacher", "teacher_head", "ground_truth"] = "teacher"
 
 
 @dataclass
