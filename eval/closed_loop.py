@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 from tqdm import tqdm
-from unified.eval.model_driver import ENSEMBLE, MODES, REPLAN_EVERY, Mode
+from unified.eval.model_driver import ENSEMBLE, MODES, REPLAN_EVERY, Mode, mode_flags
 from unified.eval.state_mlp import StateMLP, StateMLPDriver, is_state_mlp
 from unified.eval.stats import compare_paired, mean_interval, wilson_interval
 from unified.tokenizers.action import FAST_DECODING, READOUT, READOUTS
@@ -34,13 +34,14 @@ class Evaluation:
 
     model: str
     suite: str  # path of the suite YAML
-    mode: str = "reason"  # for a model: reason, direct or continuous
+    mode: str = "reason"  # for a model: one of model_driver.MODES
     replan_every: int | None = None  # for a model: steps between decisions (default: its chunk length)
     ensemble: float | None = None  # for a model: temporal ensembling of overlapping chunks (weight exp(-k i))
     readout: str = READOUT  # for a model acting by tokens: mode, mean or median of each action token's bins
     videos: int = 0  # the first N episodes of every scenario are written as rollout videos ...
     video_dir: str | None = None  # ... into this directory
     fast_decoding: str = FAST_DECODING  # for a model that writes FAST tokens: whole chunks only, or free
+    reason_every: int | None = None  # for a reasoning model: steps between explanations (default: every decision)
 
     @property
     def learned(self) -> bool:
@@ -90,7 +91,8 @@ class _Worker:
                 cls.policies[evaluation.model] = PolicyClient(evaluation.model) if is_url(evaluation.model) else \
                     Policy.from_pretrained(evaluation.model, device=cls.device)
             driver = ModelDriver(cls.policies[evaluation.model], evaluation.mode, evaluation.replan_every,
-                                 evaluation.ensemble, evaluation.readout, evaluation.fast_decoding)
+                                 evaluation.ensemble, evaluation.readout, evaluation.fast_decoding,
+                                 evaluation.reason_every)
         else:
             driver = DRIVERS[evaluation.model]()
         episode = run_episode(suite, scenario, driver, seed, index=index, render=video, env=cls.envs[key])
@@ -189,7 +191,7 @@ def closed_loop(
     json: Path | None = None, mode: Mode = "reason",
     replan_every: int | None = REPLAN_EVERY, ensemble: float | None = ENSEMBLE, no_ensemble: bool = False,
     readout: Literal["mode", "mean", "median"] = READOUT, fast_decoding: Literal["whole", "free"] = FAST_DECODING,
-    train_store: list[Path] = (),
+    reason_every: int | None = None, train_store: list[Path] = (),
     device: Literal["auto", "cpu", "cuda"] = "auto", videos: int = 0, video_dir: Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -204,6 +206,8 @@ def closed_loop(
     (mode, the default), or the mean or median of the bin centres under each token's distribution. A model that
     writes FAST tokens decodes whole chunks only (`fast_decoding whole`, the default) or freely until it writes
     `</act>` (`free`); either way the report counts the decisions whose tokens made no whole chunk.
+    `reason_every N`: a reasoning model writes a new explanation every N steps and, at the decisions between,
+    reads its last one again instead of writing one (default: a new one at every decision).
     `train_store` (one or more episode stores a model trained on): refuse evaluation episodes that share a
     simulator seed with their training episodes, and report those whose traffic is a near-replay of one.
     `device`: where a model runs (auto: cuda when a GPU is present; every worker holds its own copy).
@@ -222,7 +226,7 @@ def closed_loop(
         video_dir = Path(video_dir) if video_dir is not None else Path(json).parent / f"{Path(json).stem}_videos"
         check_video_dir(video_dir)
     evaluation = Evaluation(model, str(scenarios), mode, replan_every, None if no_ensemble else ensemble, readout,
-                            videos, str(video_dir) if videos else None, fast_decoding)
+                            videos, str(video_dir) if videos else None, fast_decoding, reason_every)
     report = evaluate([evaluation], episodes, workers, seed, progress, device)[evaluation]
     if train_store:
         report["overlap"] = overlap_of(report, list(train_store), progress)
@@ -291,6 +295,9 @@ def evaluate(evaluations: list[Evaluation], episodes: int, workers: int = 1, see
                                "reads a distribution over bins (fit it with --bins)")
         if e.replan_every is not None and e.replan_every < 1:
             raise UnifiedError(f"--replan-every must be at least 1 step, got {e.replan_every}")
+        if e.reason_every is not None and (e.reason_every < 1 or not mode_flags(e.mode)["reason"]):
+            raise UnifiedError(f"--reason-every {e.reason_every}: steps between a reasoning model's explanations, at "
+                               f"least 1, with --mode reason or reason_continuous (got --mode {e.mode})")
         if e.ensemble is not None and e.ensemble < 0:
             raise UnifiedError(f"--ensemble must not be negative, got {e.ensemble}")
     if episodes < 1 or workers < 1:
@@ -316,6 +323,7 @@ def evaluate(evaluations: list[Evaluation], episodes: int, workers: int = 1, see
             "model_path": str(e.model) if e.learned else None,
             "mode": e.mode if e.learned else None,
             "replan_every": e.replan_every if e.learned else None,
+            "reason_every": e.reason_every if e.learned else None,
             "ensemble": e.ensemble if e.learned else None,
             "readout": e.readout if e.learned else None,
             "fast_decoding": e.fast_decoding if writes_fast(e.model) else None,

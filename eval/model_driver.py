@@ -78,8 +78,12 @@ class ModelDriver:
     needs_frames = True  # a policy reads the rendered frame; a state-only planner does not
 
     def __init__(self, policy, mode: Mode = "reason", replan_every: int | None = REPLAN_EVERY,
-                 ensemble: float | None = ENSEMBLE, readout: str = READOUT, fast_decoding: str = FAST_DECODING):
+                 ensemble: float | None = ENSEMBLE, readout: str = READOUT, fast_decoding: str = FAST_DECODING,
+                 reason_every: int | None = None):
         self.policy, self.mode, self.ensemble, self.readout = policy, mode, ensemble, readout
+        # A reasoning driver writes an explanation every `reason_every` steps (None: at every decision) and reads
+        # the last one again at the decisions between.
+        self.reason_every = reason_every
         # Passed only when it is not the default, so that a policy without the option (a state-MLP baseline) is asked
         # as before.
         self.options = {} if fast_decoding == FAST_DECODING else {"fast_decoding": fast_decoding}
@@ -95,6 +99,7 @@ class ModelDriver:
         self.frames: list[np.ndarray] = []
         self.step = 0
         self.decisions, self.windows = [], []
+        self.reasoned: tuple[int, str] | None = None  # (step, text) of the last explanation written
         self.where = f"scenario {scenario.name!r}, seed {seed}"
         self.window_steps = max(1, round(CONSISTENCY_WINDOW_S * env.unwrapped.config["policy_frequency"]))
 
@@ -102,13 +107,17 @@ class ModelDriver:
         """(H, 2) a new chunk for the current state."""
         start = time.perf_counter()
         state = ego_state(env.unwrapped.vehicle, self.route)
+        reuse = self.reason_every is not None and self.reasoned is not None and \
+            self.step - self.reasoned[0] < self.reason_every
+        options = self.options | ({"reasoning": self.reasoned[1]} if reuse else {})
         result = self.policy.act(np.stack(self.frames), self.instruction, state=state,
-                                 readout=self.readout, **mode_flags(self.mode), **self.options)
+                                 readout=self.readout, **mode_flags(self.mode), **options)
         decision = {"step": self.step, "latency_ms": 1000 * (time.perf_counter() - start),
                     "tokens": result.tokens_generated, "reasoning": result.reasoning,
-                    "malformed": getattr(result, "malformed", None)}
+                    "malformed": getattr(result, "malformed", None)} | ({"reasoning_reused": True} if reuse else {})
         self.decisions.append(decision)
-        if result.reasoning is not None:
+        if result.reasoning is not None and not reuse:
+            self.reasoned = (self.step, result.reasoning)
             from unified.eval.reasoning import parse
 
             parsed = parse(result.reasoning)

@@ -62,6 +62,9 @@ class StudyConfig:
     # chunks that cover a step with weights exp(-ensemble * i), oldest first (None: no blending).
     replan_every: int | None = None
     ensemble: float | None = None
+    # A reasoning driver (the teacher reasoning first) writes a new explanation every N steps and reads its last one
+    # again at the decisions between (None: a new one at every decision).
+    reason_every: int | None = None
     readout: str = READOUT  # how action tokens become values: mode, mean or median of each token's bins
     workers: int = 2
     device: str = "auto"  # where the models run in evaluation: auto (cuda when a GPU is present), cpu or cuda
@@ -103,6 +106,8 @@ class StudyConfig:
                 raise UnifiedError(f"study: students.{name}.modes is empty; give direct and/or continuous")
         if self.ranks < 1 or self.episodes < 1 or self.workers < 1:
             raise UnifiedError("study: ranks, episodes and workers must each be at least 1")
+        if self.reason_every is not None and self.reason_every < 1:
+            raise UnifiedError(f"study: reason_every is a number of steps, at least 1; got {self.reason_every}")
         if self.videos < 0:
             raise UnifiedError(f"study: videos is a number of episodes per scenario, at least 0; got {self.videos}")
 
@@ -272,13 +277,17 @@ def _closed_loop(config: StudyConfig, out: Path, drivers: list[tuple[str, str | 
         for name, mode in drivers:
             learned = mode is not None
             videos = out / "videos" / f"{name}_{mode or 'scripted'}_{label}"
+            reasons = learned and mode.startswith("reason")
             evaluation = Evaluation(str(models[name]) if learned else name, str(suite_path), mode or "reason",
                                     config.replan_every if learned else None, config.ensemble if learned else None,
-                                    config.readout, config.videos, str(videos) if config.videos else None)
+                                    config.readout, config.videos, str(videos) if config.videos else None,
+                                    reason_every=config.reason_every if reasons else None)
             expected = {"suite_hash": suite_hash, "episodes_per_scenario": config.episodes,
                         "report_version": REPORT_VERSION, "videos_per_scenario": config.videos,
                         **({"mode": mode, "fingerprint": prints[name], "replan_every": config.replan_every,
                             "ensemble": config.ensemble} if learned else {"model": name})}
+            if reasons:  # a report without the key (written before the option) reasoned at every decision
+                expected["reason_every"] = config.reason_every
             path = out / "eval" / f"{name}_{mode or 'scripted'}_{label}.json"
             cached = _cached(path, **expected)
             # Reports written before the readout was an option were read by the mode.

@@ -190,6 +190,48 @@ def test_each_mode_asks_the_policy_as_it_says():
         mode_flags("head")
 
 
+class _Explaining(_ChunkPolicy):
+    """A stand-in reasoning policy that writes "explanation k" at its k-th plan unless it is given one to read."""
+
+    def __init__(self):
+        super().__init__()
+        self.given = []
+
+    def act(self, frames, instruction, state, reason, continuous, readout="mode", reasoning=None):
+        self.given.append(reasoning)
+        result = super().act(frames, instruction, state, reason, continuous, readout)
+        result.reasoning = reasoning if reasoning is not None else f"explanation {self.plans}"
+        return result
+
+
+def test_a_driver_that_reasons_less_often_than_it_acts():
+    from unified.eval.model_driver import ModelDriver
+
+    from unified.sim.env import make_env
+    from unified.sim.rollout import start_episode
+    from unified.sim.suite import suite_from_dict
+
+    suite = suite_from_dict({"image_size": [32, 32], "scenarios": {"highway": {
+        "env": "highway-v0", "config": {"lanes_count": 2, "vehicles_count": 3}}}})
+    scenario = suite.scenarios["highway"]
+    env = make_env(suite, scenario)
+    for reason_every, read in ((3, [None, "explanation 1", "explanation 1", None, "explanation 4", "explanation 4",
+                                    None]), (None, [None] * 7)):
+        policy = _Explaining()
+        start_episode(env, suite, scenario, 7, False)
+        driver = ModelDriver(policy, mode="reason_continuous", replan_every=1, ensemble=None,
+                             reason_every=reason_every)
+        driver.reset(env, scenario, 7)
+        for _ in range(7):
+            driver.action(env)
+        assert policy.given == read  # a new explanation every 3 steps, the last one read again between
+        written = [d for d in driver.decisions if not d.get("reasoning_reused")]
+        assert len(written) == (3 if reason_every else 7) and all("stated" in d for d in written)
+        assert not any("stated" in d for d in driver.decisions if d.get("reasoning_reused"))
+    with pytest.raises(UnifiedError, match="--reason-every 2: .* with --mode reason or reason_continuous"):
+        closed_loop(model="expert", scenarios=Path("unused.yaml"), episodes=1, mode="direct", reason_every=2)
+
+
 def test_temporal_ensembling_blends_the_chunks_that_cover_a_step():
     # Without ensembling a chunk of 4 is executed to its end, then the next plan's.
     assert [a[0] for a in _drive(None, None)] == [1, 1, 1, 1, 2, 2]

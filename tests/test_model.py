@@ -352,6 +352,35 @@ def test_continuous_action_head_trains_and_acts(shards, tokenizers, data, tmp_pa
                                                          state=episode.states[0], reason=False, continuous=True)
 
 
+def test_a_given_explanation_is_read_as_training_lays_it_out(shards, tokenizers, data):
+    """`Policy.act(..., reasoning=TEXT)` reads an explanation instead of writing one (a driver that reasons less
+    often than it acts): the head then reads exactly the sequence training built for that state and sentence."""
+    from unified.data.store import EpisodeStore
+    from unified.sequences import build
+
+    store = EpisodeStore(data / "store")
+    policy = Policy(tiny_model(shards.layout, action_head=True).eval(), tokenizers)
+    for row in shards.index("policy")[::11][:3]:
+        sample = shards.sample("policy_reason", int(row))
+        built = build(sample, shards.layout)
+        episode, step = (int(x) for x in sample.id.split()[1::2])
+        recorded = store.read_episode(episode)
+        text = recorded.causation[step].text
+        assert text and tokenizers.text.decode([shards.layout.to_local("text", sample.reason)])[0] == text
+        args = (recorded.frames[step], recorded.instruction)
+        read = policy.act(*args, state=recorded.states[step], reason=True, continuous=True, reasoning=text)
+        trained = policy._continuous([int(i) for i in built.ids[:built.spans["actions"][0] + 1]])
+        np.testing.assert_allclose(read.actions, trained, atol=1e-5)
+        assert read.reasoning == text and read.tokens_generated == 0
+        # By the action tokens: only the chunk is generated.
+        tokens = policy.act(*args, state=recorded.states[step], reason=True, reasoning=text)
+        assert tokens.reasoning == text and tokens.tokens_generated == H * 2
+    other = policy.act(*args, state=recorded.states[step], reason=True, continuous=True, reasoning="keep lane")
+    assert not np.allclose(other.actions, read.actions)  # the head reads the explanation it is given
+    with pytest.raises(UnifiedError, match="reason=False skips the reasoning"):
+        policy.act(*args, state=recorded.states[step], reason=False, continuous=True, reasoning=text)
+
+
 def test_a_continuous_head_that_reads_the_state(shards, tokenizers, data, tmp_path):
     """model.action_head_state: the head reads the ego state as values normalised over the state tokenizer's range,
     the same in training (from the shards) and when the policy acts (from the state it is given)."""

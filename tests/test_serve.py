@@ -66,6 +66,11 @@ def test_the_client_decides_as_the_policy_does_in_process(server, exported, mode
             np.testing.assert_array_equal(there.actions, here.actions)
             assert there.actions.dtype == np.float32 and there.actions.shape == (4, 2)
             assert there.reasoning == here.reasoning and there.tokens_generated == here.tokens_generated
+        # An explanation given to read travels too.
+        here = policy.act(frames, instruction, state=state, reasoning="keep lane")
+        there = client.act(frames, instruction, state=state, reasoning="keep lane")
+        np.testing.assert_array_equal(there.actions, here.actions)
+        assert there.reasoning == "keep lane" and there.tokens_generated == here.tokens_generated == 4 * 2
     median = client.act(frames, instruction, state=state, reason=False, readout="median")
     np.testing.assert_allclose(median.actions, policy.act(frames, instruction, state=state, reason=False,
                                                           readout="median").actions)
@@ -85,6 +90,8 @@ def test_malformed_requests_get_an_error_and_the_server_keeps_serving(server, ex
          "do not make an array"),
         (json.dumps(good | {"state": [1.0]}).encode(), "state: expected"),
         (json.dumps(good | {"reason": "yes"}).encode(), "reason: expected bool"),
+        (json.dumps(good | {"reasoning": 3}).encode(), "reasoning: expected str"),
+        (json.dumps(good | {"reasoning": "keep lane"}).encode(), "reason=False skips the reasoning"),
         (json.dumps(good | {"readout": "best"}).encode(), "readout: 'best' is not one of"),
         (json.dumps(good | {"instruction": ""}).encode(), "instruction is empty"),
     ]

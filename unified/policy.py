@@ -137,7 +137,7 @@ class Policy:
 
     def act(self, frames, instruction: str, state=None, reason: bool = True, greedy: bool = True,
             temperature: float = 1.0, seed: int = 0, continuous: bool = False, readout: str = READOUT,
-            fast_decoding: str = FAST_DECODING) -> ActionResult:
+            fast_decoding: str = FAST_DECODING, reasoning: str | None = None) -> ActionResult:
         """frames (T, H, W, 3) uint8, newest last -> ActionResult with (H, 2) actions.
 
         The action tokens of all H steps are written together, in as many forward passes as an action has
@@ -149,7 +149,9 @@ class Policy:
         "whole" (only tokens that still fit the chunk's H * D coefficients; always a whole chunk) or "free" (until
         the model writes `</act>`; a chunk that is not whole is returned with `malformed` saying why).
         `continuous` reads the actions from the continuous head instead: one forward pass over the prompt (and
-        the reasoning, if any)."""
+        the reasoning, if any). `reasoning` (with `reason`) is read in place of writing one: an explanation written
+        at an earlier decision, so that a driver can reason less often than it acts; nothing of it is generated and
+        the result's `reasoning` is it."""
         if readout not in READOUTS:
             raise UnifiedError(f"readout: {readout!r} is not one of {', '.join(READOUTS)}")
         if fast_decoding not in FAST_DECODINGS:
@@ -157,17 +159,25 @@ class Policy:
         if self.fast and readout != "mode" and not continuous:
             raise UnifiedError(f"readout {readout}: reads a distribution over bins; this model writes FAST tokens, "
                                "read as they are decoded (readout mode)")
+        if reasoning is not None and not reason:
+            raise UnifiedError("reasoning: an explanation to read is given, but reason=False skips the reasoning")
+        if reasoning is not None and self.config.inductive_reason:
+            raise UnifiedError("reasoning: this model reasons in the inductive form (model.inductive_reason), step by "
+                               "step; it does not read an explanation given whole")
         start = time.perf_counter()
         layout, act = self.layout, self.layout.special("<act>")
         prompt = self.prompt(frames, instruction, state)
         self.check_context(prompt, reason)
-        if continuous and not reason:
-            return ActionResult(self._continuous(prompt + [act], state), None, 0,
+        given = []  # the reasoning to read, as the model reads it
+        if reason and reasoning is not None:
+            text = layout.to_global("text", self.tokenizers.text.encode([reasoning])[0])
+            given = [layout.special("<reason>"), *(int(t) for t in text), layout.special("</reason>")]
+        if continuous and (given or not reason):  # nothing to generate: one forward pass
+            return ActionResult(self._continuous(prompt + given + [act], state), reasoning if reason else None, 0,
                                 1000 * (time.perf_counter() - start))
         decoder = Decoder(self.model, np.random.default_rng(seed))
-        decoder.feed(prompt)
-        reasoning = None
-        if reason:
+        decoder.feed(prompt + given)
+        if reason and not given:
             decoder.feed([layout.special("<reason>")])
             if self.config.inductive_reason:
                 reasoning = self._inductive_reasoning(decoder, greedy, temperature)

@@ -8,7 +8,8 @@ Protocol (JSON over HTTP/1.1, keep-alive; arrays as {"shape", "dtype", "data": b
                    "action_names", "readouts"}
     POST /act  <- {"frames": array (T, H, W, 3) uint8, newest last, "instruction": str, "state": [float] | null,
                    "reason": bool, "readout": "mode" | "mean" | "median", "continuous": bool, "greedy": bool,
-                   "temperature": float, "seed": int, "fast_decoding": "whole" | "free" (a FAST model's)}
+                   "temperature": float, "seed": int, "fast_decoding": "whole" | "free" (a FAST model's),
+                   "reasoning": str (with reason: an explanation to read instead of writing one)}
                -> {"actions": array (H, 2) float32, "reasoning": str | null, "tokens_generated": int,
                    "latency_ms": the model's own time, "malformed": null, or why the action tokens did not make
                    a whole chunk (see `ActionResult.malformed`)}
@@ -40,7 +41,7 @@ from unified.tokenizers.action import READOUTS
 
 MAX_REQUEST_BYTES = 64 << 20  # a request bigger than this is refused before it is read
 ACT_FIELDS = {"frames", "instruction", "state", "reason", "readout", "continuous", "greedy", "temperature", "seed",
-              "fast_decoding"}
+              "fast_decoding", "reasoning"}
 
 
 def is_url(model: str | Path) -> bool:
@@ -99,7 +100,7 @@ class PolicyServer(ThreadingHTTPServer):
         frames = decode_array(request["frames"], "frames").copy()  # writable, as torch wants it
         kwargs = {}
         for key, kind in (("reason", bool), ("continuous", bool), ("greedy", bool), ("readout", str),
-                          ("fast_decoding", str), ("temperature", (int, float)), ("seed", int)):
+                          ("fast_decoding", str), ("temperature", (int, float)), ("seed", int), ("reasoning", str)):
             if key in request:
                 if not isinstance(request[key], kind) or (kind is not bool and isinstance(request[key], bool)):
                     raise UnifiedError(f"{key}: expected {getattr(kind, '__name__', 'a number')}, got "
@@ -210,14 +211,14 @@ class PolicyClient:
 
     def act(self, frames, instruction: str, state=None, reason: bool = True, greedy: bool = True,
             temperature: float = 1.0, seed: int = 0, continuous: bool = False, readout: str = "mode",
-            fast_decoding: str = "whole") -> ActionResult:
+            fast_decoding: str = "whole", reasoning: str | None = None) -> ActionResult:
         start = time.perf_counter()
         frames = np.asarray(frames)
         request = {"frames": encode_array(frames), "instruction": instruction,
                    "state": None if state is None else [float(v) for v in np.asarray(state, np.float64).ravel()],
                    "reason": bool(reason), "readout": readout, "continuous": bool(continuous),
                    "greedy": bool(greedy), "temperature": float(temperature), "seed": int(seed),
-                   "fast_decoding": fast_decoding}
+                   "fast_decoding": fast_decoding} | ({} if reasoning is None else {"reasoning": reasoning})
         reply = self._request("POST", "/act", request)
         self.server_ms.append(reply["latency_ms"])
         return ActionResult(decode_array(reply["actions"], "actions").copy(), reply["reasoning"],
