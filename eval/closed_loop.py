@@ -11,7 +11,8 @@ from typing import Any, Literal
 
 import numpy as np
 from tqdm import tqdm
-from unified.eval.model_driver import ENSEMBLE, MODES, REPLAN_EVERY, Mode, mode_flags
+from unified.eval.model_driver import ENSEMBLE, REPLAN_EVERY
+from unified.eval.modes import MODES, Mode, mode_flags
 from unified.eval.state_mlp import StateMLP, StateMLPDriver, is_state_mlp
 from unified.eval.stats import compare_paired, mean_interval, wilson_interval
 from unified.tokenizers.action import FAST_DECODING, READOUT, READOUTS

@@ -13,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 from tqdm import tqdm
-from unified.eval.model_driver import MODES, mode_flags
+from unified.eval.modes import MODES, mode_flags
 
 from unified.errors import UnifiedError
 

@@ -15,29 +15,16 @@ causation records is counted as unparsed, not as consistent."""
 from __future__ import annotations
 
 import time
-from typing import Literal, get_args
 
 import numpy as np
+from unified.eval.modes import MODES, Mode, mode_flags  # noqa: F401 - MODES named here too
 from unified.tokenizers.action import FAST_DECODING, READOUT
 
-from unified.errors import UnifiedError
 from unified.sim.drivers import Intent, passive_intent
 from unified.sim.env import render_frame
 from unified.sim.language import pick_instruction
 from unified.sim.rollout import Route, ego_state
 from unified.sim.suite import Scenario
-
-# How a policy acts: it reasons first and writes action tokens ("reason"), writes them without reasoning
-# ("direct"), reads its continuous head without reasoning ("continuous") or after reasoning ("reason_continuous").
-Mode = Literal["reason", "direct", "continuous", "reason_continuous"]
-MODES: tuple[str, ...] = get_args(Mode)
-
-
-def mode_flags(mode: str) -> dict[str, bool]:
-    """The `Policy.act` arguments a mode stands for: {"reason": ..., "continuous": ...}."""
-    if mode not in MODES:
-        raise UnifiedError(f"mode: {mode!r} is not one of {', '.join(MODES)}")
-    return {"reason": mode in ("reason", "reason_continuous"), "continuous": mode.endswith("continuous")}
 
 # The default execution: a new plan every 5 steps (1 s at 5 Hz), blended with the older plans that still cover the
 # step. Against each 2 s chunk executed blind the ablation (`make ablation`, row 4 against row 3) measured +0.04

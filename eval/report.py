@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from unified.eval import stats
+from unified.eval.modes import mode_flags
 from unified.eval.training_plot import save_figure, subplots
 
 MIN_TEACHER_SUCCESSES = 5  # below this many teacher successes in a suite, no share of them is reported
@@ -19,10 +20,11 @@ QUESTION = ("Does a policy that reasons before it acts keep its performance when
 def _label(name: str, mode: str | None) -> str:
     if mode is None:
         return f"{name} (scripted)"
-    head = " (continuous head)" if mode.endswith("continuous") else ""
+    flags = mode_flags(mode)
     if name == "teacher":
-        return ("teacher, reasoning first" if mode.startswith("reason") else "teacher, reasoning skipped") + head
-    return f"student {name} ({'continuous head' if head else 'action tokens'})"
+        return ("teacher, reasoning first" if flags["reason"] else "teacher, reasoning skipped") + \
+            (" (continuous head)" if flags["continuous"] else "")
+    return f"student {name} ({'continuous head' if flags['continuous'] else 'action tokens'})"
 
 
 def _rate(summary: dict, key: str) -> dict:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from unified.eval.modes import Mode, mode_flags
 from unified.tokenizers.action import READOUT
 
 from unified.config import apply_overrides, from_dict, load_yaml, to_dict
@@ -51,8 +52,7 @@ class StudyConfig:
     teacher_model: str | None = None  # an exported teacher to use as it is (nothing is trained for it)
     # How the teacher drives: reasoning first, then prompted to skip it. [reason, direct] writes action tokens;
     # [reason_continuous, continuous] reads the continuous head (model.action_head) after the reasoning or without.
-    teacher_modes: list[Literal["reason", "direct", "continuous", "reason_continuous"]] = field(
-        default_factory=lambda: ["reason", "direct"])
+    teacher_modes: list[Mode] = field(default_factory=lambda: ["reason", "direct"])
     students: dict[str, StudentSpec] = field(default_factory=dict)
     export_student: str = "distilled"  # the student exported --action-only
     suites: dict[str, str] = field(default_factory=lambda: {
@@ -95,8 +95,6 @@ class StudyConfig:
         if set(self.stores) - set(self.suites):
             raise UnifiedError(f"study: stores {sorted(set(self.stores) - set(self.suites))} name no suite "
                                f"({', '.join(self.suites)})")
-        from unified.eval.model_driver import mode_flags
-
         if len(self.teacher_modes) != 2 or not mode_flags(self.teacher_modes[0])["reason"] \
                 or mode_flags(self.teacher_modes[1])["reason"]:
             raise UnifiedError(f"study: teacher_modes {self.teacher_modes} must be two: one that reasons first "
@@ -277,7 +275,7 @@ def _closed_loop(config: StudyConfig, out: Path, drivers: list[tuple[str, str | 
         for name, mode in drivers:
             learned = mode is not None
             videos = out / "videos" / f"{name}_{mode or 'scripted'}_{label}"
-            reasons = learned and mode.startswith("reason")
+            reasons = learned and mode_flags(mode)["reason"]
             evaluation = Evaluation(str(models[name]) if learned else name, str(suite_path), mode or "reason",
                                     config.replan_every if learned else None, config.ensemble if learned else None,
                                     config.readout, config.videos, str(videos) if config.videos else None,

@@ -171,8 +171,8 @@ def distill_targets(teacher, shards, batch: Batch, temperature: float = 1.0, cen
                 sample.reason = reasoning[row]
             sequences.append(build(sample, layout))
     tensors = collate([[s] for s in sequences], max(len(s) for s in sequences), layout).to_torch(device)
-    logits, _, hidden = teacher.logits(tensors["input_ids"], tensors["attention_mask"], tensors["position_ids"],
-                                       hidden=True)
+    logits, _, *hidden = teacher.logits(tensors["input_ids"], tensors["attention_mask"], tensors["position_ids"],
+                                        hidden=teacher_head)  # the last hidden states only for the teacher's head
     targets = tensors["targets"]
     in_teacher = (targets >= action.start) & (targets < action.stop)  # (S, T): one sample per row, in order
     logprobs = F.log_softmax(logits[in_teacher][:, action.start:action.stop].float() / temperature, -1)
@@ -184,7 +184,7 @@ def distill_targets(teacher, shards, batch: Batch, temperature: float = 1.0, cen
                            f"sequences {len(logprobs)}; the two do not read the same samples")
     out = {"soft_index": index.to(device), "soft_logprobs": logprobs}
     if teacher_head and len(batch.head_index):
-        chunks = teacher.continuous_actions(hidden, tensors["head_index"], tensors["head_states"])
+        chunks = teacher.continuous_actions(hidden[0], tensors["head_index"], tensors["head_states"])
         if chunks.shape != batch.head_targets.shape:
             raise UnifiedError(f"distillation: the teacher's head wrote chunks of shape {tuple(chunks.shape)}, the "
                                f"student's head learns {batch.head_targets.shape}")

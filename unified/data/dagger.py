@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from unified.data.store import EpisodeStore
 from unified.errors import UnifiedError
-from unified.eval.model_driver import ENSEMBLE, MODES, REPLAN_EVERY, Mode
+from unified.eval.model_driver import ENSEMBLE, REPLAN_EVERY
+from unified.eval.modes import MODES, Mode
 from unified.sim.drivers import ExpertDriver, Intent
 from unified.sim.env import make_env
 from unified.sim.rollout import run_episode
