@@ -458,8 +458,8 @@ def _load_reports(paths: list[Path], fields: tuple[str, ...]) -> list[dict]:
 
 
 def compare(reports: list[Path]) -> str:
-    """Print a Markdown table of closed-loop reports (`--json` outputs): success, collision and off-road rates
-    per suite and scenario, one column per model."""
+    """Print a Markdown table of closed-loop reports (`--json` outputs): success, collision and off-road rates and
+    the mean progress along the route (m) per suite and scenario, one column per model."""
     loaded = _load_reports(reports, ("overall", "model", "suite"))
     models = list(dict.fromkeys(r["model"] for r in loaded))
     lines = [
@@ -476,7 +476,8 @@ def compare(reports: list[Path]) -> str:
                 m = None if r is None else (r["overall"] if name == "overall" else r["scenarios"].get(name))
                 keys = ("success_rate", "collision_rate", "offroad_rate")
                 rates = None if m is None else [m[k]["mean"] for k in keys]
-                cells.append("-" if rates is None else " / ".join(f"{v:.2f}" for v in rates))
+                cells.append("-" if rates is None else " / ".join(f"{v:.2f}" for v in rates)
+                             + f" / {m['mean_progress']['mean']:.0f} m")
             label = f"**{name}**" if name == "overall" else name
             lines.append(f"| {suite} | {label} | " + " | ".join(cells) + " |")
     paired = []
@@ -495,7 +496,7 @@ def compare(reports: list[Path]) -> str:
                   "| suite | difference | pairs | success difference [95% paired bootstrap] | "
                   "discordant pairs (first only / other only) | McNemar p |\n|---|---|---|---|---|---|\n"
                   + "\n".join(paired))
-    print("success / collision / off-road rate per model\n" + table, flush=True)
+    print("success / collision / off-road rate / mean progress per model\n" + table, flush=True)
     return table
 
 

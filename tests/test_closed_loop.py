@@ -57,6 +57,8 @@ def test_expert_beats_random_and_constant_speed(tmp_path):
     assert table.splitlines()[0] == "| suite | scenario | expert | random | constant |"
     overall = next(line for line in table.splitlines() if "**overall**" in line)
     assert overall.split(" | ")[2].startswith(f"{success['expert']:.2f} / ")
+    progress = saved["overall"]["mean_progress"]["mean"]  # success / collision / off-road / progress
+    assert overall.split(" | ")[2].endswith(f" / {progress:.0f} m") and progress > 0
     # Paired against the first model on the same episodes: McNemar and the difference interval.
     paired = next(line for line in table.splitlines() if line.startswith("| suite | random - expert |"))
     wins = sum(e["success"] for e in reports["expert"]["episodes"])  # random driving never succeeds

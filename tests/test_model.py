@@ -379,6 +379,9 @@ def test_a_given_explanation_is_read_as_training_lays_it_out(shards, tokenizers,
     assert not np.allclose(other.actions, read.actions)  # the head reads the explanation it is given
     with pytest.raises(UnifiedError, match="reason=False skips the reasoning"):
         policy.act(*args, state=recorded.states[step], reason=False, continuous=True, reasoning=text)
+    with pytest.raises(UnifiedError, match=r"reasoning: the explanation given is \d+ text tokens"):
+        policy.act(*args, state=recorded.states[step], reason=True, continuous=True,
+                   reasoning=" ".join([text] * 200))
 
 
 def test_a_continuous_head_that_reads_the_state(shards, tokenizers, data, tmp_path):

@@ -118,12 +118,18 @@ class Policy:
             masks[d, start + d * tokenizer.bins:start + (d + 1) * tokenizer.bins] = True
         return masks
 
-    def check_context(self, prompt: list[int], reason: bool) -> None:
+    def check_context(self, prompt: list[int], reason: bool, given: int | None = None) -> None:
         """Refuse a prompt that, with the reasoning and the chunk still to come, would not fit the model's context:
-        past its trained positions a model's output is undefined, so it is an error rather than silent garbage."""
+        past its trained positions a model's output is undefined, so it is an error rather than silent garbage.
+        `given`: the prompt ends with an explanation given to read, of that many text tokens."""
         chunk = self.fast_budget + 2 if self.fast else self.config.horizon * (self.tokenizers.action.dim + 1) + 1
         to_come = (self.config.max_reason_tokens + 2 if reason else 0) + chunk
         limit = self.model.backbone.config.max_position_embeddings
+        if given is not None and len(prompt) + to_come > limit:
+            raise UnifiedError(
+                f"reasoning: the explanation given is {given} text tokens; with the prompt ({len(prompt) - given - 2} "
+                f"tokens) and the chunk ({chunk}) it needs {len(prompt) + to_come} positions, beyond the model's "
+                f"{limit}; give a shorter one (the model writes at most {self.config.max_reason_tokens})")
         if len(prompt) + to_come > limit:
             raise UnifiedError(
                 f"the prompt has {len(prompt)} tokens and the answer needs up to {to_come} more, beyond the model's "
@@ -172,6 +178,7 @@ class Policy:
         if reason and reasoning is not None:
             text = layout.to_global("text", self.tokenizers.text.encode([reasoning])[0])
             given = [layout.special("<reason>"), *(int(t) for t in text), layout.special("</reason>")]
+            self.check_context(prompt + given, reason=False, given=len(text))
         if continuous and (given or not reason):  # nothing to generate: one forward pass
             return ActionResult(self._continuous(prompt + given + [act], state), reasoning if reason else None, 0,
                                 1000 * (time.perf_counter() - start))
