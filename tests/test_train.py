@@ -356,6 +356,9 @@ def test_bf16_joint_recipe_saves_fp32_master_weights(shards, tmp_path):
         torch.testing.assert_close(saved[key], value.float(), rtol=0, atol=0)
     weight = saved["backbone.model.layers.0.mlp.up_proj.weight"]
     assert not torch.equal(weight, weight.bfloat16().float())  # finer than bf16: the masters, not the copies
+    # The recipe's continuous head was built partitioned too (its decoder blocks one by one) and trained with it.
+    head = [k for k in saved if k.startswith("action_head.blocks.layers.1.")]
+    assert head and set(head) <= set(masters) and "action_head.state_mean" in saved
 
 
 def shards_layout(model_data):

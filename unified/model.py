@@ -205,12 +205,29 @@ class ActionHead(nn.Module):
             self.register_buffer("state_mean", torch.zeros(state_size))
             self.register_buffer("state_std", torch.ones(state_size))
         self.standardize = standardize
-        layer = nn.TransformerDecoderLayer(hidden, heads, 2 * hidden, dropout=0.0, batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerDecoder(layer, layers)
+        def block():
+            return nn.TransformerDecoderLayer(hidden, heads, 2 * hidden, dropout=0.0, batch_first=True,
+                                              norm_first=True)
+
+        layer = block()
+        self.blocks = nn.TransformerDecoder(layer, layers)  # deep copies of `layer`
+        # Built inside deepspeed.zero.Init (ZeRO-3), each module's parameters are partitioned as its __init__ ends;
+        # deep copies escape that, so the blocks are built one by one there instead.
+        partitioned = hasattr(layer.linear1.weight, "ds_id")
+        if partitioned:
+            self.blocks.layers = nn.ModuleList(block() for _ in range(layers))
         self.out = nn.Linear(hidden, action_dim)
         if state_mlp:  # the prompt's part starts at zero: the head starts as the state's network alone
-            nn.init.zeros_(self.out.weight)
-            nn.init.zeros_(self.out.bias)
+            import contextlib
+
+            gathered = contextlib.nullcontext()
+            if partitioned:  # a partitioned parameter is set through its gathered whole
+                import deepspeed
+
+                gathered = deepspeed.zero.GatheredParameters([self.out.weight, self.out.bias], modifier_rank=0)
+            with gathered:
+                nn.init.zeros_(self.out.weight)
+                nn.init.zeros_(self.out.bias)
 
     def forward(self, memory: torch.Tensor, padding: torch.Tensor, states: torch.Tensor | None = None) -> torch.Tensor:
         """memory (S, P, C) hidden states, padding (S, P) True where empty, states (S, K) normalised ego states (for
