@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 SOURCES := pyproject.toml $(sort $(shell find unified tokenizers eval -name '*.py' 2>/dev/null))
 DEMO_DIR ?= runs/demo
 WORKERS ?= 2
+# Closed-loop episodes per scenario in the study (fewer: a quicker, coarser look; the README's figures use 30).
+STUDY_EPISODES ?= 30
 
 .PHONY: test demo operators dagger ablation action-tokens lint clean
 
@@ -46,7 +48,7 @@ demo: $(VENV)/.installed
 	@echo "== $$(date +%T) demo 5/6: the distillation study: action-only students, closed loop in and out of distribution, report"
 	$(BIN)/unified eval distill --study recipes/study.yaml --out $(D)/study teacher.run_dir=$(D)/joint \
 		data=$(D)/shards stores.in_distribution=$(D)/data/train stores.out_of_distribution=$(D)/data/ood \
-		workers=$(WORKERS)
+		train_stores=[$(D)/data/train] workers=$(WORKERS) episodes=$(STUDY_EPISODES)
 	@echo "== $$(date +%T) demo 6/6: done. Data in $(D)/data, tokenizers in $(D)/tokenizers, the teacher's run in $(D)/joint \
 	(loss plot $(D)/joint/loss.png); the report: $(D)/study/report.md"
 	@sed -n 's/^\*\*Answer.\*\* //p' $(D)/study/report.md

@@ -38,10 +38,13 @@ def test_the_shipped_study_maps_onto_its_config():
         load_study(STUDY, ["export_student=nobody"])
     with pytest.raises(UnifiedError, match=r"students.distilled: unknown key\(s\) 'mode'"):
         load_study(STUDY, ["students.distilled.mode=direct"])
-    # The teacher drives reasoning first, then skipping it: by its action tokens or by its continuous head.
-    assert load_study(STUDY).teacher_modes == ["reason", "direct"]
-    assert load_study(STUDY, ["teacher_modes=[reason_continuous, continuous]"]).teacher_modes == \
-        ["reason_continuous", "continuous"]
+    # The teacher drives reasoning first, then skipping it: by its continuous head (the shipped study, whose
+    # recipes all train one) or by its action tokens; every learned driver plans at every step.
+    shipped = load_study(STUDY)
+    assert shipped.teacher_modes == ["reason_continuous", "continuous"]
+    assert (shipped.replan_every, shipped.ensemble, shipped.reason_every) == (1, None, 5)
+    assert all(spec.modes == ["continuous"] for spec in shipped.students.values())
+    assert load_study(STUDY, ["teacher_modes=[reason, direct]"]).teacher_modes == ["reason", "direct"]
     for wrong in ("[direct, reason]", "[reason]", "[reason_continuous, reason]"):
         with pytest.raises(UnifiedError, match="must be two: one that reasons first"):
             load_study(STUDY, [f"teacher_modes={wrong}"])
@@ -73,18 +76,22 @@ def test_the_study_end_to_end_on_tiny_settings(model_data, tmp_path, capsys):
 
     tokenizers = Tokenizers.from_pretrained(model_data / "tok")
     torch.manual_seed(0)
+    # The shipped study's teacher: a continuous head reading the standardised state through an MLP of its own.
+    head = dict(action_head=True, action_head_state=True, action_head_standardize=True, action_head_state_mlp=True)
     teacher = UnifiedModel(ModelConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
-                                       max_position_embeddings=256, horizon=4, max_reason_tokens=8), tokenizers.layout)
+                                       max_position_embeddings=256, horizon=4, max_reason_tokens=8, **head),
+                           tokenizers.layout, state_dim=tokenizers.state.dim)
     save_model(teacher, tokenizers, tmp_path / "teacher")
     (tmp_path / "ood.yaml").write_text(OOD_SUITE)
     study = {
         "name": "tiny", "data": str(model_data / "shards"), "ranks": 1, "teacher_model": str(tmp_path / "teacher"),
-        "students": {
+        "teacher_modes": ["reason_continuous", "continuous"], "replan_every": 1, "ensemble": None,
+        "reason_every": 2,
+        "students": {  # the shipped recipes train the same head
             "ground_truth": {"recipe": str(ROOT / "recipes" / "action_only.yaml"), "overrides": TINY,
-                             "init_from_teacher": True, "modes": ["direct"]},
+                             "init_from_teacher": True, "modes": ["continuous"]},
             "distilled": {"recipe": str(ROOT / "recipes" / "distill_action_only.yaml"),
-                          "overrides": [*TINY, "model.action_head=true", "model.action_head_state=true"],
-                          "distill": True,
+                          "overrides": [*TINY, "distill.head_target=teacher_head"], "distill": True,
                           "modes": ["continuous", "direct"]},
         },
         "suites": {"in_distribution": str(model_data / "suite.yaml"),
@@ -100,7 +107,7 @@ def test_the_study_end_to_end_on_tiny_settings(model_data, tmp_path, capsys):
     saved = json.loads((out / "report.json").read_text())
     assert saved["answer"] == report["answer"] and saved["answer"].count(". ") == 1 and saved["answer"].endswith(".")
     rows = {(r["name"], r["mode"]): r for r in saved["models"]}
-    assert set(rows) == {("teacher", "reason"), ("teacher", "direct"), ("ground_truth", "direct"),
+    assert set(rows) == {("teacher", "reason_continuous"), ("teacher", "continuous"), ("ground_truth", "continuous"),
                          ("distilled", "continuous"), ("distilled", "direct"), ("expert", None), ("random", None),
                          ("constant", None)}
     for row in rows.values():
@@ -111,23 +118,26 @@ def test_the_study_end_to_end_on_tiny_settings(model_data, tmp_path, capsys):
     # The baselines differ: the expert drives, random driving leaves the road.
     assert rows[("expert", None)]["suites"]["in_distribution"]["success_rate"]["mean"] > \
         rows[("random", None)]["suites"]["in_distribution"]["success_rate"]["mean"]
-    # Reasoning costs tokens; the continuous head generates none.
+    # Reasoning costs tokens; the continuous head generates none, the action tokens 4 steps x 2 dimensions.
     tokens = {k: r["latency"]["tokens_per_decision"] for k, r in rows.items() if "latency" in r}
-    assert tokens[("teacher", "reason")] > tokens[("teacher", "direct")] == 8 > tokens[("distilled", "continuous")] == 0
-    assert rows[("teacher", "reason")]["latency"]["speedup_vs_teacher"] == 1.0
-    assert set(rows[("teacher", "reason")]["reasoning_accuracy"]) == {"in_distribution"}
+    assert tokens[("teacher", "reason_continuous")] > 0 == tokens[("teacher", "continuous")] == \
+        tokens[("distilled", "continuous")] and tokens[("distilled", "direct")] == 8
+    assert rows[("teacher", "reason_continuous")]["latency"]["speedup_vs_teacher"] == 1.0
+    assert set(rows[("teacher", "reason_continuous")]["reasoning_accuracy"]) == {"in_distribution"}
     assert saved["figures"]["student"] == rows[("distilled", "continuous")]["label"]
     assert set(saved["figures"]["success_ratio"]) == {"in_distribution", "out_of_distribution"}
-    # Its head reads the state (model.action_head_state), through training, export and loading.
+    # Its head reads the standardised state through an MLP of its own (the recipes' head), through training, export
+    # and loading.
     from unified.model_dir import load_model
 
-    assert load_model(out / "models" / "distilled")[0].action_head.state_in is not None
+    head = load_model(out / "models" / "distilled")[0].action_head
+    assert head.state_out is not None and head.standardize and float(head.state_std.min()) > 0
     # The distilled student learned from the teacher reading its own reasoning, and the report says so.
     assert saved["teacher_reasoning"] == "generated"
     assert list((tmp_path / "teacher" / "cache").glob("reasoning-*.npz"))
     # Every learned driver and baseline is compared with the teacher pair by pair, on the same episodes.
     for key, row in rows.items():
-        if key != ("teacher", "reason"):
+        if key != ("teacher", "reason_continuous"):
             for suite, paired in row["paired_vs_teacher"].items():
                 assert paired["pairs"] == 2 and 0 <= paired["mcnemar"]["p_value"] <= 1, (key, suite)
                 lo, hi = paired["difference"]["ci95"]
@@ -142,14 +152,18 @@ def test_the_study_end_to_end_on_tiny_settings(model_data, tmp_path, capsys):
         assert Image.open(out / png).size[0] > 300
     # Rollout videos (the study's default: the first 2 episodes of every scenario), linked from the report; the
     # teacher's explained decisions are checked against what its car did.
-    teacher_row = rows[("teacher", "reason")]["suites"]["in_distribution"]
+    teacher_row = rows[("teacher", "reason_continuous")]["suites"]["in_distribution"]
     linked = [v for v in teacher_row["videos"].values() if v]
-    assert linked and all((out / v).is_file() and v.startswith("videos/teacher_reason_in_distribution/")
+    assert linked and all((out / v).is_file() and v.startswith("videos/teacher_reason_continuous_in_distribution/")
                           for v in linked)
     assert len(list((out / "videos").rglob("*.gif"))) == 8 * 2 * 2  # 8 drivers, 2 suites of 1 scenario, 2 episodes
     assert "## Rollout videos" in markdown and f"]({linked[0]})" in markdown
     consistency = teacher_row["reasoning_consistency"]
-    assert consistency["decisions"] >= 2 and rows[("teacher", "direct")]["suites"]["in_distribution"][
+    # The teacher explained every 2 steps and read its last explanation between; every learned driver planned at
+    # every step.
+    driven = json.loads((out / "eval" / "teacher_reason_continuous_in_distribution.json").read_text())
+    assert (driven["reason_every"], driven["replan_every"], driven["ensemble"]) == (2, 1, None)
+    assert consistency["decisions"] >= 2 and rows[("teacher", "continuous")]["suites"]["in_distribution"][
         "reasoning_consistency"] is None
     # The distilled student, exported action-only: a policy without an image decoder.
     assert json.loads((out / "student_action_only" / "unified.json").read_text())["action_only"] is True
