@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from unified.eval.modes import MODES, Mode, mode_flags  # noqa: F401 - MODES named here too
+from unified.eval.modes import Mode, mode_flags
 from unified.tokenizers.action import FAST_DECODING, READOUT
 
 from unified.sim.drivers import Intent, passive_intent

@@ -183,7 +183,7 @@ def _drive(replan_every, ensemble, steps=6):
 
 
 def test_each_mode_asks_the_policy_as_it_says():
-    from unified.eval.model_driver import MODES, mode_flags
+    from unified.eval.modes import MODES, mode_flags
 
     assert {m: tuple(mode_flags(m).values()) for m in MODES} == {
         "reason": (True, False), "direct": (False, False), "continuous": (False, True),
