@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json as jsonlib
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -272,10 +273,13 @@ def write_report(report: dict[str, Any], path: Path) -> None:
 
 
 def evaluate(evaluations: list[Evaluation], episodes: int, workers: int = 1, seed: int = EVAL_SEED,
-             progress: bool = True, device: str = "auto") -> dict[Evaluation, dict[str, Any]]:
+             progress: bool = True, device: str = "auto",
+             on_report: Callable[[Evaluation, dict[str, Any]], None] | None = None) -> dict[Evaluation, dict[str, Any]]:
     """The closed-loop report of every evaluation, their episodes driven by one pool of `workers` processes
     (each loads a suite, an environment or a model once, on `device`). Episode i of a scenario has the same seed
-    whoever drives it, so every driver meets the same traffic."""
+    whoever drives it, so every driver meets the same traffic. `on_report(evaluation, report)` is called as soon as
+    an evaluation's last episode is in (the pool runs them evaluation by evaluation), so that a caller can save each
+    report before the pool ends and lose no finished evaluation to a crash."""
     from unified.model_dir import resolve_device
     from unified.serve import is_url
 
@@ -311,38 +315,52 @@ def evaluate(evaluations: list[Evaluation], episodes: int, workers: int = 1, see
     first = evaluations[0]
     desc = f"{Path(first.model).name} on {suites[first.suite].name}" if len(evaluations) == 1 else \
         f"{len(evaluations)} drivers x suites"
-    records = _run(jobs, workers, progress, desc, device)
-    reports = {}
-    for e in evaluations:
-        suite = suites[e.suite]
-        mine = [r for r in records if r["evaluation"] == e]
-        reports[e] = {
-            "report_version": REPORT_VERSION,
-            "model": e.model if not e.learned else
-            f"{Path(e.model).name} ({'state MLP' if is_state_mlp(e.model) else e.mode}"
-            f"{'' if e.readout == READOUT else ', ' + e.readout + ' readout'})",
-            "model_path": str(e.model) if e.learned else None,
-            "mode": e.mode if e.learned else None,
-            "replan_every": e.replan_every if e.learned else None,
-            "reason_every": e.reason_every if e.learned else None,
-            "ensemble": e.ensemble if e.learned else None,
-            "readout": e.readout if e.learned else None,
-            "fast_decoding": e.fast_decoding if writes_fast(e.model) else None,
-            "fingerprint": _fingerprint(e.model) if e.learned else None,
-            "suite": suite.name,
-            "suite_path": e.suite,
-            "suite_hash": suite.hash,
-            "episodes_per_scenario": episodes,
-            "seed": seed,
-            "scenarios": {name: summarise([r for r in mine if r["scenario"] == name]) for name in suite.scenarios},
-            "overall": summarise(mine),
-            # One row per episode, so that drivers evaluated on the same seeds can be compared pair by pair.
-            "episodes": [{k: r[k] for k in EPISODE_FIELDS} for r in mine],
-            "videos_per_scenario": e.videos,
-            "videos": [{"scenario": r["scenario"], "index": r["index"], "success": r["success"], "path": r["video"]}
-                       for r in mine if r["video"]],
-        }
-    return reports
+    reports: dict[Evaluation, dict[str, Any]] = {}
+    finished: dict[Evaluation, list[dict]] = {e: [] for e in evaluations}
+    per_evaluation = {e: episodes * len(suites[e.suite].scenarios) for e in evaluations}
+
+    def collect(record: dict) -> None:
+        mine = finished[record["evaluation"]]
+        mine.append(record)
+        if len(mine) == per_evaluation[record["evaluation"]]:
+            e = record["evaluation"]
+            reports[e] = _report(e, suites[e.suite], sorted(mine, key=lambda r: (r["scenario"], r["index"])),
+                                 episodes, seed)
+            if on_report is not None:
+                on_report(e, reports[e])
+
+    _run(jobs, workers, progress, desc, device, collect)
+    return {e: reports[e] for e in evaluations}
+
+
+def _report(e: Evaluation, suite, mine: list[dict], episodes: int, seed: int) -> dict[str, Any]:
+    """The closed-loop report of evaluation `e` from its episode records `mine`, in (scenario, index) order."""
+    return {
+        "report_version": REPORT_VERSION,
+        "model": e.model if not e.learned else
+        f"{Path(e.model).name} ({'state MLP' if is_state_mlp(e.model) else e.mode}"
+        f"{'' if e.readout == READOUT else ', ' + e.readout + ' readout'})",
+        "model_path": str(e.model) if e.learned else None,
+        "mode": e.mode if e.learned else None,
+        "replan_every": e.replan_every if e.learned else None,
+        "reason_every": e.reason_every if e.learned else None,
+        "ensemble": e.ensemble if e.learned else None,
+        "readout": e.readout if e.learned else None,
+        "fast_decoding": e.fast_decoding if writes_fast(e.model) else None,
+        "fingerprint": _fingerprint(e.model) if e.learned else None,
+        "suite": suite.name,
+        "suite_path": e.suite,
+        "suite_hash": suite.hash,
+        "episodes_per_scenario": episodes,
+        "seed": seed,
+        "scenarios": {name: summarise([r for r in mine if r["scenario"] == name]) for name in suite.scenarios},
+        "overall": summarise(mine),
+        # One row per episode, so that drivers evaluated on the same seeds can be compared pair by pair.
+        "episodes": [{k: r[k] for k in EPISODE_FIELDS} for r in mine],
+        "videos_per_scenario": e.videos,
+        "videos": [{"scenario": r["scenario"], "index": r["index"], "success": r["success"], "path": r["video"]}
+                   for r in mine if r["video"]],
+    }
 
 
 EPISODE_FIELDS = ("scenario", "index", "seed", "success", "collision", "offroad", "end", "steps", "progress_m")
@@ -386,8 +404,16 @@ def _fingerprint(model: str) -> str:
     return weights_fingerprint(model)
 
 
-def _run(jobs: list, workers: int, progress: bool, desc: str, device: str = "cpu") -> list[dict]:
+def _run(jobs: list, workers: int, progress: bool, desc: str, device: str = "cpu",
+         collect: Callable[[dict], None] | None = None) -> list[dict]:
+    """Every job's episode record, in (scenario, index) order; `collect(record)` is called as each comes in."""
     records = []
+
+    def take(record: dict) -> None:
+        records.append(record)
+        bar.update(1)
+        if collect is not None:
+            collect(record)
     bar = tqdm(total=len(jobs), desc=desc, unit="ep", disable=not progress, dynamic_ncols=True)
     try:
         if workers == 1:
@@ -399,17 +425,17 @@ def _run(jobs: list, workers: int, progress: bool, desc: str, device: str = "cpu
             signal.signal(signal.SIGINT, signal.default_int_handler)
             try:
                 for job in jobs:
-                    records.append(_Worker.run(job))
-                    bar.update(1)
+                    take(_Worker.run(job))
             finally:
                 torch.set_num_threads(threads)
         else:
             with spawn_pool(workers, _Worker.setup, (device,)) as pool:
-                # Longest first (a reasoning model's episodes), so that no worker is left with them at the end.
-                order = sorted(jobs, key=lambda j: (j[0].learned, j[0].mode == "reason"), reverse=True)
+                # Longest first (a reasoning model's episodes), so that no worker is left with them at the end; a
+                # stable sort, so each evaluation's episodes stay together and its report is ready as early as can be.
+                order = sorted(jobs, key=lambda j: (j[0].learned, j[0].learned and mode_flags(j[0].mode)["reason"]),
+                               reverse=True)
                 for record in pool.imap_unordered(_Worker.run, order):
-                    records.append(record)
-                    bar.update(1)
+                    take(record)
     finally:
         bar.close()
     return sorted(records, key=lambda r: (r["scenario"], r["index"]))

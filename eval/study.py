@@ -264,7 +264,8 @@ def _teacher(config: StudyConfig, out: Path) -> Path:
 def _closed_loop(config: StudyConfig, out: Path, drivers: list[tuple[str, str | None]], models: dict[str, Path],
                  prints: dict[str, str]) -> dict[tuple[str, str | None], dict[str, dict]]:
     """(driver, mode) -> suite label -> closed-loop report. Reports on disk that match (the same weights, suite
-    and episode count) are reused; all the others are driven by one worker pool."""
+    and episode count) are reused; all the others are driven by one worker pool, each report written as its last
+    episode comes in."""
     from unified.eval.closed_loop import REPORT_VERSION, Evaluation, check_video_dir, evaluate, write_report
 
     from unified.sim.suite import load_suite
@@ -299,13 +300,13 @@ def _closed_loop(config: StudyConfig, out: Path, drivers: list[tuple[str, str | 
     for evaluation in missing:
         if evaluation.video_dir:
             check_video_dir(Path(evaluation.video_dir))
-    fresh = evaluate(missing, config.episodes, config.workers, device=config.device) if missing else {}
+    # Each report is written as soon as its episodes are in, so that a study cut short resumes from there.
+    paths = {evaluation: path for evaluation, path, report in wanted.values() if report is None}
+    fresh = evaluate(missing, config.episodes, config.workers, device=config.device,
+                     on_report=lambda evaluation, report: write_report(report, paths[evaluation])) if missing else {}
     closed: dict[tuple[str, str | None], dict[str, dict]] = {driver: {} for driver in drivers}
-    for (name, mode, label), (evaluation, path, report) in wanted.items():
-        if report is None:
-            report = fresh[evaluation]
-            write_report(report, path)
-        closed[(name, mode)][label] = report
+    for (name, mode, label), (evaluation, _, report) in wanted.items():
+        closed[(name, mode)][label] = fresh[evaluation] if report is None else report
     return closed
 
 

@@ -65,6 +65,29 @@ def test_expert_beats_random_and_constant_speed(tmp_path):
     assert f"| 6 | {-wins / 6:+.2f} [" in paired and f"| {wins} / 0 | {2 * 0.5 ** wins:.3g} |" in paired
 
 
+def test_each_report_is_handed_over_as_its_episodes_finish(tiny_suite):
+    """A pool cut short keeps the evaluations it finished: their reports come out before the pool ends."""
+    from unified.eval.closed_loop import Evaluation, evaluate
+
+    evaluations = [Evaluation(driver, str(tiny_suite)) for driver in ("constant", "expert", "random")]
+    handed = []
+
+    def save(evaluation, report):
+        handed.append((evaluation.model, report))
+        if len(handed) == 2:
+            raise KeyboardInterrupt  # as a user's Ctrl-C after the second report
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(evaluations, episodes=2, workers=2, progress=False, on_report=save)
+    assert len({model for model, _ in handed}) == 2  # two whole reports; the third evaluation never finished
+    for _, report in handed:  # each complete: every scenario's episodes, in order
+        assert [(e["scenario"], e["index"]) for e in report["episodes"]] == \
+            [("highway", 0), ("highway", 1), ("merge", 0), ("merge", 1)]
+        assert report["overall"]["episodes"] == 4
+    whole = evaluate(evaluations, episodes=2, workers=1, progress=False)  # the same as a pool that ran to its end
+    assert all(report["episodes"] == whole[Evaluation(model, str(tiny_suite))]["episodes"] for model, report in handed)
+
+
 def test_compare_names_a_file_that_is_not_a_report(tmp_path):
     (tmp_path / "x.json").write_text("[]")
     with pytest.raises(UnifiedError, match="x.json: not a closed-loop report"):
