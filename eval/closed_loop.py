@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import numpy as np
 from tqdm import tqdm
-from unified.eval.model_driver import ENSEMBLE, REPLAN_EVERY
+from unified.eval.model_driver import execution
 from unified.eval.modes import MODES, Mode, mode_flags
 from unified.eval.state_mlp import StateMLP, StateMLPDriver, is_state_mlp
 from unified.eval.stats import compare_paired, mean_interval, wilson_interval
@@ -191,7 +191,7 @@ def consistency(stated: list[dict]) -> dict[str, Any]:
 def closed_loop(
     *, model: str, scenarios: Path, episodes: int = 20, workers: int = 1, seed: int = EVAL_SEED,
     json: Path | None = None, mode: Mode = "reason",
-    replan_every: int | None = REPLAN_EVERY, ensemble: float | None = ENSEMBLE, no_ensemble: bool = False,
+    replan_every: int | None = None, ensemble: float | None = None, no_ensemble: bool = False,
     readout: Literal["mode", "mean", "median"] = READOUT, fast_decoding: Literal["whole", "free"] = FAST_DECODING,
     reason_every: int | None = None, train_store: list[Path] = (),
     device: Literal["auto", "cpu", "cuda"] = "auto", videos: int = 0, video_dir: Path | None = None,
@@ -201,10 +201,11 @@ def closed_loop(
     directory, or the scripted expert, random or constant driver) and return (and with `json`, write) the
     report. A model reasons before acting (`mode reason`), acts directly (`direct`), reads its continuous
     head (`continuous`) or reasons first and then reads its head (`reason_continuous`), and re-plans every
-    `replan_every` steps (default 5; its chunk length or more: each chunk
-    executed to its end), blending the chunks that cover a step with weights exp(-ensemble * i), oldest first
-    (default 0.5); `no_ensemble` executes the newest plan alone (with `replan_every 1`: its first action at every
-    step, receding-horizon control). `readout` turns a model's action tokens into values: the chosen bin's centre
+    `replan_every` steps (its chunk length or more: each chunk executed to its end), blending the chunks that
+    cover a step with weights exp(-ensemble * i), oldest first; `no_ensemble` executes the newest plan alone (with
+    `replan_every 1`: its first action at every step, receding-horizon control). Defaults by mode: a plan every
+    step, executed alone, for the head's modes; every 5 steps, blended with ensemble 0.5, for the token modes.
+    `readout` turns a model's action tokens into values: the chosen bin's centre
     (mode, the default), or the mean or median of the bin centres under each token's distribution. A model that
     writes FAST tokens decodes whole chunks only (`fast_decoding whole`, the default) or freely until it writes
     `</act>` (`free`); either way the report counts the decisions whose tokens made no whole chunk.
@@ -227,7 +228,8 @@ def closed_loop(
             raise UnifiedError("--videos: give --video-dir DIR (or --json FILE: the videos go beside it)")
         video_dir = Path(video_dir) if video_dir is not None else Path(json).parent / f"{Path(json).stem}_videos"
         check_video_dir(video_dir)
-    evaluation = Evaluation(model, str(scenarios), mode, replan_every, None if no_ensemble else ensemble, readout,
+    replan_every, ensemble = execution(mode, replan_every, ensemble, no_ensemble)
+    evaluation = Evaluation(model, str(scenarios), mode, replan_every, ensemble, readout,
                             videos, str(video_dir) if videos else None, fast_decoding, reason_every)
     report = evaluate([evaluation], episodes, workers, seed, progress, device)[evaluation]
     if train_store:

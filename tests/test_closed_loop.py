@@ -257,6 +257,17 @@ def test_a_driver_that_reasons_less_often_than_it_acts():
         closed_loop(model="expert", scenarios=Path("unused.yaml"), episodes=1, mode="direct", reason_every=2)
 
 
+def test_execution_defaults_by_mode_and_what_a_user_gives_wins():
+    """The head plans every step and executes that plan alone; the token modes plan every 5 steps, blended."""
+    from unified.eval.model_driver import execution
+
+    assert execution("continuous") == execution("reason_continuous") == (1, None)
+    assert execution("direct") == execution("reason") == (5, 0.5)
+    assert execution("continuous", replan_every=5, ensemble=0.5) == (5, 0.5)
+    assert execution("direct", replan_every=10, no_ensemble=True) == (10, None)
+    assert execution("direct", ensemble=0.0) == (5, 0.0)  # 0.0 is a weight (equal votes), not "unset"
+
+
 def test_temporal_ensembling_blends_the_chunks_that_cover_a_step():
     # Without ensembling a chunk of 4 is executed to its end, then the next plan's.
     assert [a[0] for a in _drive(None, None)] == [1, 1, 1, 1, 2, 2]

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from unified.data.store import EpisodeStore
 from unified.errors import UnifiedError
-from unified.eval.model_driver import ENSEMBLE, REPLAN_EVERY
+from unified.eval.model_driver import execution
 from unified.eval.modes import MODES, Mode
 from unified.sim.drivers import ExpertDriver, Intent
 from unified.sim.env import make_env
@@ -102,13 +102,14 @@ class _Worker:
 
 def dagger(
     *, model: Path, out: Path, episodes: int, suite: Path | None = None, round: int = 1, beta: float = 0.0,
-    mode: Mode = "direct", replan_every: int | None = REPLAN_EVERY, ensemble: float | None = ENSEMBLE,
+    mode: Mode = "direct", replan_every: int | None = None, ensemble: float | None = None,
     no_ensemble: bool = False, readout: Literal["mode", "mean", "median"] = READOUT, workers: int = 1,
     progress: bool = True,
 ) -> dict:
     """Drive `episodes` episodes of the store's suite with `model` (an export), label them with the expert and
     append them to the store `out` as DAgger round `round`. `suite`, if given, must be the store's. The learner
-    drives as `eval closed-loop` drives it (`mode`, `replan_every`, `ensemble` or `no_ensemble`, `readout`).
+    drives as `eval closed-loop` drives it (`mode`, `replan_every`, `ensemble` or `no_ensemble`, `readout`, with the
+    same defaults by mode).
     Returns the round's figures: how the learner drove (success, collisions) and how many steps were labelled."""
     from unified.model_dir import weights_fingerprint
 
@@ -142,8 +143,9 @@ def dagger(
                 raise UnifiedError(f"{out}: DAgger round {round} was driven by another model ({str(made_by)[:12]}); "
                                    "give this model another --round")
         todo = [i for i in wanted if i not in done]
+        replan_every, ensemble = execution(mode, replan_every, ensemble, no_ensemble)
         settings = {"round": round, "model": str(model), "fingerprint": fingerprint, "beta": beta, "mode": mode,
-                    "replan_every": replan_every, "ensemble": None if no_ensemble else ensemble, "readout": readout}
+                    "replan_every": replan_every, "ensemble": ensemble, "readout": readout}
         print(f"{out}: DAgger round {round}: {len(wanted) - len(todo)} episode(s) already labelled, {len(todo)} to "
               f"drive with {model} ({mode}, beta {beta})", flush=True)
         start = time.perf_counter()
