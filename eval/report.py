@@ -31,6 +31,14 @@ def _rate(summary: dict, key: str) -> dict:
     return {"mean": summary[key]["mean"], "ci95": summary[key]["ci95"]}
 
 
+def _split_success(episodes: list[dict], near: set[tuple[str, int]]) -> dict:
+    """Successes on the episodes whose (scenario, seed) is in `near`, and the success rate of the others."""
+    replays = [e["success"] for e in episodes if (e["scenario"], e["seed"]) in near]
+    others = [e["success"] for e in episodes if (e["scenario"], e["seed"]) not in near]
+    return {"episodes": len(replays), "successes": int(sum(replays)),
+            "success_rate_of_the_others": sum(others) / len(others) if others else None}
+
+
 def _answer(student: dict, teacher: dict, suites: list[str], aim_ratio: float, aim_speedup: float) -> tuple[dict, str]:
     """The figures that answer the question, and the answer in two plain sentences: the share of the teacher's
     success the student keeps (its point estimate) and what the paired test on the same episodes says of it."""
@@ -79,6 +87,7 @@ def write_study_report(config, out: Path, models: dict, closed: dict, explained:
     bench = {(r["model"], r["mode"]): r for r in timing["models"]}
     reasoning = config.teacher_modes[0]  # the teacher reasoning first: what every other driver is paired against
     teacher_ms = bench[(str(models["teacher"]), reasoning)]["median_ms"]
+    near = {(e["scenario"], e["seed"]) for e in overlap["near_replays"]}
     rows = []
     for (name, mode), by_suite in closed.items():
         row = {"label": _label(name, mode), "name": name, "mode": mode,
@@ -93,6 +102,8 @@ def write_study_report(config, out: Path, models: dict, closed: dict, explained:
                 "decision_latency_ms": o["decision_latency_ms"], "tokens_per_decision": o["tokens_per_decision"],
                 "per_scenario_success": {k: v["success_rate"]["mean"] for k, v in report["scenarios"].items()},
                 "reasoning_consistency": o.get("reasoning_consistency"),
+                # Success on the starts that replay a training episode's traffic, and on all the others.
+                "near_replays": _split_success(report["episodes"], near),
                 # One video of a success and one of a failure, where the recorded episodes hold them.
                 "videos": {kind: next((os.path.relpath(v["path"], out) for v in report.get("videos", [])
                                        if v["success"] == (kind == "success")), None)
@@ -131,6 +142,23 @@ def write_study_report(config, out: Path, models: dict, closed: dict, explained:
     return report
 
 
+def _replays(report: dict, suites: list[str]) -> str:
+    """How the teacher reasoning first and the headline student did on the starts that replay training traffic,
+    and on the others, so that a reader sees whether those starts lift a figure."""
+    parts = []
+    for row in report["models"]:
+        teacher = row["name"] == "teacher" and row["mode"] == report["config"]["teacher_modes"][0]
+        if not teacher and row["label"] != report["figures"]["student"]:
+            continue
+        split = [f"{s.replace('_', ' ')} {row['suites'][s]['near_replays']['successes']} of "
+                 f"{row['suites'][s]['near_replays']['episodes']} (the others "
+                 f"{row['suites'][s]['near_replays']['success_rate_of_the_others']:.2f})"
+                 for s in suites if row["suites"][s]["near_replays"]["episodes"]]
+        if split:
+            parts.append(f"{row['label']}: {', '.join(split)}")
+    return f"; on those, success of the {'; '.join(parts)}" if parts else ""
+
+
 def markdown(report: dict, suites: list[str]) -> str:
     """The report as Markdown: the question, the answer, one table with the baselines, the plots, provenance."""
     config = report["config"]
@@ -150,7 +178,8 @@ def markdown(report: dict, suites: list[str]) -> str:
              "a 95% paired bootstrap interval of the difference in success. The evaluation seeds share none with the "
              f"training store{'s' if len(overlap['stores']) > 1 else ''} ({', '.join(overlap['stores'])}), and "
              f"{len(overlap['near_replays'])} of {overlap['evaluation_episodes']} evaluation starts replay a training "
-             "episode's traffic (every vehicle within 3 m and 1.5 m/s). The teacher distilled from reads its "
+             f"episode's traffic (every vehicle within 3 m and 1.5 m/s){_replays(report, suites)}. The teacher "
+             "distilled from reads its "
              f"{'own generated' if report['teacher_reasoning'] == 'generated' else 'recorded (simulator)'} reasoning "
              f"(`teacher_reasoning: {report['teacher_reasoning']}`). Latency: median per decision over "
              f"{report['latency_benchmark']['decisions']} held-out observations, all drivers interleaved in one "

@@ -38,6 +38,25 @@ def test_data_info_table(tiny_store):
     assert result.returncode == 0 and "expert success" in result.stdout and "q99" in result.stdout
 
 
+def test_data_info_of_one_scenario(tiny_store, capsys):
+    """--scenario: the statistics of that scenario's episodes alone, over the same split as the store's own."""
+    import numpy as np
+
+    from unified.data.store import EpisodeStore, data_info
+
+    store = EpisodeStore(tiny_store)
+    for scenario in ("highway", "merge"):
+        mine = [i for i in store.train_indices() if store.episode_meta(i)["scenario"] == scenario]
+        states = np.concatenate([np.stack(store.read_columns(i, ["state"]).column("state").to_pylist())
+                                 for i in mine])
+        stats = data_info(tiny_store, scenario=scenario)
+        assert stats["episodes"] == len(mine) and stats["state_stats"]["count"] == len(states)
+        np.testing.assert_allclose(stats["state_stats"]["mean"], states.mean(0), rtol=1e-5, atol=1e-5)
+        assert f"scenario {scenario!r}, statistics over its {len(mine)} training episodes" in capsys.readouterr().out
+    assert_clean_error(run("data", "info", str(tiny_store), "--scenario", "roundabout"),
+                       "--scenario 'roundabout': not a scenario of", "highway, merge")
+
+
 def test_info_of_a_directory_that_is_not_a_store(tmp_path):
     assert_clean_error(run("data", "info", str(tmp_path)), "not an episode store", str(tmp_path))
 

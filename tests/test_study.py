@@ -52,6 +52,31 @@ def test_the_shipped_study_maps_onto_its_config():
         load_study(STUDY, ["teacher_modes=[reason, head]"])
 
 
+def test_the_report_splits_success_on_starts_that_replay_training_traffic():
+    """Each driver's success on the near-replays and on the other episodes, and the sentence that says it."""
+    from unified.eval.report import _replays, _split_success
+
+    episodes = [{"scenario": "ring", "seed": 1, "success": True}, {"scenario": "ring", "seed": 2, "success": False},
+                {"scenario": "road", "seed": 1, "success": True}, {"scenario": "road", "seed": 3, "success": False}]
+    split = _split_success(episodes, {("ring", 1), ("ring", 2)})
+    assert split == {"episodes": 2, "successes": 1, "success_rate_of_the_others": 0.5}
+    assert _split_success(episodes, set()) == {"episodes": 0, "successes": 0, "success_rate_of_the_others": 0.5}
+
+    def row(name, mode, label, near):
+        return {"name": name, "mode": mode, "label": label, "suites": {"in_distribution": {"near_replays": near}}}
+
+    report = {"config": {"teacher_modes": ["reason_continuous", "continuous"]}, "figures": {"student": "student d"},
+              "models": [row("teacher", "reason_continuous", "teacher r", split),
+                         row("teacher", "continuous", "teacher c", split), row("d", "continuous", "student d", split),
+                         row("expert", None, "expert", split)]}
+    sentence = _replays(report, ["in_distribution"])
+    assert sentence == ("; on those, success of the teacher r: in distribution 1 of 2 (the others 0.50); "
+                        "student d: in distribution 1 of 2 (the others 0.50)")
+    for r in report["models"]:
+        r["suites"]["in_distribution"]["near_replays"] = _split_success(episodes, set())
+    assert _replays(report, ["in_distribution"]) == ""  # no near-replay: nothing to say
+
+
 def test_a_run_trained_with_another_configuration_is_refused(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
@@ -144,6 +169,8 @@ def test_the_study_end_to_end_on_tiny_settings(model_data, tmp_path, capsys):
                 assert lo <= paired["difference"]["difference"] <= hi
     assert saved["overlap_with_training"]["shared_seeds"] == [] and \
         saved["overlap_with_training"]["evaluation_episodes"] == 4
+    replays = len(saved["overlap_with_training"]["near_replays"])
+    assert all(sum(r["suites"][s]["near_replays"]["episodes"] for s in r["suites"]) == replays for r in rows.values())
     markdown = (out / "report.md").read_text()
     assert f"**Answer.** {saved['answer']}" in markdown and "| expert (scripted) |" in markdown
     assert "**Paired test**" in markdown and "McNemar p =" in markdown

@@ -453,14 +453,57 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
-def data_info(data: Path, *, json: bool = False) -> dict:
+def scenario_stats(store: EpisodeStore, scenario: str) -> dict[str, Any]:
+    """The action and state statistics of one scenario's episodes, over the same episodes as the store's own
+    statistics (its training episodes; all of them in a store where every episode is held out)."""
+    scenarios = store.info["scenarios"]
+    if scenario not in scenarios:
+        raise UnifiedError(f"--scenario {scenario!r}: not a scenario of {store.root} (its scenarios: "
+                           f"{', '.join(scenarios)})")
+    indices = store.indices()
+    trained = set(store.train_indices())
+    actions, states = [], []
+    for index in indices:
+        if (index in trained or not trained) and store.episode_meta(index)["scenario"] == scenario:
+            table = store.read_columns(index, ["action", "state"])
+            actions.append(_fixed_list(table.column("action"), len(store.action_names)))
+            states.append(_fixed_list(table.column("state"), len(store.state_names)))
+    if not actions:
+        raise UnifiedError(f"--scenario {scenario!r}: {store.root} holds none of its episodes outside the held-out "
+                           "split")
+    return {"scenario": scenario, "episodes": len(actions),
+            "stats_over": "training episodes" if trained else "all episodes (every one held out)",
+            "action_stats": _stats(np.concatenate(actions), store.action_names),
+            "state_stats": _stats(np.concatenate(states), store.state_names)}
+
+
+def _print_stats(info: dict[str, Any]) -> None:
+    for key in ("action_stats", "state_stats"):
+        stats = info.get(key)
+        if stats:
+            for i, name in enumerate(stats["names"]):
+                print(f"{key.split('_')[0]} {name:<12} mean {stats['mean'][i]:+8.3f}  std {stats['std'][i]:7.3f}  "
+                      f"q01 {stats['q01'][i]:+8.3f}  q99 {stats['q99'][i]:+8.3f}")
+
+
+def data_info(data: Path, *, json: bool = False, scenario: str | None = None) -> dict:
     """`unified data info`: print what an episode store holds (counts, expert success and collisions per scenario,
-    statistics)."""
+    statistics). `scenario NAME`: the statistics of that scenario's episodes alone (what a policy meets there)."""
     import json as json_module  # `json` is the option here
     store = EpisodeStore(data)
     info = store.info
     if info["episodes"] != len(store):  # a run killed before it could update meta/info.json
         info = store.refresh_info()
+    if scenario is not None:
+        stats = scenario_stats(store, scenario)
+        if json:
+            print(json_module.dumps(stats, indent=2))
+        else:
+            over = "training episodes" if stats["stats_over"] == "training episodes" else \
+                "episodes (every one held out)"
+            print(f"{data}: scenario {scenario!r}, statistics over its {stats['episodes']} {over}")
+            _print_stats(stats)
+        return stats
     if json:
         print(json_module.dumps(info, indent=2))
         return info
@@ -479,10 +522,5 @@ def data_info(data: Path, *, json: bool = False) -> dict:
     for name, s in info["scenarios"].items():
         figures = "" if source else f"{s['expert_success_rate']:>16.2f}{s['expert_collision_rate']:>18.2f}"
         print(f"{name:<24}{s['episodes']:>9}{s.get('held_out', 0):>9}{s['steps']:>8}{figures}")
-    for key in ("action_stats", "state_stats"):
-        stats = info.get(key)
-        if stats:
-            for i, name in enumerate(stats["names"]):
-                print(f"{key.split('_')[0]} {name:<12} mean {stats['mean'][i]:+8.3f}  std {stats['std'][i]:7.3f}  "
-                      f"q01 {stats['q01'][i]:+8.3f}  q99 {stats['q99'][i]:+8.3f}")
+    _print_stats(info)
     return info
