@@ -406,16 +406,11 @@ def _fingerprint(model: str) -> str:
     return weights_fingerprint(model)
 
 
-def _run(jobs: list, workers: int, progress: bool, desc: str, device: str = "cpu",
-         collect: Callable[[dict], None] | None = None) -> list[dict]:
-    """Every job's episode record, in (scenario, index) order; `collect(record)` is called as each comes in."""
-    records = []
-
+def _run(jobs: list, workers: int, progress: bool, desc: str, device: str, collect: Callable[[dict], None]) -> None:
+    """Drive every job, handing each episode record to `collect` as it comes in."""
     def take(record: dict) -> None:
-        records.append(record)
         bar.update(1)
-        if collect is not None:
-            collect(record)
+        collect(record)
     bar = tqdm(total=len(jobs), desc=desc, unit="ep", disable=not progress, dynamic_ncols=True)
     try:
         if workers == 1:
@@ -440,7 +435,6 @@ def _run(jobs: list, workers: int, progress: bool, desc: str, device: str = "cpu
                     take(record)
     finally:
         bar.close()
-    return sorted(records, key=lambda r: (r["scenario"], r["index"]))
 
 
 def format_table(report: dict[str, Any]) -> str:

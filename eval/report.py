@@ -150,10 +150,9 @@ def _replays(report: dict, suites: list[str]) -> str:
         teacher = row["name"] == "teacher" and row["mode"] == report["config"]["teacher_modes"][0]
         if not teacher and row["label"] != report["figures"]["student"]:
             continue
-        split = [f"{s.replace('_', ' ')} {row['suites'][s]['near_replays']['successes']} of "
-                 f"{row['suites'][s]['near_replays']['episodes']} (the others "
-                 f"{row['suites'][s]['near_replays']['success_rate_of_the_others']:.2f})"
-                 for s in suites if row["suites"][s]["near_replays"]["episodes"]]
+        near = {s: row["suites"][s]["near_replays"] for s in suites}
+        split = [f"{s.replace('_', ' ')} {n['successes']} of {n['episodes']} (the others "
+                 f"{n['success_rate_of_the_others']:.2f})" for s, n in near.items() if n["episodes"]]
         if split:
             parts.append(f"{row['label']}: {', '.join(split)}")
     return f"; on those, success of the {'; '.join(parts)}" if parts else ""

@@ -342,6 +342,12 @@ class EpisodeStore:
 
     # -- metadata -------------------------------------------------------------------------------------
 
+    def actions_and_states(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(T, A) actions and (T, S) states of episode `index`, without its frames."""
+        table = self.read_columns(index, ["action", "state"])
+        return (_fixed_list(table.column("action"), len(self.action_names)),
+                _fixed_list(table.column("state"), len(self.state_names)))
+
     def refresh_info(self) -> dict[str, Any]:
         """Recompute counts, per-scenario expert figures, the split and the statistics from the files on disk.
 
@@ -354,11 +360,11 @@ class EpisodeStore:
         for index in indices:
             meta = self.episode_meta(index)
             if index in train:
-                table = self.read_columns(index, ["action", "state"])
                 # Statistics need every value for exact quantiles; actions and states are 20 bytes a step, so a
                 # store of 10 million steps needs 200 MB here while its frames never leave the disk.
-                actions.append(_fixed_list(table.column("action"), len(self.action_names)))
-                states.append(_fixed_list(table.column("state"), len(self.state_names)))
+                action, state = self.actions_and_states(index)
+                actions.append(action)
+                states.append(state)
             s = scenarios.setdefault(meta["scenario"], {"episodes": 0, "steps": 0, "success": 0, "collision": 0,
                                                         "held_out": 0})
             s["held_out"] += self.is_held_out(index)
@@ -465,14 +471,14 @@ def scenario_stats(store: EpisodeStore, scenario: str) -> dict[str, Any]:
     actions, states = [], []
     for index in indices:
         if (index in trained or not trained) and store.episode_meta(index)["scenario"] == scenario:
-            table = store.read_columns(index, ["action", "state"])
-            actions.append(_fixed_list(table.column("action"), len(store.action_names)))
-            states.append(_fixed_list(table.column("state"), len(store.state_names)))
+            action, state = store.actions_and_states(index)
+            actions.append(action)
+            states.append(state)
     if not actions:
         raise UnifiedError(f"--scenario {scenario!r}: {store.root} holds none of its episodes outside the held-out "
                            "split")
     return {"scenario": scenario, "episodes": len(actions),
-            "stats_over": "training episodes" if trained else "all episodes (every one held out)",
+            "stats_over": "training episodes" if trained else "episodes (every one held out)",
             "action_stats": _stats(np.concatenate(actions), store.action_names),
             "state_stats": _stats(np.concatenate(states), store.state_names)}
 
@@ -499,9 +505,7 @@ def data_info(data: Path, *, json: bool = False, scenario: str | None = None) ->
         if json:
             print(json_module.dumps(stats, indent=2))
         else:
-            over = "training episodes" if stats["stats_over"] == "training episodes" else \
-                "episodes (every one held out)"
-            print(f"{data}: scenario {scenario!r}, statistics over its {stats['episodes']} {over}")
+            print(f"{data}: scenario {scenario!r}, statistics over its {stats['episodes']} {stats['stats_over']}")
             _print_stats(stats)
         return stats
     if json:
